@@ -1,0 +1,29 @@
+"""qdlib: turn a model into its own fast draft model for speculative decoding.
+
+The library behind the course notebooks (``notebooks/NN_*.ipynb``), one module per stage:
+
+    from qdlib import load_teacher, sample_layers, build_draft
+    teacher, tokenizer = load_teacher()              # the bundled 28-layer teacher (or $QD_MODEL)
+    layers = sample_layers(28, 6)                    # [0, 5, 11, 16, 22, 27]
+    draft = build_draft(teacher, layers)             # a real transformers PreTrainedModel
+
+Importing qdlib loads no model and changes no global setting, except that the
+draft's config class is registered with transformers' Auto classes.
+"""
+
+from .draft import DraftConfig, DraftForCausalLM, build_draft, first_k_layers
+from .models import TeacherLoadError, load_teacher
+from .sampling import layer_importance, sample_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DraftConfig",
+    "DraftForCausalLM",
+    "TeacherLoadError",
+    "build_draft",
+    "first_k_layers",
+    "layer_importance",
+    "load_teacher",
+    "sample_layers",
+]

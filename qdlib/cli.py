@@ -1,0 +1,143 @@
+"""The ``qd`` command: thin argument parsing over qdlib's modules.
+
+    qd generate --prompt "def fibonacci(n):"     # the bundled teacher writes code
+    qd train-teacher                              # train the bundled teacher (resumable)
+    qd train-teacher --export                     # write outputs/teacher
+    qd compare-layers --k 6                       # untrained drafts, side by side
+
+``QD_MODEL`` (or ``--model``) selects another teacher, e.g. ``Qwen/Qwen3-0.6B`` or a local folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_PROMPT = 'def read_config(path):\n    """Read a JSON configuration file and return it as a dict."""\n'
+
+
+def _quiet_hf():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .models import TeacherLoadError, load_teacher
+
+    _quiet_hf()
+    try:
+        model, tok = load_teacher(args.model, device=args.device)
+    except TeacherLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
+    ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
+                  attention_mask=torch.ones_like(ids))
+    if args.temperature > 0:
+        torch.manual_seed(args.seed)
+        kwargs.update(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0)
+    else:
+        kwargs.update(do_sample=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs)
+    dt = time.perf_counter() - t0
+    new = out[0, ids.shape[1]:]
+    print(prompt, end="")
+    print(tok.decode(new, skip_special_tokens=True))
+    print(f"\n[{len(new)} new tokens in {dt:.2f} s = {len(new) / dt:.1f} tokens/s; "
+          f"teacher: {args.model or os.environ.get('QD_MODEL') or 'tiny'}, "
+          f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}]", file=sys.stderr)
+    return 0
+
+
+def cmd_train_teacher(args) -> int:
+    from .teacher import TeacherTrainConfig, export_teacher, train_teacher
+
+    _quiet_hf()
+    if args.export:
+        export_teacher(args.run_dir, args.out_dir)
+        return 0
+    cfg = TeacherTrainConfig()
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.no_compile:
+        cfg.compile = False
+    train_teacher(cfg, args.run_dir)
+    return 0
+
+
+def cmd_compare_layers(args) -> int:
+    from .metrics import compare_strategies, format_table, text_windows
+    from .models import TeacherLoadError, load_teacher
+    from .sampling import layer_importance
+    from .teacher import heldout_texts
+
+    _quiet_hf()
+    try:
+        teacher, tok = load_teacher(args.model, device=args.device)
+    except TeacherLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    texts = heldout_texts()
+    batches = text_windows(tok, texts, seq_len=args.seq_len, n=args.windows)
+    strategies = list(args.strategies)
+    scores = None
+    if "importance" in strategies:
+        scores = layer_importance(teacher, tok, texts[: args.calibration_texts])
+    rows = compare_strategies(teacher, batches, ks=args.k, strategies=strategies, importance_scores=scores)
+    print(f"untrained drafts of {args.model or os.environ.get('QD_MODEL') or 'tiny'} on {args.windows} held-out "
+          f"windows of {args.seq_len} tokens (KL = KL(teacher || draft), agree = top-1 agreement, alpha = E[sum min(p, q)])")
+    print(format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qd", description="qdlib: draft models and speculative decoding, step by step")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text with the teacher")
+    g.add_argument("--model", default=None, help="'tiny' (bundled), a hub id or a folder; default: $QD_MODEL or tiny")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--escapes", action="store_true", help="interpret \\n and friends in --prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu (default), cuda, mps or auto")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train-teacher", help="train the bundled teacher (resumable) or export it")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--run-dir", default=None, help="default: outputs/runs/teacher")
+    t.add_argument("--out-dir", default=None, help="export target; default: outputs/teacher")
+    t.add_argument("--export", action="store_true", help="measure and write the trained teacher")
+    t.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    t.set_defaults(func=cmd_train_teacher)
+
+    c = sub.add_parser("compare-layers", help="compare untrained drafts from each layer-sampling strategy")
+    c.add_argument("--model", default=None)
+    c.add_argument("--k", type=int, nargs="+", default=[4, 6, 8])
+    c.add_argument("--strategies", nargs="+", default=["uniform", "geometric", "logarithmic", "importance", "first-k"],
+                   choices=["uniform", "geometric", "logarithmic", "importance", "first-k"])
+    c.add_argument("--windows", type=int, default=16, help="held-out windows to score")
+    c.add_argument("--seq-len", type=int, default=128)
+    c.add_argument("--calibration-texts", type=int, default=4, help="held-out files used for importance scores")
+    c.add_argument("--device", default=None)
+    c.set_defaults(func=cmd_compare_layers)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Plots and widgets shared by the notebooks; each widget is backed by a tested function.
+
+    >>> layer_strip(8, [0, 3, 7])
+    '■□□■□□□■'
+
+Plots return the matplotlib ``Figure`` (one final figure, no live redraws).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+KEPT, DROPPED = "■", "□"
+
+
+def layer_strip(num_layers: int, layers: Sequence[int]) -> str:
+    """One character per teacher layer: ■ kept, □ dropped."""
+    keep = set(layers)
+    return "".join(KEPT if i in keep else DROPPED for i in range(num_layers))
+
+
+def describe_sampling(num_layers: int, k: int, strategy: str, scores=None) -> str:
+    """The text the layer explorer shows: the strip and the kept indices, or the error."""
+    from .metrics import strategy_layers
+
+    try:
+        layers = strategy_layers(num_layers, k, strategy, scores)
+    except ValueError as exc:
+        return f"error: {exc}"
+    gaps = [b - a for a, b in zip(layers, layers[1:])]
+    return f"{strategy:>11} k={k:<2} {layer_strip(num_layers, layers)}  {layers}  gaps {gaps}"
+
+
+def layer_explorer(num_layers: int = 28, scores=None):
+    """An ipywidgets explorer (strategy, k) that shows :func:`describe_sampling`."""
+    import ipywidgets as w
+
+    strategies = ["uniform", "geometric", "logarithmic", "first-k"] + (["importance"] if scores is not None else [])
+    out = w.Output()
+    strat = w.Dropdown(options=strategies, value="uniform", description="strategy")
+    k = w.IntSlider(value=6, min=2, max=num_layers, description="k")
+
+    def show(*_):
+        out.clear_output(wait=True)
+        with out:
+            print(describe_sampling(num_layers, k.value, strat.value, scores))
+
+    strat.observe(show, "value")
+    k.observe(show, "value")
+    show()
+    return w.VBox([w.HBox([strat, k]), out])
+
+
+def plot_strips(num_layers: int, rows: dict[str, Sequence[int]], title: str = ""):
+    """Draw one strip of ``num_layers`` cells per named layer list (kept cells filled)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 0.9))
+    for r, (name, layers) in enumerate(rows.items()):
+        y = len(rows) - 1 - r
+        for i in range(num_layers):
+            ax.add_patch(Rectangle((i, y + 0.1), 0.9, 0.8, facecolor="tab:blue" if i in layers else "#eeeeee",
+                                   edgecolor="white"))
+        ax.text(-0.5, y + 0.5, name, ha="right", va="center")
+    ax.set_xlim(-0.2, num_layers)
+    ax.set_ylim(0, len(rows))
+    ax.set_yticks([])
+    ax.set_xticks(range(0, num_layers, 3))
+    ax.set_xlabel("teacher layer index")
+    for s in ("top", "right", "left"):
+        ax.spines[s].set_visible(False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_layer(values: dict[str, Sequence[float]], ylabel: dict[str, str] | None = None, title: str = ""):
+    """One panel per named per-layer series (e.g. cosine similarity, logit-lens KL)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(values), figsize=(5 * len(values), 3.2))
+    axes = [axes] if len(values) == 1 else list(axes)
+    for ax, (name, ys) in zip(axes, values.items()):
+        ax.plot(range(len(ys)), ys, "o-", ms=3)
+        ax.set_xlabel("teacher layer")
+        ax.set_ylabel((ylabel or {}).get(name, name))
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_bars(labels: Sequence[str], series: dict[str, Sequence[float]], ylabel: str = "", title: str = ""):
+    """Grouped bar chart: one group per label, one bar per series."""
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    width = 0.8 / max(n, 1)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) * n), 3.5))
+    for j, (name, ys) in enumerate(series.items()):
+        xs = [i + (j - (n - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, ys, width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=0)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if n > 1:
+        ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig

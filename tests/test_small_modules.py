@@ -1,0 +1,94 @@
+"""costs, metrics, viz and exercises: small pure functions with known answers."""
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from qdlib import costs, sample_layers
+from qdlib.exercises import check
+from qdlib.metrics import (compare_strategies, distribution_metrics, expected_tokens_per_call, format_table,
+                           layer_similarity, logit_lens, text_windows)
+from qdlib.viz import describe_sampling, layer_strip
+
+from helpers import QWEN3_06B, tiny_qwen3
+
+
+def test_costs_match_reference_figures_and_real_param_count():
+    cfg = Qwen3Config(**QWEN3_06B)
+    assert costs.layer_macs(cfg) == 15_728_640
+    assert costs.head_macs(cfg) == 1024 * 151936
+    assert costs.draft_cost_ratio(cfg, 6) == pytest.approx(0.42, abs=0.005)
+    assert costs.draft_cost_ratio(cfg, 6, vocab=32_000) == pytest.approx(0.21, abs=0.01)
+    with torch.device("meta"):
+        m = Qwen3ForCausalLM(cfg)
+    assert sum(r["params"] for r in costs.cost_table(cfg)) == costs.count_params(m)
+    small = tiny_qwen3()
+    assert sum(r["params"] for r in costs.cost_table(small.config)) == costs.count_params(small)
+
+
+def test_distribution_metrics_known_values():
+    p = torch.tensor([0.5, 0.3, 0.2]).log()[None, None]
+    q = torch.tensor([0.2, 0.3, 0.5]).log()[None, None]
+    m = distribution_metrics(p, q)
+    assert m["alpha"] == pytest.approx(0.2 + 0.3 + 0.2)
+    assert m["agreement"] == 0.0
+    kl = sum(a * (torch.tensor(a).log() - torch.tensor(b).log()).item() for a, b in [(0.5, 0.2), (0.3, 0.3), (0.2, 0.5)])
+    assert m["kl"] == pytest.approx(kl, rel=1e-5)
+    mask = torch.tensor([[True, False]])
+    both = torch.cat([p, q], 1)
+    assert distribution_metrics(both, both.flip(1), mask)["alpha"] == pytest.approx(0.7, rel=1e-5)
+
+
+def test_expected_tokens_per_call():
+    assert expected_tokens_per_call(0.5, 1) == pytest.approx(1.5)
+    assert expected_tokens_per_call(0.8, 4) == pytest.approx(sum(0.8**i for i in range(5)))
+
+
+def test_compare_strategies_and_layer_views():
+    m = tiny_qwen3()
+    x = torch.randint(2, 256, (4, 24))
+    rows = compare_strategies(m, x, ks=(28,), strategies=("uniform",))
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5) and rows[0]["agreement"] == 1.0  # all layers = teacher
+    rows = compare_strategies(m, x, ks=(4, 6), strategies=("uniform", "first-k"))
+    assert [(r["strategy"], r["k"]) for r in rows] == [("uniform", 4), ("first-k", 4), ("uniform", 6), ("first-k", 6)]
+    assert rows[1]["layers"] == [0, 1, 2, 3]
+    assert "strategy" in format_table(rows)
+    assert len(layer_similarity(m, x)) == 28
+    lens = logit_lens(m, x)
+    assert len(lens) == 28 and lens[-1] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_text_windows_shape_and_error():
+    class Tok:
+        eos_token_id = 0
+
+        def __call__(self, t, add_special_tokens=False):
+            return {"input_ids": [2 + (ord(c) % 50) for c in t]}
+
+    w = text_windows(Tok(), ["a" * 100, "b" * 100], seq_len=32, n=5)
+    assert w.shape == (5, 32)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        text_windows(Tok(), ["abc"], seq_len=32)
+
+
+def test_layer_strip_and_explorer_text():
+    assert layer_strip(5, [0, 4]) == "■□□□■"
+    text = describe_sampling(28, 6, "uniform")
+    assert "[0, 5, 11, 16, 22, 27]" in text and layer_strip(28, sample_layers(28, 6)) in text
+    assert describe_sampling(28, 6, "importance").startswith("error: strategy 'importance' needs scores")
+    assert "[0, 1, 2, 3, 4, 5]" in describe_sampling(28, 6, "first-k")
+
+
+def test_exercise_check_messages(capsys):
+    def todo():
+        raise NotImplementedError()
+
+    assert not check("ex", todo, expected=1)
+    assert "not attempted" in capsys.readouterr().out
+    assert not check("ex", lambda: 2, expected=1)
+    assert "expected 1, got 2" in capsys.readouterr().out
+    assert not check("ex", lambda: None, expected=1)
+    assert "returned None" in capsys.readouterr().out
+    assert not check("ex", lambda: 1 / 0, expected=1)
+    assert "ZeroDivisionError" in capsys.readouterr().out
+    assert check("ex", lambda: torch.tensor([1.0, 2.0]), expected=torch.tensor([1.0, 2.0]))

@@ -1,0 +1,67 @@
+"""Quality bars of the committed bundled teacher (issue: bits per byte and greedy repetition)."""
+
+import json
+
+import pytest
+import torch
+
+from qdlib import paths
+from qdlib.teacher import bits_per_byte, greedy_repetition, heldout_files, heldout_prompts, read_source, \
+    repeated_ngram_share
+
+BPB_BAR = 1.40
+REPETITION_BAR = 0.50
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    manifest = json.loads((paths.TEACHER_DIR / "manifest.json").read_text())
+    good, problems = heldout_files(manifest)
+    if problems:
+        pytest.skip(f"this interpreter's standard library differs from the manifest's: {problems[:3]} ...")
+    return [read_source(p) for p in good]
+
+
+def test_manifest_is_complete_and_split_by_file():
+    manifest = json.loads((paths.TEACHER_DIR / "manifest.json").read_text())
+    rows = manifest["files"]
+    assert {r[0] for r in rows} == {"stdlib", "torch", "transformers"}
+    val = [r for r in rows if r[2] == "val"]
+    assert val and all(r[0] == "stdlib" for r in val)
+    assert all(len(r[4]) == 64 and r[3] > 0 for r in rows)  # sha256 and size
+    assert not any("/test/" in "/" + r[1] or r[1].startswith("idlelib/") for r in rows if r[0] == "stdlib")
+    names = [(r[0], r[1]) for r in rows]
+    assert len(names) == len(set(names))
+
+
+def test_bits_per_byte_bar(tiny, heldout):
+    model, tok = tiny
+    res = bits_per_byte(model, tok, heldout)
+    card = json.loads((paths.TEACHER_DIR / "metrics.json").read_text())
+    assert res["bpb"] <= BPB_BAR, f"held-out bits per byte {res['bpb']:.3f} > {BPB_BAR}"
+    assert res["bpb"] == pytest.approx(card["heldout_bits_per_byte"], abs=2e-3), "model card disagrees with the weights"
+
+
+def test_greedy_repetition_bar(tiny, heldout):
+    model, tok = tiny
+    prompts = heldout_prompts(tok, heldout)
+    assert len(prompts) >= 50
+    rep = greedy_repetition(model, prompts)
+    card = json.loads((paths.TEACHER_DIR / "metrics.json").read_text())
+    assert rep["mean"] <= REPETITION_BAR, f"repeated 4-gram share {rep['mean']:.3f} > {REPETITION_BAR}"
+    assert rep["mean"] == pytest.approx(card["greedy_repeated_4gram_share"], abs=0.02)
+
+
+def test_repeated_ngram_share_examples():
+    assert repeated_ngram_share([1, 2, 3, 4, 5, 6]) == 0.0
+    assert repeated_ngram_share([7] * 10) == pytest.approx(6 / 7)
+    assert repeated_ngram_share([1, 2, 3]) == 0.0
+
+
+def test_bits_per_byte_counts_every_token_once(tiny):
+    model, tok = tiny
+    text = "import os\n" * 300
+    n_tok = len(tok(text, add_special_tokens=False)["input_ids"])
+    res = bits_per_byte(model, tok, [text], context=64, stride=32)
+    assert res["tokens"] == n_tok  # each text token predicted exactly once (the leading <eos> is context)
+    assert res["bytes"] == len(text.encode())

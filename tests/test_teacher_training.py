@@ -1,0 +1,67 @@
+"""`qd train-teacher` machinery on a tiny budget: resume after an interruption gives the same weights."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import qdlib.teacher as teacher_mod
+from qdlib.io import torch_load_safe
+from qdlib.teacher import TeacherTrainConfig, train_teacher, train_tokenizer
+
+
+def tiny_cfg(**kw):
+    base = dict(steps=4, batch_size=2, seq_len=32, hidden=64, vocab_size=400, eval_every=2, ckpt_every=1,
+                sources=("stdlib",), max_files=12, compile=False, bf16=False, warmup_steps=1)
+    base.update(kw)
+    return TeacherTrainConfig(**base)
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
+    cfg = tiny_cfg()
+    a = tmp_path / "a"
+    train_teacher(cfg, a, log=lambda *_: None)
+    b = tmp_path / "b"
+    b.mkdir()
+    for name in ("manifest.json", "tokenizer", "tokens_stdlib_train.pt"):  # same prepared data, no checkpoint
+        src = a / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, b / name)
+
+    real = teacher_mod._sample_batch
+    calls = {"n": 0}
+
+    def interrupting(data, c, step):
+        if step == 2 and calls["n"] == 0:
+            calls["n"] += 1
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return real(data, c, step)
+
+    monkeypatch.setattr(teacher_mod, "_sample_batch", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(cfg, b, log=lambda *_: None)
+    assert torch_load_safe(b / "last.pt")["step"] == 2
+    train_teacher(cfg, b, log=lambda *_: None)  # resumes at step 2
+    sa, sb = torch_load_safe(a / "last.pt"), torch_load_safe(b / "last.pt")
+    assert sa["step"] == sb["step"] == 4
+    for k in sa["model"]:
+        torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=0, atol=0)
+    log = [json.loads(x) for x in (b / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "val_loss" in log[1]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    train_teacher(tiny_cfg(steps=1), tmp_path, log=lambda *_: None)
+    with pytest.raises(ValueError, match="different configuration"):
+        train_teacher(tiny_cfg(steps=2, lr=1e-4), tmp_path, log=lambda *_: None)
+
+
+def test_tokenizer_round_trip_and_special_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(["def f(x):\n    return x\n" * 50, "import os\nprint(os.sep)\n" * 50], vocab_size=300)
+    tok.save_pretrained(tmp_path)
+    tok2 = AutoTokenizer.from_pretrained(tmp_path)
+    text = "def g(y):\n\treturn 'é' + y  # ünïcode\n"
+    assert tok2.decode(tok2(text)["input_ids"]) == text
+    assert tok2.convert_tokens_to_ids("<|endoftext|>") == 0 and tok2.pad_token_id == 1
