@@ -6,24 +6,34 @@ The library behind the course notebooks (``notebooks/NN_*.ipynb``), one module p
     teacher, tokenizer = load_teacher()              # the bundled 28-layer teacher (or $QD_MODEL)
     layers = sample_layers(28, 6)                    # [0, 5, 11, 16, 22, 27]
     draft = build_draft(teacher, layers)             # a real transformers PreTrainedModel
+    out, stats = speculative_generate(teacher, draft, input_ids, gamma=4)   # the teacher's own output, faster
 
 Importing qdlib loads no model and changes no global setting, except that the
 draft's config class is registered with transformers' Auto classes.
 """
 
 from .draft import DraftConfig, DraftForCausalLM, build_draft, first_k_layers
+from .knowledge import KnowledgeCache, KnowledgeCacheError, build_knowledge_cache, load_knowledge_cache
 from .models import TeacherLoadError, load_teacher
 from .sampling import layer_importance, sample_layers
+from .speculative import SpecStats, generate_plain, speculative_generate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DraftConfig",
     "DraftForCausalLM",
+    "KnowledgeCache",
+    "KnowledgeCacheError",
     "TeacherLoadError",
+    "build_knowledge_cache",
+    "load_knowledge_cache",
     "build_draft",
     "first_k_layers",
     "layer_importance",
     "load_teacher",
     "sample_layers",
+    "SpecStats",
+    "generate_plain",
+    "speculative_generate",
 ]

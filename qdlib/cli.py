@@ -4,6 +4,7 @@
     qd train-teacher                              # train the bundled teacher (resumable)
     qd train-teacher --export                     # write outputs/teacher
     qd compare-layers --k 6                       # untrained drafts, side by side
+    qd build-cache                                # the knowledge cache for the configured teacher
 
 ``QD_MODEL`` (or ``--model``) selects another teacher, e.g. ``Qwen/Qwen3-0.6B`` or a local folder.
 """
@@ -99,6 +100,25 @@ def cmd_compare_layers(args) -> int:
     return 0
 
 
+def cmd_build_cache(args) -> int:
+    from . import paths
+    from .knowledge import build_knowledge_cache
+    from .models import TeacherLoadError, load_teacher, model_name
+
+    _quiet_hf()
+    try:
+        teacher, tok = load_teacher(args.model, device=args.device)
+    except TeacherLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cache = build_knowledge_cache(teacher, tok, args.items, layer=args.layer, answer_tokens=args.answer_tokens)
+    out = args.out or paths.runs_dir() / "knowledge_cache" / model_name(teacher).replace("/", "--")
+    cache.save(out)
+    print(f"knowledge cache of {cache.num_items} items x {cache.states.shape[1]} tokens x {cache.hidden_size} "
+          f"(layer {cache.layer}, {cache.memory_bytes() / 2**20:.2f} MiB, fingerprint {cache.fingerprint}) -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qd", description="qdlib: draft models and speculative decoding, step by step")
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calibration-texts", type=int, default=4, help="held-out files used for importance scores")
     c.add_argument("--device", default=None)
     c.set_defaults(func=cmd_compare_layers)
+
+    b = sub.add_parser("build-cache", help="build and save the knowledge cache for the configured teacher")
+    b.add_argument("--model", default=None)
+    b.add_argument("--items", default=None, help="YAML file of knowledge items; default: the built-in set")
+    b.add_argument("--layer", type=int, default=None, help="teacher layer to cache; default: the last")
+    b.add_argument("--answer-tokens", type=int, default=48)
+    b.add_argument("--out", default=None, help="output folder; default: outputs/runs/knowledge_cache/<teacher>")
+    b.add_argument("--device", default=None)
+    b.set_defaults(func=cmd_build_cache)
     return p
 
 

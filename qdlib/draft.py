@@ -35,6 +35,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
 
 from .fusion import GATES, GatedFusion, Memory
+from .knowledge import teacher_fingerprint
 
 KNOWLEDGE_DEFAULTS = {
     "enabled": False,  # add the knowledge path at all
@@ -87,7 +88,8 @@ class DraftConfig(Qwen3Config):
     """A Qwen3 config for the k kept layers, plus where they came from.
 
     Extra fields: ``kept_layers`` (teacher indices, in draft order),
-    ``teacher_num_layers``, ``teacher_name_or_path`` and the
+    ``teacher_num_layers``, ``teacher_name_or_path``, ``teacher_fingerprint``
+    (see :func:`qdlib.knowledge.teacher_fingerprint`) and the
     ``knowledge_enhancement`` block (see :data:`KNOWLEDGE_DEFAULTS`).
     """
 
@@ -95,6 +97,7 @@ class DraftConfig(Qwen3Config):
     kept_layers: list[int] | None = None
     teacher_num_layers: int | None = None
     teacher_name_or_path: str | None = None
+    teacher_fingerprint: str | None = None
     knowledge_enhancement: dict | None = None
 
 
@@ -323,6 +326,7 @@ def build_draft(teacher, layers: Sequence[int], *, keep_ends: bool = True, knowl
         kept_layers=layers,
         teacher_num_layers=L,
         teacher_name_or_path=getattr(tcfg, "_name_or_path", None) or None,
+        teacher_fingerprint=teacher_fingerprint(teacher),
         knowledge_enhancement=knowledge_block(knowledge_enhancement, tcfg.hidden_size, len(layers)),
     )
     cfg._attn_implementation = tcfg._attn_implementation

@@ -114,3 +114,52 @@ def plot_bars(labels: Sequence[str], series: dict[str, Sequence[float]], ylabel:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+TRACE_COLOURS = {"accepted": "#c8f7c5", "rejected": "#f7c5c5", "correction": "#c5d8f7", "bonus": "#f7e9a8"}
+
+
+def trace_tokens(trace) -> list[tuple[int, str]]:
+    """Flatten a speculative trace into ``(token_id, kind)`` pairs in reading order.
+
+    kind is ``"accepted"`` (a draft token the target kept), ``"rejected"`` (a
+    draft token the target threw away; not part of the output), ``"correction"``
+    (the target's token after a rejection) or ``"bonus"`` (the target's extra
+    token after all proposals were accepted).
+
+    >>> trace_tokens([([5, 6, 7], 1, 9), ([3], 1, 4)])
+    [(5, 'accepted'), (6, 'rejected'), (7, 'rejected'), (9, 'correction'), (3, 'accepted'), (4, 'bonus')]
+    """
+    out = []
+    for proposals, n, nxt in trace:
+        out += [(t, "accepted") for t in proposals[:n]]
+        out += [(t, "rejected") for t in proposals[n:]]
+        out.append((nxt, "bonus" if n == len(proposals) else "correction"))
+    return out
+
+
+def render_trace_html(tokenizer, trace) -> str:
+    """HTML for a speculative generation: accepted, rejected, correction and bonus tokens coloured."""
+    import html
+
+    spans = []
+    for tok, kind in trace_tokens(trace):
+        text = html.escape(tokenizer.decode([tok])).replace("\n", "↵<br>")
+        style = f"background:{TRACE_COLOURS[kind]}" + (";text-decoration:line-through" if kind == "rejected" else "")
+        spans.append(f'<span title="{kind}" style="{style}">{text}</span>')
+    legend = " ".join(f'<span style="background:{c}">{k}</span>' for k, c in TRACE_COLOURS.items())
+    return (f'<div style="font-family:monospace;white-space:pre-wrap;line-height:1.6">{"".join(spans)}</div>'
+            f'<div style="font-size:small">{legend}</div>')
+
+
+ANSI = {"accepted": "\033[42;30m", "rejected": "\033[41;30m\033[9m", "correction": "\033[44;37m", "bonus": "\033[43;30m"}
+
+
+def render_trace_ansi(tokenizer, trace, show_rejected: bool = True) -> str:
+    """The same view for a terminal, with ANSI colours."""
+    parts = []
+    for tok, kind in trace_tokens(trace):
+        if kind == "rejected" and not show_rejected:
+            continue
+        parts.append(f"{ANSI[kind]}{tokenizer.decode([tok])}\033[0m")
+    return "".join(parts)

@@ -33,3 +33,12 @@ def test_console_script_entry_point():
 def test_unknown_command_is_rejected():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["fly"])
+
+
+def test_build_cache_command(tmp_path, capsys):
+    from qdlib import load_knowledge_cache, load_teacher
+
+    assert main(["build-cache", "--answer-tokens", "4", "--out", str(tmp_path / "c")]) == 0
+    assert "knowledge cache of 15 items" in capsys.readouterr().out
+    cache = load_knowledge_cache(tmp_path / "c", teacher=load_teacher("tiny")[0])
+    assert cache.num_items == 15 and cache.layer == 27
