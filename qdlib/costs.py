@@ -93,3 +93,11 @@ def count_params(model) -> int:
             seen.add(id(p))
             n += p.numel()
     return n
+
+
+def fusion_macs(hidden_size: int, cache_dim: int, memory_slots: int) -> int:
+    """One gated cross-attention block per token: q and o projections plus attention over the memory.
+
+    The cache's key/value projections are paid once per attached cache, not per token.
+    """
+    return 2 * hidden_size * cache_dim + 2 * cache_dim * memory_slots

@@ -31,6 +31,7 @@ import torch
 
 from . import paths
 from .io import atomic_dir, write_json_atomic
+from .sampling import run_layers
 
 FORMAT_VERSION = 1
 ITEM_KEYS = {"id", "question", "reference_answer", "train_paraphrases", "eval_paraphrases"}
@@ -259,8 +260,9 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
         q_ids = tokenizer(it["question"], add_special_tokens=False)["input_ids"]
         a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([q_ids + a_ids], device=teacher.device)
-        hs = teacher(input_ids=ids, output_hidden_states=True).hidden_states  # L + 1 tensors of (1, T, D)
-        state = hs[layer + 1][0]  # (T, D): output of decoder layer `layer` (hs[0] is the embedding output)
+        # hidden[0] is the embedding output, hidden[i + 1] the residual stream after decoder layer i (no final norm)
+        _, hidden = run_layers(teacher, ids, range(layer + 1), return_hidden=True)
+        state = hidden[layer + 1][0]  # (T, D)
         rows.append((ids[0].cpu(), state.float().cpu()))
         qlens.append(len(q_ids))
         out_items.append({**it, "answer": answer})
@@ -278,12 +280,41 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
 
 
 @torch.no_grad()
+def pooled_states(cache: KnowledgeCache) -> torch.Tensor:
+    """Mean of each item's cached states over its real tokens: ``(N, D)``."""
+    m = cache.mask[..., None].float()  # (N, M, 1)
+    return (cache.states * m).sum(1) / m.sum(1)  # (N, D)
+
+
+@torch.no_grad()
+def prompt_state(teacher, tokenizer, prompt: str, layer: int) -> torch.Tensor:
+    """Mean over the prompt's tokens of the teacher's states after ``layer``: ``(D,)``."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(teacher.device)
+    return run_layers(teacher, ids, range(layer + 1), return_hidden=True)[1][layer + 1][0].float().mean(0).cpu()
+
+
+@torch.no_grad()
+def similarity_matrix(cache: KnowledgeCache, teacher, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Cosine similarity between each prompt and each cached item (mean-pooled states): ``(P, N)``."""
+    items = pooled_states(cache)  # (N, D)
+    rows = [torch.cosine_similarity(items, prompt_state(teacher, tokenizer, p, cache.layer)[None], dim=-1)
+            for p in prompts]
+    return torch.stack(rows)  # (P, N)
+
+
+@torch.no_grad()
 def nearest_items(cache: KnowledgeCache, teacher, tokenizer, prompt: str, k: int = 3) -> list[tuple[str, float]]:
     """The k cached items most similar to ``prompt``: cosine of mean-pooled states of the cache's layer."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(teacher.device)
-    hs = teacher(input_ids=ids, output_hidden_states=True).hidden_states[cache.layer + 1][0].float().cpu()
-    query = hs.mean(0)  # (D,)
-    pooled = (cache.states * cache.mask[..., None]).sum(1) / cache.mask.sum(1, keepdim=True)  # (N, D)
-    sims = torch.cosine_similarity(pooled, query[None], dim=-1)  # (N,)
+    sims = similarity_matrix(cache, teacher, tokenizer, [prompt])[0]  # (N,)
     order = sims.argsort(descending=True)[:k]
     return [(cache.items[i]["id"], round(sims[i].item(), 4)) for i in order.tolist()]
+
+
+def attention_per_item(weights: torch.Tensor, cache: KnowledgeCache) -> torch.Tensor:
+    """Sum attention weights over each item's slots: ``(..., N * M)`` -> ``(..., N)``.
+
+    The fusion layers flatten the cache into one memory of N * M slots (item-major);
+    this folds a weight map back into one value per item (padding slots get no weight).
+    """
+    N, M = cache.mask.shape
+    return weights.reshape(*weights.shape[:-1], N, M).sum(-1)

@@ -63,20 +63,24 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, u: tor
     """The speculative-sampling rule, vectorised over a leading batch of draws.
 
     Args:
-        p, q: target and draft probabilities ``(N, V)``; x: proposals drawn from q ``(N,)``;
-        u: uniform numbers in [0, 1) ``(N,)``.
+        p, q: target and draft probabilities ``(N, V)``, or ``(1, V)`` shared by all draws;
+        x: proposals drawn from q ``(N,)``; u: uniform numbers in [0, 1) ``(N,)``.
     Returns:
         ``(accepted (N,) bool, token (N,))``: the proposal where accepted, else a
         draw from norm(max(0, p - q)).
     """
-    px = p.gather(-1, x[:, None]).squeeze(-1)  # (N,)
-    qx = q.gather(-1, x[:, None]).squeeze(-1)  # (N,)
+    N = x.shape[0]
+    px = p.expand(N, -1).gather(-1, x[:, None]).squeeze(-1)  # (N,)
+    qx = q.expand(N, -1).gather(-1, x[:, None]).squeeze(-1)  # (N,)
     accepted = u * qx < px  # u < p/q without dividing by zero (qx > 0 for a drawn x)
-    residual = (p - q).clamp(min=0)  # (N, V)
-    mass = residual.sum(-1, keepdim=True)  # (N, 1)
+    residual = (p - q).clamp(min=0)  # (N or 1, V)
+    mass = residual.sum(-1, keepdim=True)  # (N or 1, 1)
     # where p == q the residual is empty; rejection then has probability 0, any fallback is fine
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
-    resampled = torch.multinomial(residual, 1, generator=generator).squeeze(-1)  # (N,)
+    if residual.shape[0] == 1:  # one shared residual: draw all N redraws from it at once
+        resampled = torch.multinomial(residual[0], N, replacement=True, generator=generator)  # (N,)
+    else:
+        resampled = torch.multinomial(residual, 1, generator=generator).squeeze(-1)  # (N,)
     return accepted, torch.where(accepted, x, resampled)
 
 

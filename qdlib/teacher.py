@@ -519,7 +519,7 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
         "real_code_repeated_4gram_share": round(sum(real_rep) / len(real_rep), 4),
         "steps": state["step"],
         "tokens_seen": state["tokens"],
-        "train_wall_time_s": round(state["elapsed"], 1),
+        "train_wall_time_s": round(_active_time(log_rows), 1),
         "final_train_loss": log_rows[-1]["loss"],
         "final_val_loss": next((r["val_loss"] for r in reversed(log_rows) if "val_loss" in r), None),
     }
@@ -533,6 +533,17 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
         (tmp / "README.md").write_text(_model_card(cfg, metrics, manifest))
     log(json.dumps(metrics, indent=2))
     return out_dir
+
+
+def _active_time(rows) -> float:
+    """Training time from the log, with pauses (a stopped or suspended process) left out.
+
+    A step that took more than 10x the median step is counted as a median step.
+    """
+    t = [0.0] + [r["elapsed_s"] for r in rows]
+    deltas = [b - a for a, b in zip(t, t[1:])]
+    med = sorted(deltas)[len(deltas) // 2] if deltas else 0.0
+    return sum(d if d <= 10 * med else med for d in deltas)
 
 
 def _plot_loss(rows, path):
@@ -581,7 +592,8 @@ trained by `qd train-teacher` for the qdlib speculative-drafting course. It is t
 ## Training
 AdamW (lr {cfg.lr}, betas 0.9/0.95, weight decay {cfg.weight_decay}), {cfg.warmup_steps} warm-up steps then cosine to
 {int(cfg.min_lr_ratio * 100)}%, batch {cfg.batch_size} x {cfg.seq_len} tokens, gradient clipping {cfg.grad_clip}, bf16 autocast.
-{m['steps']} steps, {m['tokens_seen']:,} tokens seen, {m['train_wall_time_s'] / 60:.0f} minutes on {cpu} (2 cores).
+{m['steps']} steps, {m['tokens_seen']:,} tokens seen, {m['train_wall_time_s'] / 60:.0f} minutes of training (pauses and compilation excluded)
+on {cpu} ({os.cpu_count()} cores), torch.compile on the training forward.
 Final training loss {m['final_train_loss']}, held-out loss {m['final_val_loss']} nats/token.
 
 ## Quality (measured by `qd train-teacher --export`, checked by `tests/test_teacher_quality.py`)

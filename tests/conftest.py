@@ -62,3 +62,11 @@ def qwen3_06b_dir(tmp_path_factory):
     AutoTokenizer.from_pretrained(paths.TEACHER_DIR).save_pretrained(folder)
     del model
     return folder
+
+
+@pytest.fixture(scope="session")
+def qwen3_06b(qwen3_06b_dir):
+    """The random-init Qwen3-0.6B loaded through load_teacher (float32, CPU)."""
+    from qdlib import load_teacher
+
+    return load_teacher(str(qwen3_06b_dir))

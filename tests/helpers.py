@@ -7,10 +7,10 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 def tiny_qwen3(vocab=256, hidden=64, layers=28, heads=2, kv_heads=1, seed=0, **kw) -> Qwen3ForCausalLM:
     """A random Qwen3 causal LM with the teacher's 28-layer depth and a tiny width."""
     torch.manual_seed(seed)
+    kw.setdefault("tie_word_embeddings", True)
     cfg = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-                      pad_token_id=1, **kw)
+                      max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=1, **kw)
     return Qwen3ForCausalLM(cfg).eval()
 
 

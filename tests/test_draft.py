@@ -122,3 +122,18 @@ def test_draft_config_is_a_qwen3_config():
     from transformers import Qwen3Config
 
     assert issubclass(DraftConfig, Qwen3Config)
+
+
+def test_assisted_generation_equals_teacher_greedy_on_20_heldout_prompts(tiny):
+    """The bundled teacher with its uniform 6-of-28 draft as assistant_model, on held-out code."""
+    from qdlib.teacher import heldout_prompts, heldout_texts
+
+    teacher, tok = tiny
+    draft = build_draft(teacher, sample_layers(28, 6))
+    prompts = heldout_prompts(tok, heldout_texts(), n_prompts=20, prompt_tokens=32)
+    assert len(prompts) == 20
+    for p in prompts:
+        ids = torch.tensor([p])
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        with torch.no_grad():
+            assert torch.equal(teacher.generate(ids, **kw), teacher.generate(ids, assistant_model=draft, **kw))

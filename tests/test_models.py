@@ -60,9 +60,9 @@ def test_bf16_on_request():
     assert model.dtype == torch.bfloat16
 
 
-def test_random_init_qwen3_06b_config_loads(qwen3_06b_dir):
+def test_random_init_qwen3_06b_config_loads(qwen3_06b):
     """The real-model path, without weights: the exact Qwen3-0.6B config through load_teacher(path)."""
-    model, tok = load_teacher(str(qwen3_06b_dir))
+    model, tok = qwen3_06b
     c = model.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             c.intermediate_size, c.vocab_size) == (28, 1024, 16, 8, 128, 3072, 151936)
@@ -73,3 +73,37 @@ def test_random_init_qwen3_06b_config_loads(qwen3_06b_dir):
     ids = tok("def f(x):", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape == (1, ids.shape[1], 151936)
+
+
+def test_qwen3_06b_draft_and_knowledge_path(qwen3_06b, tmp_path):
+    """Layer sampling, the draft model and the knowledge cache on the random-init Qwen3-0.6B."""
+    from qdlib import build_draft, build_knowledge_cache, sample_layers
+    from qdlib.knowledge import builtin_items_path, load_items
+    from qdlib.sampling import run_layers
+
+    model, tok = qwen3_06b
+    layers = sample_layers(model.config.num_hidden_layers, 6)
+    draft = build_draft(model, layers, knowledge_enhancement={"enabled": True})
+    kb = draft.config.knowledge_enhancement
+    assert (kb["cache_dim"], kb["num_heads"]) == (512, 8)  # the course's sizes for Qwen3-0.6B
+    ids = tok("def f(x):\n    return", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(draft(input_ids=ids).logits, run_layers(model, ids, layers))
+    assert builtin_items_path(model).name == "knowledge_qwen3.yaml"
+    items = load_items(teacher=model)[:2]
+    cache = build_knowledge_cache(model, tok, items, answer_tokens=3, progress=False)
+    assert cache.states.shape[-1] == 1024
+    draft.set_knowledge(cache)
+    with torch.no_grad():
+        torch.testing.assert_close(draft(input_ids=ids).logits, run_layers(model, ids, layers))  # gate closed
+        plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        assisted = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                                  assistant_model=draft)
+    assert torch.equal(plain, assisted)
+    draft.save_pretrained(tmp_path / "d")
+    from qdlib import DraftForCausalLM
+
+    back = DraftForCausalLM.from_pretrained(tmp_path / "d").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, draft.set_knowledge(None)(input_ids=ids).logits,
+                                   rtol=0, atol=0)
