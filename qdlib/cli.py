@@ -88,11 +88,12 @@ def cmd_compare_layers(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     texts = heldout_texts()
-    batches = text_windows(tok, texts, seq_len=args.seq_len, n=args.windows)
+    calibration, evaluation = texts[: args.calibration_texts], texts[args.calibration_texts :]
+    batches = text_windows(tok, evaluation, seq_len=args.seq_len, n=args.windows)  # scored apart from calibration
     strategies = list(args.strategies)
     scores = None
     if "importance" in strategies:
-        scores = layer_importance(teacher, tok, texts[: args.calibration_texts])
+        scores = layer_importance(teacher, tok, calibration)
     rows = compare_strategies(teacher, batches, ks=args.k, strategies=strategies, importance_scores=scores)
     print(f"untrained drafts of {args.model or os.environ.get('QD_MODEL') or 'tiny'} on {args.windows} held-out "
           f"windows of {args.seq_len} tokens (KL = KL(teacher || draft), agree = top-1 agreement, alpha = E[sum min(p, q)])")

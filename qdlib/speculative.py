@@ -96,16 +96,18 @@ class SpecStats:
         target_calls: forward passes of the target, the prompt prefill included.
         prefill_calls: those of ``target_calls`` that only filled the cache (produced no token).
         draft_calls: forward passes of the draft (one per proposed token, plus its prefill).
-        proposed: draft tokens proposed in all rounds.
+        proposed: draft tokens proposed in all rounds (including those after a
+            rejection, which the target never gets to judge).
         accepted: draft tokens accepted.
         proposed_at, accepted_at: per draft position j (0..gamma-1), how often a
-            proposal was made / accepted there; ``accepted_at[j] / proposed_at[j]`` is
-            the acceptance rate at depth j.
+            proposal there was checked / accepted; ``accepted_at[j] / proposed_at[j]``
+            is the acceptance rate at depth j. ``sum(proposed_at) <= proposed``.
         rounds: draft-then-verify rounds.
         time_draft, time_verify, time_total: seconds spent proposing, verifying, in all.
         trace: one ``(proposals, n_accepted, next_token)`` tuple per round, for the
             token-by-token view (``next_token`` is the target's correction, or the
-            bonus token when all proposals were accepted).
+            bonus token when all proposals were accepted; None when EOS or the
+            budget ended the round first).
     """
 
     new_tokens: int = 0
@@ -305,7 +307,6 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
         stats.proposed += g
         stats.accepted += n
         stats.rounds += 1
-        stats.trace.append((proposals, n, next_token))
         new = proposals[:n] + [next_token]
 
         # stop at EOS and at the budget
@@ -314,6 +315,10 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
                 new = new[: i + 1]
                 break
         new = new[:remaining]
+        if len(new) == n + 1:
+            stats.trace.append((proposals, n, next_token))
+        else:  # cut short by EOS or the budget: only the kept draft tokens, no target token
+            stats.trace.append((proposals[: len(new)], len(new), None))
         seq += new
         # 4. roll both caches back to the accepted prefix (they must not hold more than seq[:-1])
         _rollback(t_cache, len(seq) - 1)

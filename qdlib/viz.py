@@ -127,14 +127,15 @@ def trace_tokens(trace) -> list[tuple[int, str]]:
     (the target's token after a rejection) or ``"bonus"`` (the target's extra
     token after all proposals were accepted).
 
-    >>> trace_tokens([([5, 6, 7], 1, 9), ([3], 1, 4)])
-    [(5, 'accepted'), (6, 'rejected'), (7, 'rejected'), (9, 'correction'), (3, 'accepted'), (4, 'bonus')]
+    >>> trace_tokens([([5, 6, 7], 1, 9), ([3], 1, 4), ([8], 1, None)])
+    [(5, 'accepted'), (6, 'rejected'), (7, 'rejected'), (9, 'correction'), (3, 'accepted'), (4, 'bonus'), (8, 'accepted')]
     """
     out = []
     for proposals, n, nxt in trace:
         out += [(t, "accepted") for t in proposals[:n]]
         out += [(t, "rejected") for t in proposals[n:]]
-        out.append((nxt, "bonus" if n == len(proposals) else "correction"))
+        if nxt is not None:  # None: the round was cut short by end-of-text or the token budget
+            out.append((nxt, "bonus" if n == len(proposals) else "correction"))
     return out
 
 

@@ -312,3 +312,16 @@ def test_bad_inputs_batch_empty_vocab():
     other = build_draft(tiny_qwen3(vocab=300, layers=2), [0, 1])
     with pytest.raises(ValueError, match=r"draft vocabulary \(300\) differs from the target's \(256\)"):
         speculative_generate(target, other, torch.tensor([[5, 6]]))
+
+
+def test_trace_reproduces_the_output():
+    from qdlib.viz import trace_tokens
+
+    target = tiny_qwen3(layers=6, seed=10)
+    draft = build_draft(target, [0, 5])
+    ids = torch.randint(2, 256, (1, 4))
+    for gamma, n_new in ((3, 17), (5, 9), (1, 4)):
+        out, stats = speculative_generate(target, draft, ids, gamma=gamma, max_new_tokens=n_new, eos_token_id=-1)
+        kept = [t for t, kind in trace_tokens(stats.trace) if kind != "rejected"]
+        assert kept == out[0, ids.shape[1]:].tolist()
+        assert sum(stats.proposed_at) <= stats.proposed and stats.accepted == sum(stats.accepted_at)
