@@ -603,6 +603,9 @@ Final training loss {m['final_train_loss']}, held-out loss {m['final_val_loss']}
   **{m['greedy_repeated_4gram_share']}**; the same measure on the real held-out code that follows those prompts:
   {m['real_code_repeated_4gram_share']}.
 
+Course bars (issue: the foundation): bits per byte <= 1.40 ({'met' if m['heldout_bits_per_byte'] <= 1.40 else 'NOT met'});
+greedy repetition <= 0.50 ({'met' if m['greedy_repeated_4gram_share'] <= 0.50 else 'NOT met: the teacher loops under greedy decoding more than the bar allows'}).
+
 Weights are stored in bf16 (`model.safetensors`); `qdlib.load_teacher()` loads them as float32 on CPU, and the figures
 above are measured that way.
 
