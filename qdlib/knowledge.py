@@ -216,7 +216,9 @@ def check_cache_matches(cache: KnowledgeCache, teacher) -> None:
         diffs.append(f"hidden size {cache.hidden_size} vs {teacher.config.hidden_size}")
     if cache.layer >= teacher.config.num_hidden_layers:
         diffs.append(f"layer {cache.layer} does not exist in a {teacher.config.num_hidden_layers}-layer teacher")
-    name = getattr(teacher.config, "_name_or_path", "") or "this teacher"
+    from .models import model_name
+
+    name = model_name(teacher)
     what = "; ".join(diffs) or "same shapes, different weights"
     raise KnowledgeCacheError(
         f"knowledge cache was built for teacher {cache.teacher_name!r} (fingerprint {cache.fingerprint}), "
