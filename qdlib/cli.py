@@ -26,17 +26,25 @@ def _quiet_hf():
     hf_logging.set_verbosity_error()
 
 
-def cmd_generate(args) -> int:
-    import torch
-
+def _load_teacher(args):
+    """``(model, tokenizer)`` for ``--model``/``--device``, or None after printing why it failed."""
     from .models import TeacherLoadError, load_teacher
 
     _quiet_hf()
     try:
-        model, tok = load_teacher(args.model, device=args.device)
+        return load_teacher(args.model, device=args.device)
     except TeacherLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    loaded = _load_teacher(args)
+    if loaded is None:
         return 2
+    model, tok = loaded
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
     kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
@@ -77,16 +85,13 @@ def cmd_train_teacher(args) -> int:
 
 def cmd_compare_layers(args) -> int:
     from .metrics import compare_strategies, format_table, text_windows
-    from .models import TeacherLoadError, load_teacher
     from .sampling import layer_importance
     from .teacher import heldout_texts
 
-    _quiet_hf()
-    try:
-        teacher, tok = load_teacher(args.model, device=args.device)
-    except TeacherLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    loaded = _load_teacher(args)
+    if loaded is None:
         return 2
+    teacher, tok = loaded
     texts = heldout_texts()
     calibration, evaluation = texts[: args.calibration_texts], texts[args.calibration_texts :]
     batches = text_windows(tok, evaluation, seq_len=args.seq_len, n=args.windows)  # scored apart from calibration
@@ -104,14 +109,12 @@ def cmd_compare_layers(args) -> int:
 def cmd_build_cache(args) -> int:
     from . import paths
     from .knowledge import build_knowledge_cache
-    from .models import TeacherLoadError, load_teacher, model_name
+    from .models import model_name
 
-    _quiet_hf()
-    try:
-        teacher, tok = load_teacher(args.model, device=args.device)
-    except TeacherLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    loaded = _load_teacher(args)
+    if loaded is None:
         return 2
+    teacher, tok = loaded
     cache = build_knowledge_cache(teacher, tok, args.items, layer=args.layer, answer_tokens=args.answer_tokens)
     out = args.out or paths.runs_dir() / "knowledge_cache" / model_name(teacher).replace("/", "--")
     cache.save(out)
