@@ -286,10 +286,11 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
         # 3. accept a prefix of the proposals, then one token from the target
         n = 0
         next_token = None
+        target_top = logits.argmax(-1).tolist() if greedy else None  # one argmax for all g + 1 rows
         for j in range(g):
             stats.proposed_at[j] += 1
             if greedy:
-                ok = proposals[j] == int(logits[j].argmax())
+                ok = proposals[j] == target_top[j]
             else:
                 p = process_logits(logits[j], temperature, top_k, top_p)
                 x = torch.tensor([proposals[j]], device=p.device)
@@ -303,7 +304,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
             stats.accepted_at[j] += 1
             n += 1
         if next_token is None:  # greedy correction / bonus, or the sampled bonus after full acceptance
-            next_token = _pick(dist(logits[n]) if not greedy else logits[n], greedy, generator)
+            next_token = target_top[n] if greedy else _pick(dist(logits[n]), greedy, generator)
         stats.proposed += g
         stats.accepted += n
         stats.rounds += 1
