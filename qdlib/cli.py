@@ -5,6 +5,8 @@
     qd train-teacher --export                     # write outputs/teacher
     qd compare-layers --k 6                       # untrained drafts, side by side
     qd build-cache                                # the knowledge cache for the configured teacher
+    qd distill --config tiny                      # distil the reference draft (resumable)
+    qd distill --config tiny --export outputs/reference_draft   # measure the best draft and write it
 
 ``QD_MODEL`` (or ``--model``) selects another teacher, e.g. ``Qwen/Qwen3-0.6B`` or a local folder.
 """
@@ -15,6 +17,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_PROMPT = 'def read_config(path):\n    """Read a JSON configuration file and return it as a dict."""\n'
 
@@ -123,6 +126,51 @@ def cmd_build_cache(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from . import paths
+    from .distill import DEFAULT_CONFIGS, load_config
+    from .trainer import TrainingStopped, distill, export_draft
+
+    path = DEFAULT_CONFIGS.get(args.config, args.config)
+    try:
+        cfg = load_config(path)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for key in ("num_epochs", "steps_per_epoch", "batch_size"):
+        if getattr(args, key) is not None:
+            setattr(cfg.training, key, getattr(args, key))
+    if args.no_knowledge:
+        cfg.knowledge_enhancement.enabled = False
+        if cfg.training.train_params == "fusion":
+            print("error: --no-knowledge leaves no fusion parameters to train (train_params: fusion)", file=sys.stderr)
+            return 2
+    from .models import TeacherLoadError
+
+    _quiet_hf()
+    name = Path(str(path)).stem + ("_no_knowledge" if args.no_knowledge else "")
+    run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "distill" / name
+    try:
+        if not args.export_only:
+            # the teacher is loaded by every process on its own device
+            distill(cfg, run_dir, teacher_name=args.model)
+        if args.export or args.export_only:
+            from accelerate.state import PartialState
+
+            if PartialState().is_main_process:
+                out = args.export or args.export_only
+                export_draft(run_dir, out, teacher_name=args.model, cfg=cfg,
+                             title="qdlib draft" + (" (ablation: no knowledge)" if args.no_knowledge else ""))
+                print(f"draft written to {out}")
+    except TeacherLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qd", description="qdlib: draft models and speculative decoding, step by step")
     sub = p.add_subparsers(dest="command", required=True)
@@ -164,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="output folder; default: outputs/runs/knowledge_cache/<teacher>")
     b.add_argument("--device", default=None)
     b.set_defaults(func=cmd_build_cache)
+
+    d = sub.add_parser("distill", help="distil a draft from the teacher (resumable; runs under accelerate launch)")
+    d.add_argument("--config", default="tiny", help="'tiny', 'qwen3' or a YAML file (see qdlib/configs)")
+    d.add_argument("--model", default=None, help="teacher; default: $QD_MODEL or tiny")
+    d.add_argument("--device", default=None)
+    d.add_argument("--run-dir", default=None, help="default: outputs/runs/distill/<config>")
+    d.add_argument("--num-epochs", dest="num_epochs", type=int, default=None)
+    d.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int, default=None)
+    d.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    d.add_argument("--no-knowledge", action="store_true", help="the ablation: the same draft without knowledge fusion")
+    d.add_argument("--export", default=None, metavar="DIR", help="after training, measure the best draft and write it to DIR")
+    d.add_argument("--export-only", default=None, metavar="DIR", help="skip training; export the run's best draft to DIR")
+    d.set_defaults(func=cmd_distill)
     return p
 
 

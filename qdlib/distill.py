@@ -75,6 +75,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 OBJECTIVES = ("kl", "tvd")
+MIXED_PRECISION = ("auto", "bf16", "no")
 TRAIN_PARAMS = ("all", "fusion", "body")
 
 # ----------------------------------------------------------------------------- configuration
@@ -113,7 +114,17 @@ class TrainingConfig:
     train_params: str = "all"  # "all", "fusion" (fusion only) or "body" (all but embeddings and head)
     max_bad_steps: int = 10  # stop after this many NaN/Inf losses
     seed: int = 0
-    steps_per_epoch: int | None = None  # None: one pass over the data per epoch
+    steps_per_epoch: int | None = None  # None: one pass over the training text per epoch
+    # data mix (qdlib.distill_data): the rest of each batch is the teacher's training text
+    generated_sequences: int = 512  # training prompts continued greedily by the teacher (sequence-level KD)
+    generated_share: float = 0.5  # share of rows drawn from those continuations
+    item_share: float = 0.1  # share of item-conditioned rows (only when knowledge is enabled)
+    on_policy_share: float = 0.0  # share of rows sampled from the current draft, scored by the teacher
+    max_text_tokens: int | None = None  # cap on the training text (None: all training files)
+    # bookkeeping
+    checkpoint_every: int = 50  # optimizer steps between resume checkpoints (and one at every epoch end)
+    eval_prompts: int = 32  # held-out validation prompts scored every epoch (picks the best checkpoint)
+    mixed_precision: str = "auto"  # auto (bf16 where the CPU/GPU supports it) | bf16 | no
 
 
 @dataclass
@@ -175,6 +186,20 @@ def validate(cfg: DistillConfig, num_layers: int | None = None) -> DistillConfig
            "a number >= 0")
     _range("training", "max_grad_norm", t.max_grad_norm, isinstance(t.max_grad_norm, (int, float)) and t.max_grad_norm > 0,
            "a number > 0")
+    for key in ("generated_share", "item_share", "on_policy_share"):
+        v = getattr(t, key)
+        _range("training", key, v, isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+               "a number in [0, 1]")
+    _range("training", "generated_share + item_share + on_policy_share", t.generated_share + t.item_share + t.on_policy_share,
+           t.generated_share + t.item_share + t.on_policy_share <= 1, "a sum <= 1 (the rest is training text)")
+    _range("training", "generated_sequences", t.generated_sequences,
+           isinstance(t.generated_sequences, int) and not isinstance(t.generated_sequences, bool) and t.generated_sequences >= 0,
+           "an integer >= 0")
+    for key in ("checkpoint_every", "eval_prompts"):
+        _range("training", key, getattr(t, key), pos_int(getattr(t, key)), "an integer >= 1")
+    _range("training", "mixed_precision", t.mixed_precision, t.mixed_precision in MIXED_PRECISION, ", ".join(MIXED_PRECISION))
+    if t.max_text_tokens is not None:
+        _range("training", "max_text_tokens", t.max_text_tokens, pos_int(t.max_text_tokens), "an integer >= 1 or null")
     if t.steps_per_epoch is not None:
         _range("training", "steps_per_epoch", t.steps_per_epoch, pos_int(t.steps_per_epoch), "an integer >= 1 or null")
     if t.train_params == "fusion" and not k.enabled:

@@ -141,3 +141,40 @@ def model_name(model) -> str:
     except OSError:
         pass
     return src or type(model).__name__
+
+
+class DraftLoadError(RuntimeError):
+    """No draft could be loaded (missing folder, or no reference draft for this teacher)."""
+
+
+def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None, dtype=None):
+    """The draft model alone, in eval mode (float32 on CPU), with its knowledge cache attached.
+
+    No name gives the course's reference draft (``outputs/reference_draft``) when the
+    default teacher is the bundled one; a folder written by ``qd distill --export`` (or
+    any ``save_pretrained`` folder of a :class:`qdlib.DraftForCausalLM`) loads that draft.
+    A ``knowledge_cache/`` subfolder is attached with ``set_knowledge``, so
+    ``draft(input_ids=...)``, ``generate``, ``assistant_model=draft`` and
+    ``speculative_generate(teacher, draft, ids)`` all work as they are.
+    """
+    from . import paths
+    from .draft import DraftForCausalLM
+    from .knowledge import load_knowledge_cache
+
+    if name_or_path is None:
+        teacher = default_teacher_name()
+        if not is_bundled(teacher):
+            raise DraftLoadError(
+                f"no reference draft exists for the teacher {teacher!r} (QD_MODEL): the course ships one only for the "
+                f"bundled teacher. Distil one with `qd distill --config qwen3 --export <folder>` and pass that folder "
+                f"to load_draft, or unset QD_MODEL")
+        name_or_path = paths.DRAFT_DIR
+    folder = Path(name_or_path)
+    if not (folder / "config.json").is_file():
+        raise DraftLoadError(f"{folder} is not a draft folder (no config.json); expected the output of "
+                             f"`qd distill --export` or DraftForCausalLM.save_pretrained")
+    dev = resolve_device(device)
+    draft = DraftForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, dev) or torch.float32).to(dev).eval()
+    if (folder / "knowledge_cache").is_dir() and draft.config.knowledge_enhancement.get("enabled"):
+        draft.set_knowledge(load_knowledge_cache(folder / "knowledge_cache"))
+    return draft

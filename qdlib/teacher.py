@@ -334,6 +334,15 @@ class TeacherTrainConfig:
     sources: tuple = SOURCES  # corpus sources; the first must be "stdlib"
     max_files: int | None = None  # use only the first N files of each source (tests)
     compile: bool = True  # torch.compile the training forward (~25% faster here, ~2 min to compile)
+    # Phase 2, after ``steps``: sequence-level unlikelihood polish (Welleck et al. 2019, "Neural text
+    # generation with unlikelihood training"). Each step adds, to the ordinary stdlib loss, a penalty
+    # -log(1 - p(token)) on the tokens of the model's own greedy continuations that repeat a 4-gram.
+    ul_steps: int = 0
+    ul_lr: float = 1e-4  # constant learning rate of the polish phase
+    ul_weight: float = 1.0
+    ul_batch: int = 8  # greedy continuations per step ...
+    ul_prompt_tokens: int = 64  # ... of prompts cut from the training stdlib stream ...
+    ul_new_tokens: int = 128  # ... continued this far
 
 
 def cpu_supports_bf16() -> bool:
@@ -393,7 +402,8 @@ def prepare_data(run_dir: Path, cfg: TeacherTrainConfig, log=print):
 
 
 # settings that may change between a run and its resumption
-_RESUMABLE_CHANGES = ("steps", "compile", "eval_every", "ckpt_every")
+_RESUMABLE_CHANGES = ("steps", "compile", "eval_every", "ckpt_every", "ul_steps", "ul_lr", "ul_weight", "ul_batch",
+                      "ul_prompt_tokens", "ul_new_tokens")
 
 
 def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = None, log=print) -> Path:
@@ -441,36 +451,93 @@ def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = N
     val_sample = _val_batch(tokenizer, val_texts, cfg)
     model.train()
     fwd = torch.compile(model) if cfg.compile else model
-    bar = tqdm(total=cfg.steps, initial=step, desc="teacher", unit="step")
+    total = cfg.steps + cfg.ul_steps
+    bar = tqdm(total=total, initial=step, desc="teacher", unit="step")
     t_last = time.time()
-    while step < cfg.steps:
+    while step < total:
+        polish = step >= cfg.steps  # phase 2: unlikelihood polish at a constant small learning rate
         batch = _sample_batch(data, cfg, step)
+        if polish:
+            for group in opt.param_groups:
+                group["lr"] = cfg.ul_lr
+            ul, rep = _unlikelihood_loss(model, _ul_prompts(data["stdlib"], cfg, step), cfg.ul_new_tokens, use_bf16)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = fwd(input_ids=batch[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+            logits = (model if polish else fwd)(input_ids=batch[:, :-1]).logits
+        mle = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        loss = mle + cfg.ul_weight * ul if polish else mle
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        sched.step()
+        if not polish:
+            sched.step()
         step += 1
         tokens += batch[:, 1:].numel()
         now = time.time()
         elapsed += now - t_last
         t_last = now
-        rec = {"step": step, "loss": round(loss.item(), 4), "lr": sched.get_last_lr()[0], "grad_norm": round(float(gnorm), 3),
+        rec = {"step": step, "loss": round(mle.item(), 4), "lr": opt.param_groups[0]["lr"], "grad_norm": round(float(gnorm), 3),
                "tokens": tokens, "elapsed_s": round(elapsed, 1)}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        if polish:
+            rec.update(ul_loss=round(ul.item(), 4), greedy_rep=round(rep, 4))
+        if step % cfg.eval_every == 0 or step == cfg.steps or step == total:
             rec["val_loss"] = round(_val_loss(model, val_sample, use_bf16), 4)
             model.train()
         append_jsonl(run_dir / "log.jsonl", rec)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        bar.set_postfix(loss=f"{mle.item():.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
+                        **({"rep": f"{rep:.2f}"} if polish else {}))
         bar.update(1)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        if step % cfg.ckpt_every == 0 or step in (cfg.steps, total) or (polish and step % 10 == 0):
             torch_save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                "step": step, "elapsed": elapsed, "tokens": tokens, "config": dataclasses.asdict(cfg)}, ckpt)
     bar.close()
     return run_dir
+
+
+def _ul_prompts(stream: torch.Tensor, cfg: TeacherTrainConfig, step: int) -> torch.Tensor:
+    """``ul_batch`` prompts of ``ul_prompt_tokens`` ids from the training stream (deterministic per step)."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_777_777)
+    starts = torch.randint(len(stream) - cfg.ul_prompt_tokens, (cfg.ul_batch,), generator=g).tolist()
+    return torch.stack([stream[s : s + cfg.ul_prompt_tokens].long() for s in starts])  # (B, P)
+
+
+def repeated_token_mask(ids: torch.Tensor, n: int = 4) -> torch.Tensor:
+    """True for every token that belongs to an n-gram already seen earlier in its row.
+
+    >>> repeated_token_mask(torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 5]])).int().tolist()
+    [[0, 0, 0, 0, 1, 1, 1, 1, 0]]
+    """
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for b, row in enumerate(ids.tolist()):
+        seen = set()
+        for i in range(len(row) - n + 1):
+            g = tuple(row[i : i + n])
+            if g in seen:
+                mask[b, i : i + n] = True
+            seen.add(g)
+    return mask
+
+
+def _unlikelihood_loss(model, prompts: torch.Tensor, new_tokens: int, use_bf16: bool) -> tuple[torch.Tensor, float]:
+    """Sequence-level unlikelihood loss on the model's own greedy continuations of ``prompts``.
+
+    Returns the loss (mean over continuation tokens of ``-log(1 - p(token))`` on the
+    tokens of repeated 4-grams, 0 elsewhere) and the continuations' repeated-4-gram share.
+    """
+    P = prompts.size(1)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        seq = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.pad_token_id)
+    model.train()
+    cont = seq[:, P:]  # (B, N)
+    mask = repeated_token_mask(cont)  # (B, N)
+    rep = sum(repeated_ngram_share(r) for r in cont.tolist()) / len(cont)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        logits = model(input_ids=seq[:, :-1]).logits[:, P - 1 :]  # (B, N, V): predictions of the continuation
+    p = logits.float().softmax(-1).gather(-1, cont.unsqueeze(-1)).squeeze(-1)  # (B, N)
+    ul = -torch.log((1 - p).clamp_min(1e-5)) * mask
+    return ul.sum() / mask.numel(), rep
 
 
 def _val_batch(tokenizer, texts, cfg, n: int = 16) -> torch.Tensor:
