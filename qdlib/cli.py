@@ -82,6 +82,8 @@ def cmd_train_teacher(args) -> int:
         cfg.steps = args.steps
     if args.no_compile:
         cfg.compile = False
+    if args.ul_steps is not None:
+        cfg.ul_steps = args.ul_steps
     train_teacher(cfg, args.run_dir)
     return 0
 
@@ -191,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out-dir", default=None, help="export target; default: outputs/teacher")
     t.add_argument("--export", action="store_true", help="measure and write the trained teacher")
     t.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    t.add_argument("--ul-steps", type=int, default=None, help="unlikelihood polish steps after the main run (default 100)")
     t.set_defaults(func=cmd_train_teacher)
 
     c = sub.add_parser("compare-layers", help="compare untrained drafts from each layer-sampling strategy")

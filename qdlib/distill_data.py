@@ -70,22 +70,45 @@ def random_prompts(stream: torch.Tensor, n: int, length: int, seed: int) -> torc
 
 
 @torch.no_grad()
-def item_sequences(teacher, tokenizer, items: list[dict], new_tokens: int = 64, which: str = "train") -> list[list[int]]:
-    """Knowledge questions (and their ``which`` paraphrases) each followed by the teacher's greedy continuation.
+def continue_texts(teacher, tokenizer, texts: list[str], new_tokens: int, batch_size: int = 16) -> list[tuple[list[int], int]]:
+    """Greedy continuations of texts of different lengths (left-padded batches).
 
-    ``which="train"`` gives the question and its training paraphrases (for training);
-    ``which="eval"`` gives only the evaluation paraphrases (never trained on).
+    Returns ``(ids, prompt_length)`` per text, where ``ids`` is the prompt's ids followed by
+    ``new_tokens`` teacher tokens, without padding.
     """
+    device = next(teacher.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for i in range(0, len(texts), batch_size):
+        rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
+        P = max(len(r) for r in rows)
+        x = torch.full((len(rows), P), pad, dtype=torch.long)
+        am = torch.zeros(len(rows), P, dtype=torch.long)
+        for j, r in enumerate(rows):
+            x[j, P - len(r) :] = torch.tensor(r)
+            am[j, P - len(r) :] = 1
+        y = teacher.generate(x.to(device), attention_mask=am.to(device), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad).cpu()
+        out += [(r + y[j, P:].tolist(), len(r)) for j, r in enumerate(rows)]
+    return out
+
+
+def item_texts(items: list[dict], which: str = "train") -> list[str]:
+    """``which="train"``: each question and its training paraphrases; ``"eval"``: the evaluation paraphrases only."""
     if which not in ("train", "eval"):
         raise ValueError(f"which={which!r}; allowed: 'train' or 'eval'")
     texts = []
     for it in items:
         texts += ([it["question"]] + list(it["train_paraphrases"])) if which == "train" else list(it["eval_paraphrases"])
-    return [_continue_one(teacher, tokenizer(t, add_special_tokens=False)["input_ids"], new_tokens) for t in texts]
+    return texts
 
 
-def _continue_one(teacher, ids: list[int], new_tokens: int) -> list[int]:
-    return continue_greedy(teacher, torch.tensor([ids]), new_tokens)[0].tolist()
+def item_sequences(teacher, tokenizer, items: list[dict], new_tokens: int = 64, which: str = "train") -> list[list[int]]:
+    """Knowledge questions (and their training paraphrases) each followed by the teacher's greedy continuation.
+
+    The evaluation paraphrases are only ever produced with ``which="eval"``, for measurement.
+    """
+    return [ids for ids, _ in continue_texts(teacher, tokenizer, item_texts(items, which), new_tokens)]
 
 
 @dataclass
@@ -127,16 +150,12 @@ def heldout_eval_set(teacher, tokenizer, texts: list[str], n_prompts: int = 50, 
 
 def paraphrase_eval_set(teacher, tokenizer, items: list[dict], new_tokens: int = 48) -> EvalSet:
     """The knowledge items' *evaluation* paraphrases, each continued greedily by the teacher."""
-    rows, starts = [], []
-    for it in items:
-        for text in it["eval_paraphrases"]:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            rows.append(_continue_one(teacher, ids, new_tokens))
-            starts.append(len(ids))
-    if not rows:
+    texts = item_texts(items, "eval")
+    if not texts:
         raise ValueError("the knowledge items have no eval_paraphrases to evaluate on")
+    rows = continue_texts(teacher, tokenizer, texts, new_tokens)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    es = _pad_rows(rows, starts, pad)
+    es = _pad_rows([r for r, _ in rows], [p for _, p in rows], pad)
     es.name = "paraphrase"
     return es
 
@@ -218,6 +237,7 @@ def build_distill_data(teacher, tokenizer, *, generated: int = 512, prompt_token
     if len(text) < seq_len + 2:
         raise ValueError(f"only {len(text)} training tokens, fewer than one window of {seq_len}")
     gen = torch.zeros(0, seq_len + 1, dtype=torch.int32)
+    prompt_tokens = min(prompt_tokens, seq_len // 2)
     if generated:
         prompts = random_prompts(text, generated, prompt_tokens, seed + 12345)
         bar = tqdm(total=generated, desc="teacher continuations", unit="seq", **({} if progress else {"disable": True}))

@@ -337,8 +337,8 @@ class TeacherTrainConfig:
     # Phase 2, after ``steps``: sequence-level unlikelihood polish (Welleck et al. 2019, "Neural text
     # generation with unlikelihood training"). Each step adds, to the ordinary stdlib loss, a penalty
     # -log(1 - p(token)) on the tokens of the model's own greedy continuations that repeat a 4-gram.
-    ul_steps: int = 0
-    ul_lr: float = 1e-4  # constant learning rate of the polish phase
+    ul_steps: int = 100
+    ul_lr: float = 3e-4  # constant learning rate of the polish phase (the main phase's final rate)
     ul_weight: float = 1.0
     ul_batch: int = 8  # greedy continuations per step ...
     ul_prompt_tokens: int = 64  # ... of prompts cut from the training stdlib stream ...
@@ -628,6 +628,9 @@ def _plot_loss(rows, path):
     vs = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if vs:
         ax.plot(*zip(*vs), "o-", label="held-out stdlib loss")
+    polish = [r["step"] for r in rows if "ul_loss" in r]
+    if polish:
+        ax.axvline(polish[0] - 0.5, color="grey", ls=":", label="unlikelihood polish starts")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("Bundled teacher training")
@@ -659,6 +662,7 @@ trained by `qd train-teacher` for the qdlib speculative-drafting course. It is t
 ## Training
 AdamW (lr {cfg.lr}, betas 0.9/0.95, weight decay {cfg.weight_decay}), {cfg.warmup_steps} warm-up steps then cosine to
 {int(cfg.min_lr_ratio * 100)}%, batch {cfg.batch_size} x {cfg.seq_len} tokens, gradient clipping {cfg.grad_clip}, bf16 autocast.
+{_polish_text(cfg, m)}
 {m['steps']} steps, {m['tokens_seen']:,} tokens seen, {m['train_wall_time_s'] / 60:.0f} minutes of training (pauses and compilation excluded)
 on {cpu} ({os.cpu_count()} cores), torch.compile on the training forward.
 Final training loss {m['final_train_loss']}, held-out loss {m['final_val_loss']} nats/token.
@@ -678,6 +682,16 @@ above are measured that way.
 
 ![loss curve](loss_curve.png)
 """
+
+
+def _polish_text(cfg, m) -> str:
+    polish = m["steps"] - cfg.steps
+    if polish <= 0:
+        return ""
+    return (f"Then {polish} steps of sequence-level unlikelihood polish (Welleck et al. 2019): each step adds to the\n"
+            f"ordinary standard-library loss a penalty -log(1 - p) on the tokens of the model's own greedy continuations\n"
+            f"({cfg.ul_batch} prompts of {cfg.ul_prompt_tokens} training tokens, {cfg.ul_new_tokens} new tokens) that repeat "
+            f"a 4-gram, at a constant learning rate of {cfg.ul_lr}. It brings greedy looping down (see below).")
 
 
 def _cpu_name() -> str:

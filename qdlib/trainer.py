@@ -107,14 +107,15 @@ def text_eval_set(tokenizer, texts, seq_len: int = 128, n: int = 16) -> EvalSet:
     return EvalSet(ids, torch.ones(ids.shape, dtype=torch.bool), "text")
 
 
-def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, texts=None) -> dict[str, EvalSet]:
+def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, texts=None,
+              new_tokens: int = 64) -> dict[str, EvalSet]:
     """Held-out prompts continued by the teacher (and the items' evaluation paraphrases, and held-out text)."""
     from .teacher import heldout_texts
 
     texts = texts if texts is not None else heldout_texts()
-    sets = {"heldout": heldout_eval_set(teacher, tokenizer, texts, n_prompts=n_prompts, seed=seed)}
+    sets = {"heldout": heldout_eval_set(teacher, tokenizer, texts, n_prompts=n_prompts, seed=seed, new_tokens=new_tokens)}
     if items:
-        sets["paraphrase"] = paraphrase_eval_set(teacher, tokenizer, items)
+        sets["paraphrase"] = paraphrase_eval_set(teacher, tokenizer, items, new_tokens=min(new_tokens, 48))
     sets["text"] = text_eval_set(tokenizer, texts)
     return sets
 
@@ -226,7 +227,8 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     if main:
         if knowledge_on and not (cache_dir / "cache.safetensors").exists():
             say("building the knowledge cache ...")
-            build_knowledge_cache(teacher, tokenizer, items, progress=progress).save(cache_dir)
+            build_knowledge_cache(teacher, tokenizer, items, answer_tokens=t.knowledge_answer_tokens,
+                                  progress=progress).save(cache_dir)
         if not data_path.exists():
             say("preparing the training data (the teacher continues training prompts) ...")
             data = build_distill_data(
@@ -270,7 +272,8 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
 
     val_sets = None
     if main:
-        val_sets = eval_sets(teacher, tokenizer, n_prompts=t.eval_prompts, seed=EVAL_SEED_VALIDATION, items=items)
+        val_sets = eval_sets(teacher, tokenizer, n_prompts=t.eval_prompts, seed=EVAL_SEED_VALIDATION, items=items,
+                             new_tokens=t.eval_new_tokens)
 
     def save_last():
         if main:

@@ -49,12 +49,11 @@ def test_bits_per_byte_bar(tiny, heldout):
     assert res["bpb"] == pytest.approx(card["heldout_bits_per_byte"], abs=2e-3), "model card disagrees with the weights"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known shortfall of the committed teacher: its greedy continuations repeat 4-grams at a share of 0.649 "
-    "(bar 0.50, real held-out code 0.088) although its held-out bits per byte is 0.98; the teacher has to be "
-    "retrained to meet this bar (strict: this test fails loudly once the bar is met, so the mark gets removed)"))
 def test_greedy_repetition_bar(repetition):
     assert repetition["mean"] <= REPETITION_BAR, f"repeated 4-gram share {repetition['mean']:.3f} > {REPETITION_BAR}"
+    card = json.loads((paths.TEACHER_DIR / "metrics.json").read_text())
+    assert repetition["mean"] == pytest.approx(card["greedy_repeated_4gram_share"], abs=0.02), \
+        "model card disagrees with the weights"
 
 
 def test_repeated_ngram_share_examples():

@@ -65,3 +65,29 @@ def test_tokenizer_round_trip_and_special_tokens(tmp_path):
     text = "def g(y):\n\treturn 'é' + y  # ünïcode\n"
     assert tok2.decode(tok2(text)["input_ids"]) == text
     assert tok2.convert_tokens_to_ids("<|endoftext|>") == 0 and tok2.pad_token_id == 1
+
+
+def test_repeated_token_mask_marks_every_token_of_a_repeated_4gram():
+    from qdlib.teacher import repeated_token_mask
+
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    assert repeated_token_mask(ids).int().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 0], [0] * 9]
+
+
+def test_unlikelihood_polish_lowers_repeated_tokens_probability(tmp_path):
+    """The polish phase runs after the main steps, logs its loss, and pushes down repeats it is trained on."""
+    from transformers import Qwen3ForCausalLM
+
+    from qdlib.teacher import _unlikelihood_loss, teacher_config
+
+    cfg = tiny_cfg(steps=2, ul_steps=2, ul_batch=2, ul_prompt_tokens=8, ul_new_tokens=16)
+    train_teacher(cfg, tmp_path, log=lambda *_: None)
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert "ul_loss" not in log[1] and {"ul_loss", "greedy_rep"} <= set(log[2]) and log[3]["lr"] == cfg.ul_lr
+    # the loss itself: a model that loops gets a positive penalty whose gradient lowers p(repeat)
+    torch.manual_seed(0)
+    m = Qwen3ForCausalLM(teacher_config(64, 32, layers=2)).train()
+    prompts = torch.tensor([[3, 4, 5, 6, 3, 4, 5, 6]])
+    ul, rep = _unlikelihood_loss(m, prompts, 24, use_bf16=False)
+    assert 0 <= rep <= 1 and (ul.item() > 0) == (rep > 0)

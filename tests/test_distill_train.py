@@ -1,0 +1,204 @@
+"""The distillation trainer on a tiny random 28-layer teacher: resume, NaN guard, best checkpoint, 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_qwen3
+
+from qdlib import paths
+from qdlib.distill import DEFAULT_CONFIGS, load_config
+from qdlib.distill_data import DistillData
+from qdlib.trainer import TrainingStopped, distill, evaluate_draft
+
+VOCAB = 8192  # the bundled tokenizer's size
+
+
+@pytest.fixture(scope="module")
+def small_teacher():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths.TEACHER_DIR)
+    return tiny_qwen3(vocab=VOCAB, hidden=64), tok
+
+
+def small_cfg(**training):
+    cfg = load_config(DEFAULT_CONFIGS["tiny"])
+    cfg.knowledge_enhancement.cache_dim = 32
+    cfg.knowledge_enhancement.num_heads = 1
+    base = dict(batch_size=2, max_seq_length=32, num_epochs=2, steps_per_epoch=2, generated_sequences=4,
+                max_text_tokens=4000, eval_prompts=2, eval_new_tokens=8, knowledge_answer_tokens=8,
+                checkpoint_every=1, mixed_precision="no", learning_rate=1e-3)
+    for k, v in {**base, **training}.items():
+        setattr(cfg.training, k, v)
+    return cfg
+
+
+def run(cfg, run_dir, teacher, **kw):
+    model, tok = teacher
+    return distill(cfg, run_dir, teacher=model, tokenizer=tok, progress=False, log=lambda *_: None, **kw)
+
+
+def test_resume_after_interrupt_equals_uninterrupted(small_teacher, tmp_path):
+    cfg = small_cfg()
+    ref = run(cfg, tmp_path / "a", small_teacher)
+    assert ref["steps"] == 4 and ref["bad_steps"] == 0
+
+    def stop_at_3(step):
+        if step == 3:
+            raise KeyboardInterrupt  # what Ctrl-C in a notebook raises
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "b", small_teacher, on_step=stop_at_3)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
+    resumed = run(cfg, tmp_path / "b", small_teacher)
+    assert resumed["steps"] == 4
+    a, b = ref["model"].state_dict(), resumed["model"].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # the evaluation ran at each epoch end and a best draft was written
+    evals = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert {"heldout", "paraphrase", "text", "heldout_no_cache"} <= set(evals[0]["eval"])
+    assert (tmp_path / "a" / "best" / "model.safetensors").exists()
+
+
+def test_resume_refuses_another_config(small_teacher, tmp_path):
+    run(small_cfg(num_epochs=1), tmp_path, small_teacher)
+    with pytest.raises(ValueError, match="another configuration"):
+        run(small_cfg(num_epochs=1, learning_rate=5e-4), tmp_path, small_teacher)
+
+
+def test_nan_loss_is_skipped_and_counted(small_teacher, tmp_path, monkeypatch):
+    import qdlib.trainer as tr
+
+    real, calls = tr.distill_loss, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(tr, "distill_loss", flaky)
+    out = run(small_cfg(num_epochs=1), tmp_path, small_teacher)
+    assert out["bad_steps"] == 1 and out["steps"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"skipped"' in x]
+    assert [r["skipped"] for r in rows] == [False, True]
+    assert all(torch.isfinite(p).all() for p in out["model"].parameters())
+
+
+def test_too_many_bad_steps_stop_with_a_clear_message(small_teacher, tmp_path, monkeypatch):
+    import qdlib.trainer as tr
+
+    monkeypatch.setattr(tr, "distill_loss", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
+    with pytest.raises(TrainingStopped, match="non-finite.*max_bad_steps=1"):
+        run(small_cfg(max_bad_steps=1, steps_per_epoch=5, num_epochs=1), tmp_path, small_teacher)
+
+
+def test_best_checkpoint_is_never_replaced_by_a_worse_one(small_teacher, tmp_path):
+    best = tmp_path / "best"
+    best.mkdir(parents=True)
+    marker = {"validation_agreement": 1.5, "step": -1}  # better than any real agreement
+    (best / "eval.json").write_text(json.dumps(marker))
+    run(small_cfg(num_epochs=1), tmp_path, small_teacher)
+    assert json.loads((best / "eval.json").read_text()) == marker
+    assert not (best / "model.safetensors").exists()
+
+
+def test_data_mix_and_item_rows(small_teacher, tmp_path):
+    run(small_cfg(num_epochs=1, item_share=0.5, generated_share=0.5), tmp_path, small_teacher)
+    data = DistillData.from_state_dict(torch.load(tmp_path / "data.pt", weights_only=True))
+    assert data.generated.shape == (4, 33) and len(data.items) == 15 * 3  # question + 2 training paraphrases each
+    ids, mask = data.batch(step=0, rows=64, seq_len=32)
+    assert ids.shape == (64, 33) and mask.shape == (64, 32)
+    assert not mask.all()  # item rows are shorter than the window: their padding is not scored
+    ids2, _ = data.batch(step=0, rows=64, seq_len=32)
+    assert torch.equal(ids, ids2)  # deterministic per step
+    # two processes with stride 2 split one global batch between them
+    a, _ = data.batch(step=3, rows=4, seq_len=32, offset=0, stride=2)
+    b, _ = data.batch(step=3, rows=4, seq_len=32, offset=1, stride=2)
+    whole, _ = data.batch(step=3, rows=8, seq_len=32)
+    assert torch.equal(torch.stack([a, b], 1).flatten(0, 1), whole)
+
+
+def test_eval_paraphrases_are_never_trained_on(small_teacher):
+    from qdlib.distill_data import item_texts
+    from qdlib.knowledge import load_items
+
+    items = load_items(None)
+    train, held = set(item_texts(items, "train")), set(item_texts(items, "eval"))
+    assert held and not (train & held)
+
+
+def test_on_policy_and_train_params(small_teacher, tmp_path):
+    out = run(small_cfg(num_epochs=1, steps_per_epoch=1, on_policy_share=0.5, train_params="fusion"), tmp_path,
+              small_teacher)
+    m = out["model"]
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == {n for n, _ in m.fusion.named_parameters(prefix="fusion")}
+
+
+def test_evaluate_reports_cache_attached_and_detached(small_teacher, tmp_path):
+    out = run(small_cfg(num_epochs=1, steps_per_epoch=1), tmp_path, small_teacher)
+    ev = json.loads((tmp_path / "best" / "eval.json").read_text())["eval"]
+    for key in ("heldout", "heldout_no_cache", "paraphrase", "paraphrase_no_cache"):
+        assert 0 <= ev[key]["agreement"] <= 1 and 0 <= ev[key]["alpha"] <= 1 and ev[key]["kl"] >= -1e-6
+    assert out["model"].knowledge is not None  # evaluation restores the attached cache
+
+
+TWO_PROC = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import save_file
+    sys.path.insert(0, {tests!r})
+    from test_distill_train import small_cfg
+    from qdlib.trainer import distill
+    from accelerate.state import PartialState
+    out = distill(small_cfg(num_epochs=1), {run!r}, teacher_name={teacher!r}, progress=False)
+    rank = PartialState().process_index
+    save_file({{k: v.contiguous() for k, v in out["model"].state_dict().items() if k != "lm_head.weight"}},
+              {run!r} + f"/rank{{rank}}.safetensors")
+""")
+
+
+def test_two_cpu_processes_end_with_the_same_weights(small_teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    model, tok = small_teacher
+    folder = tmp_path / "teacher"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROC.format(tests=str(Path(__file__).parent), run=str(tmp_path / "run"), teacher=str(folder)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0, w1 = load_file(tmp_path / "run" / "rank0.safetensors"), load_file(tmp_path / "run" / "rank1.safetensors")
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=0, msg=k)
+    # and training did change them
+    start = tiny_qwen3(vocab=VOCAB, hidden=64).model.layers[27].mlp.down_proj.weight
+    assert not torch.equal(w0["model.layers.5.mlp.down_proj.weight"], start)
+
+
+def test_qwen3_06b_config_trains_a_few_steps(qwen3_06b, tmp_path):
+    model, tok = qwen3_06b
+    cfg = load_config(DEFAULT_CONFIGS["qwen3"], num_layers=28)
+    for k, v in dict(batch_size=1, max_seq_length=16, num_epochs=1, steps_per_epoch=1, gradient_accumulation_steps=2,
+                     generated_sequences=1, max_text_tokens=2000, eval_prompts=1, eval_new_tokens=2,
+                     knowledge_answer_tokens=2, mixed_precision="no").items():
+        setattr(cfg.training, k, v)
+    out = distill(cfg, tmp_path, teacher=model, tokenizer=tok, progress=False, log=lambda *_: None)
+    m = out["model"]
+    assert out["steps"] == 1 and out["layers"] == [0, 5, 11, 16, 22, 27]
+    assert not m.model.embed_tokens.weight.requires_grad  # train_params: body
+    assert m.config.vocab_size == 151936 and len(m.fusion) == 2
+    ev = evaluate_draft(model, m, {}, None)
+    assert ev == {}
