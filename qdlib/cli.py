@@ -7,6 +7,7 @@
     qd build-cache                                # the knowledge cache for the configured teacher
     qd distill --config tiny                      # distil the reference draft (resumable)
     qd distill --config tiny --export outputs/reference_draft   # measure the best draft and write it
+    qd student                                    # student copies of the notebooks (solutions stubbed)
 
 ``QD_MODEL`` (or ``--model``) selects another teacher, e.g. ``Qwen/Qwen3-0.6B`` or a local folder.
 """
@@ -173,6 +174,15 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_student(args) -> int:
+    from .student import write_student_copies
+
+    written = write_student_copies(args.notebooks, args.out)
+    print(f"{len(written)} student notebooks (solutions replaced by `raise NotImplementedError()`, outputs cleared) "
+          f"-> {written[0].parent}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qd", description="qdlib: draft models and speculative decoding, step by step")
     sub = p.add_subparsers(dest="command", required=True)
@@ -228,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--export", default=None, metavar="DIR", help="after training, measure the best draft and write it to DIR")
     d.add_argument("--export-only", default=None, metavar="DIR", help="skip training; export the run's best draft to DIR")
     d.set_defaults(func=cmd_distill)
+
+    s = sub.add_parser("student", help="write student copies of the notebooks (no solutions, no outputs)")
+    s.add_argument("--notebooks", default=None, help="source folder; default: the course's notebooks/")
+    s.add_argument("--out", default=None, help="target folder; default: outputs/runs/student")
+    s.set_defaults(func=cmd_student)
     return p
 
 
