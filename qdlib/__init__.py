@@ -7,6 +7,7 @@ The library behind the course notebooks (``notebooks/NN_*.ipynb``), one module p
     layers = sample_layers(28, 6)                    # [0, 5, 11, 16, 22, 27]
     draft = build_draft(teacher, layers)             # a real transformers PreTrainedModel
     out, stats = speculative_generate(teacher, draft, input_ids, gamma=4)   # the teacher's own output, faster
+    draft = load_draft()                             # the distilled reference draft, knowledge cache attached
 
 Importing qdlib loads no model and changes no global setting, except that the
 draft's config class is registered with transformers' Auto classes.
@@ -14,7 +15,7 @@ draft's config class is registered with transformers' Auto classes.
 
 from .draft import DraftConfig, DraftForCausalLM, build_draft, first_k_layers
 from .knowledge import KnowledgeCache, KnowledgeCacheError, build_knowledge_cache, load_knowledge_cache
-from .models import TeacherLoadError, load_teacher
+from .models import DraftLoadError, TeacherLoadError, load_draft, load_teacher
 from .sampling import layer_importance, sample_layers
 from .speculative import SpecStats, generate_plain, speculative_generate
 
@@ -26,6 +27,8 @@ __all__ = [
     "KnowledgeCache",
     "KnowledgeCacheError",
     "TeacherLoadError",
+    "DraftLoadError",
+    "load_draft",
     "build_knowledge_cache",
     "load_knowledge_cache",
     "build_draft",

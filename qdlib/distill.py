@@ -118,7 +118,7 @@ class TrainingConfig:
     # data mix (qdlib.distill_data): the rest of each batch is the teacher's training text
     generated_sequences: int = 512  # training prompts continued greedily by the teacher (sequence-level KD)
     generated_share: float = 0.5  # share of rows drawn from those continuations
-    item_share: float = 0.1  # share of item-conditioned rows (only when knowledge is enabled)
+    item_share: float = 0.1  # share of item-conditioned rows (questions + training paraphrases, teacher-continued)
     on_policy_share: float = 0.0  # share of rows sampled from the current draft, scored by the teacher
     max_text_tokens: int | None = None  # cap on the training text (None: all training files)
     # bookkeeping

@@ -220,7 +220,7 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     draft = build_draft(teacher, layers, keep_ends=keep_ends, knowledge_enhancement=cfg.knowledge_block())
     draft.float()
     knowledge_on = cfg.knowledge_enhancement.enabled
-    items = load_items(None, teacher) if knowledge_on else None
+    items = load_items(None, teacher)  # item rows are trained on (shared by the no-knowledge ablation); eval paraphrases scored
     cache = None
     cache_dir = run_dir / "knowledge_cache"
     data_path = run_dir / "data.pt"
@@ -229,13 +229,15 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
             say("building the knowledge cache ...")
             build_knowledge_cache(teacher, tokenizer, items, answer_tokens=t.knowledge_answer_tokens,
                                   progress=progress).save(cache_dir)
-        if not data_path.exists():
+        data_key = json.dumps({k: getattr(t, k) for k in ("generated_sequences", "max_seq_length", "generated_share",
+                                                          "item_share", "max_text_tokens", "seed")} | {"teacher": fp})
+        if not data_path.exists() or torch_load_safe(data_path).get("key") != data_key:
             say("preparing the training data (the teacher continues training prompts) ...")
             data = build_distill_data(
                 teacher, tokenizer, generated=t.generated_sequences, seq_len=t.max_seq_length,
-                items=items if knowledge_on and t.item_share > 0 else None, generated_share=t.generated_share,
+                items=items if t.item_share > 0 else None, generated_share=t.generated_share,
                 item_share=t.item_share, max_text_tokens=t.max_text_tokens, seed=t.seed, progress=progress)
-            torch_save_atomic(data.state_dict(), data_path)
+            torch_save_atomic(data.state_dict() | {"key": data_key}, data_path)
     acc.wait_for_everyone()
     data = DistillData.from_state_dict(torch_load_safe(data_path))
     if knowledge_on:
@@ -525,7 +527,8 @@ Trained by `qd distill` (qdlib, notebook 04); load it with `qdlib.load_draft()`.
 Loss: {t.get('kl_divergence_weight')} x T^2 x {str(t.get('objective', 'kl')).upper()}(teacher || draft) + {1 - t.get('kl_divergence_weight', 0):.1f} x CE, T = {t.get('temperature')};
 batch {t.get('batch_size')} x {t.get('max_seq_length')} tokens, learning rate {t.get('learning_rate')} (warm-up, cosine), train_params {t.get('train_params')}.
 Data: the teacher's training text (standard-library training files), {t.get('generated_sequences')} training prompts continued
-greedily by the teacher (share {t.get('generated_share')}), item-conditioned sequences (share {t.get('item_share') if m['knowledge'] else 0}).
+greedily by the teacher (share {t.get('generated_share')}), item-conditioned sequences: the knowledge questions and their
+training paraphrases continued by the teacher (share {t.get('item_share')}; the evaluation paraphrases are never trained on).
 Validation agreement per epoch (32 held-out prompts, seed 1): {per_epoch}; the best epoch (step {m['best_step']}) is shipped.
 Skipped (non-finite) steps: {m['skipped_steps']}.
 

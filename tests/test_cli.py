@@ -42,3 +42,17 @@ def test_build_cache_command(tmp_path, capsys):
     assert "knowledge cache of 15 items" in capsys.readouterr().out
     cache = load_knowledge_cache(tmp_path / "c", teacher=load_teacher("tiny")[0])
     assert cache.num_items == 15 and cache.layer == 27
+
+
+def test_distill_rejects_a_bad_config(tmp_path, capsys):
+    from qdlib.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  learning_rate: 5\n")
+    assert main(["distill", "--config", str(bad), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "training.learning_rate=5" in err and "allowed: a number in (0, 1]" in err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("training:\n  lerning_rate: 0.1\n")
+    assert main(["distill", "--config", str(typo)]) == 2
+    assert "unknown key(s) ['lerning_rate']" in capsys.readouterr().err

@@ -39,14 +39,31 @@ def small_cfg(**training):
     return cfg
 
 
+@pytest.fixture(scope="module")
+def prepared(small_teacher, tmp_path_factory):
+    """Training data and knowledge cache built once; each test starts a run folder from copies of them."""
+    base = tmp_path_factory.mktemp("prepared")
+    run(small_cfg(num_epochs=1, steps_per_epoch=1), base, small_teacher)
+    return base
+
+
+def seeded(run_dir, prepared):
+    import shutil
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(prepared / "data.pt", run_dir / "data.pt")
+    shutil.copytree(prepared / "knowledge_cache", run_dir / "knowledge_cache")
+    return run_dir
+
+
 def run(cfg, run_dir, teacher, **kw):
     model, tok = teacher
     return distill(cfg, run_dir, teacher=model, tokenizer=tok, progress=False, log=lambda *_: None, **kw)
 
 
-def test_resume_after_interrupt_equals_uninterrupted(small_teacher, tmp_path):
+def test_resume_after_interrupt_equals_uninterrupted(small_teacher, prepared, tmp_path):
     cfg = small_cfg()
-    ref = run(cfg, tmp_path / "a", small_teacher)
+    ref = run(cfg, seeded(tmp_path / "a", prepared), small_teacher)
     assert ref["steps"] == 4 and ref["bad_steps"] == 0
 
     def stop_at_3(step):
@@ -54,7 +71,7 @@ def test_resume_after_interrupt_equals_uninterrupted(small_teacher, tmp_path):
             raise KeyboardInterrupt  # what Ctrl-C in a notebook raises
 
     with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "b", small_teacher, on_step=stop_at_3)
+        run(cfg, seeded(tmp_path / "b", prepared), small_teacher, on_step=stop_at_3)
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
     resumed = run(cfg, tmp_path / "b", small_teacher)
     assert resumed["steps"] == 4
@@ -69,13 +86,13 @@ def test_resume_after_interrupt_equals_uninterrupted(small_teacher, tmp_path):
     assert (tmp_path / "a" / "best" / "model.safetensors").exists()
 
 
-def test_resume_refuses_another_config(small_teacher, tmp_path):
-    run(small_cfg(num_epochs=1), tmp_path, small_teacher)
+def test_resume_refuses_another_config(small_teacher, prepared, tmp_path):
+    run(small_cfg(num_epochs=1), seeded(tmp_path, prepared), small_teacher)
     with pytest.raises(ValueError, match="another configuration"):
         run(small_cfg(num_epochs=1, learning_rate=5e-4), tmp_path, small_teacher)
 
 
-def test_nan_loss_is_skipped_and_counted(small_teacher, tmp_path, monkeypatch):
+def test_nan_loss_is_skipped_and_counted(small_teacher, prepared, tmp_path, monkeypatch):
     import qdlib.trainer as tr
 
     real, calls = tr.distill_loss, {"n": 0}
@@ -86,22 +103,23 @@ def test_nan_loss_is_skipped_and_counted(small_teacher, tmp_path, monkeypatch):
         return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(tr, "distill_loss", flaky)
-    out = run(small_cfg(num_epochs=1), tmp_path, small_teacher)
+    out = run(small_cfg(num_epochs=1), seeded(tmp_path, prepared), small_teacher)
     assert out["bad_steps"] == 1 and out["steps"] == 2
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"skipped"' in x]
     assert [r["skipped"] for r in rows] == [False, True]
     assert all(torch.isfinite(p).all() for p in out["model"].parameters())
 
 
-def test_too_many_bad_steps_stop_with_a_clear_message(small_teacher, tmp_path, monkeypatch):
+def test_too_many_bad_steps_stop_with_a_clear_message(small_teacher, prepared, tmp_path, monkeypatch):
     import qdlib.trainer as tr
 
     monkeypatch.setattr(tr, "distill_loss", lambda *a, **k: torch.tensor(float("inf"), requires_grad=True))
     with pytest.raises(TrainingStopped, match="non-finite.*max_bad_steps=1"):
-        run(small_cfg(max_bad_steps=1, steps_per_epoch=5, num_epochs=1), tmp_path, small_teacher)
+        run(small_cfg(max_bad_steps=1, steps_per_epoch=5, num_epochs=1), seeded(tmp_path, prepared), small_teacher)
 
 
-def test_best_checkpoint_is_never_replaced_by_a_worse_one(small_teacher, tmp_path):
+def test_best_checkpoint_is_never_replaced_by_a_worse_one(small_teacher, prepared, tmp_path):
+    seeded(tmp_path, prepared)
     best = tmp_path / "best"
     best.mkdir(parents=True)
     marker = {"validation_agreement": 1.5, "step": -1}  # better than any real agreement
@@ -136,19 +154,29 @@ def test_eval_paraphrases_are_never_trained_on(small_teacher):
     assert held and not (train & held)
 
 
-def test_on_policy_and_train_params(small_teacher, tmp_path):
-    out = run(small_cfg(num_epochs=1, steps_per_epoch=1, on_policy_share=0.5, train_params="fusion"), tmp_path,
-              small_teacher)
+def test_on_policy_and_train_params(small_teacher, prepared, tmp_path):
+    cfg = small_cfg(num_epochs=1, steps_per_epoch=1, on_policy_share=0.5, train_params="fusion")
+    out = run(cfg, seeded(tmp_path, prepared), small_teacher)  # on-policy rows are made during training
     m = out["model"]
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {n for n, _ in m.fusion.named_parameters(prefix="fusion")}
 
 
-def test_evaluate_reports_cache_attached_and_detached(small_teacher, tmp_path):
-    out = run(small_cfg(num_epochs=1, steps_per_epoch=1), tmp_path, small_teacher)
-    ev = json.loads((tmp_path / "best" / "eval.json").read_text())["eval"]
+def test_evaluate_reports_cache_attached_and_detached(small_teacher, prepared):
+    from qdlib.draft import DraftForCausalLM
+    from qdlib.knowledge import load_knowledge_cache
+
+    ev = json.loads((prepared / "best" / "eval.json").read_text())["eval"]
     for key in ("heldout", "heldout_no_cache", "paraphrase", "paraphrase_no_cache"):
         assert 0 <= ev[key]["agreement"] <= 1 and 0 <= ev[key]["alpha"] <= 1 and ev[key]["kl"] >= -1e-6
-    assert out["model"].knowledge is not None  # evaluation restores the attached cache
+    model, tok = small_teacher
+    draft = DraftForCausalLM.from_pretrained(prepared / "best")
+    cache = load_knowledge_cache(prepared / "knowledge_cache", model)
+    draft.set_knowledge(cache)
+    from qdlib.trainer import eval_sets
+    sets = eval_sets(model, tok, n_prompts=2, seed=1, new_tokens=4)
+    again = evaluate_draft(model, draft, sets, cache)
+    assert set(again) == {"heldout", "text", "heldout_no_cache", "text_no_cache"}
+    assert draft.knowledge is cache  # evaluation restores the attached cache
 
 
 TWO_PROC = textwrap.dedent("""
