@@ -125,6 +125,8 @@ class TrainingConfig:
     checkpoint_every: int = 50  # optimizer steps between resume checkpoints (and one at every epoch end)
     eval_prompts: int = 32  # held-out validation prompts scored every epoch (picks the best checkpoint)
     eval_new_tokens: int = 64  # length of the teacher continuations the draft is scored on
+    eval_text_windows: int = 16  # held-out text windows (128 tokens) for cross-entropy / perplexity
+    item_new_tokens: int = 96  # teacher tokens after each knowledge question / training paraphrase
     knowledge_answer_tokens: int = 48  # length of the teacher answers stored in the knowledge cache
     mixed_precision: str = "auto"  # auto (bf16 where the CPU/GPU supports it) | bf16 | no
 
@@ -197,7 +199,8 @@ def validate(cfg: DistillConfig, num_layers: int | None = None) -> DistillConfig
     _range("training", "generated_sequences", t.generated_sequences,
            isinstance(t.generated_sequences, int) and not isinstance(t.generated_sequences, bool) and t.generated_sequences >= 0,
            "an integer >= 0")
-    for key in ("checkpoint_every", "eval_prompts", "eval_new_tokens", "knowledge_answer_tokens"):
+    for key in ("checkpoint_every", "eval_prompts", "eval_new_tokens", "knowledge_answer_tokens", "eval_text_windows",
+                "item_new_tokens"):
         _range("training", key, getattr(t, key), pos_int(getattr(t, key)), "an integer >= 1")
     _range("training", "mixed_precision", t.mixed_precision, t.mixed_precision in MIXED_PRECISION, ", ".join(MIXED_PRECISION))
     if t.max_text_tokens is not None:

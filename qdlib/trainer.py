@@ -108,7 +108,7 @@ def text_eval_set(tokenizer, texts, seq_len: int = 128, n: int = 16) -> EvalSet:
 
 
 def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, texts=None,
-              new_tokens: int = 64) -> dict[str, EvalSet]:
+              new_tokens: int = 64, text_windows: int = 16) -> dict[str, EvalSet]:
     """Held-out prompts continued by the teacher (and the items' evaluation paraphrases, and held-out text)."""
     from .teacher import heldout_texts
 
@@ -116,7 +116,7 @@ def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, text
     sets = {"heldout": heldout_eval_set(teacher, tokenizer, texts, n_prompts=n_prompts, seed=seed, new_tokens=new_tokens)}
     if items:
         sets["paraphrase"] = paraphrase_eval_set(teacher, tokenizer, items, new_tokens=min(new_tokens, 48))
-    sets["text"] = text_eval_set(tokenizer, texts)
+    sets["text"] = text_eval_set(tokenizer, texts, n=text_windows)
     return sets
 
 
@@ -230,12 +230,13 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
             build_knowledge_cache(teacher, tokenizer, items, answer_tokens=t.knowledge_answer_tokens,
                                   progress=progress).save(cache_dir)
         data_key = json.dumps({k: getattr(t, k) for k in ("generated_sequences", "max_seq_length", "generated_share",
-                                                          "item_share", "max_text_tokens", "seed")} | {"teacher": fp})
+                                                          "item_share", "max_text_tokens", "seed", "item_new_tokens")} | {"teacher": fp})
         if not data_path.exists() or torch_load_safe(data_path).get("key") != data_key:
             say("preparing the training data (the teacher continues training prompts) ...")
             data = build_distill_data(
                 teacher, tokenizer, generated=t.generated_sequences, seq_len=t.max_seq_length,
-                items=items if t.item_share > 0 else None, generated_share=t.generated_share,
+                items=items if t.item_share > 0 else None, item_new_tokens=t.item_new_tokens,
+                generated_share=t.generated_share,
                 item_share=t.item_share, max_text_tokens=t.max_text_tokens, seed=t.seed, progress=progress)
             torch_save_atomic(data.state_dict() | {"key": data_key}, data_path)
     acc.wait_for_everyone()
@@ -275,7 +276,7 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     val_sets = None
     if main:
         val_sets = eval_sets(teacher, tokenizer, n_prompts=t.eval_prompts, seed=EVAL_SEED_VALIDATION, items=items,
-                             new_tokens=t.eval_new_tokens)
+                             new_tokens=t.eval_new_tokens, text_windows=t.eval_text_windows)
 
     def save_last():
         if main:

@@ -32,7 +32,8 @@ def small_cfg(**training):
     cfg.knowledge_enhancement.cache_dim = 32
     cfg.knowledge_enhancement.num_heads = 1
     base = dict(batch_size=2, max_seq_length=32, num_epochs=2, steps_per_epoch=2, generated_sequences=4,
-                max_text_tokens=4000, eval_prompts=2, eval_new_tokens=8, knowledge_answer_tokens=8,
+                max_text_tokens=4000, eval_prompts=2, eval_new_tokens=8, knowledge_answer_tokens=8, item_new_tokens=16,
+                eval_text_windows=4,
                 checkpoint_every=1, mixed_precision="no", learning_rate=1e-3)
     for k, v in {**base, **training}.items():
         setattr(cfg.training, k, v)
@@ -133,10 +134,11 @@ def test_data_mix_and_item_rows(small_teacher, tmp_path):
     run(small_cfg(num_epochs=1, item_share=0.5, generated_share=0.5), tmp_path, small_teacher)
     data = DistillData.from_state_dict(torch.load(tmp_path / "data.pt", weights_only=True))
     assert data.generated.shape == (4, 33) and len(data.items) == 15 * 3  # question + 2 training paraphrases each
-    ids, mask = data.batch(step=0, rows=64, seq_len=32)
-    assert ids.shape == (64, 33) and mask.shape == (64, 32)
-    assert not mask.all()  # item rows are shorter than the window: their padding is not scored
-    ids2, _ = data.batch(step=0, rows=64, seq_len=32)
+    ids, mask = data.batch(step=0, rows=64, seq_len=300)
+    assert ids.shape == (64, 301) and mask.shape == (64, 300)
+    assert not mask.all()  # item and generated rows are shorter than this window: their padding is not scored
+    assert (ids[~torch.cat([torch.ones(64, 1, dtype=torch.bool), mask], 1)] == data.pad_id).all()
+    ids2, _ = data.batch(step=0, rows=64, seq_len=300)
     assert torch.equal(ids, ids2)  # deterministic per step
     # two processes with stride 2 split one global batch between them
     a, _ = data.batch(step=3, rows=4, seq_len=32, offset=0, stride=2)
@@ -155,8 +157,8 @@ def test_eval_paraphrases_are_never_trained_on(small_teacher):
 
 
 def test_on_policy_and_train_params(small_teacher, prepared, tmp_path):
-    cfg = small_cfg(num_epochs=1, steps_per_epoch=1, on_policy_share=0.5, train_params="fusion")
-    out = run(cfg, seeded(tmp_path, prepared), small_teacher)  # on-policy rows are made during training
+    cfg = small_cfg(num_epochs=1, steps_per_epoch=1, on_policy_share=0.5, generated_share=0.4, train_params="fusion")
+    out = run(cfg, tmp_path, small_teacher)  # another mix: its data is built afresh
     m = out["model"]
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {n for n, _ in m.fusion.named_parameters(prefix="fusion")}
 
@@ -187,6 +189,7 @@ TWO_PROC = textwrap.dedent("""
     from qdlib.trainer import distill
     from accelerate.state import PartialState
     out = distill(small_cfg(num_epochs=1), {run!r}, teacher_name={teacher!r}, progress=False)
+    assert PartialState().num_processes == 2, PartialState()
     rank = PartialState().process_index
     save_file({{k: v.contiguous() for k, v in out["model"].state_dict().items() if k != "lm_head.weight"}},
               {run!r} + f"/rank{{rank}}.safetensors")
@@ -202,10 +205,10 @@ def test_two_cpu_processes_end_with_the_same_weights(small_teacher, tmp_path):
     tok.save_pretrained(folder)
     script = tmp_path / "two.py"
     script.write_text(TWO_PROC.format(tests=str(Path(__file__).parent), run=str(tmp_path / "run"), teacher=str(folder)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
-                       capture_output=True, text=True, env=env, timeout=900)
+    # two CPU processes (gloo): torchrun starts them, Accelerate sees WORLD_SIZE=2 and ACCELERATE_USE_CPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                        str(script)], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     w0, w1 = load_file(tmp_path / "run" / "rank0.safetensors"), load_file(tmp_path / "run" / "rank1.safetensors")
     assert w0.keys() == w1.keys()
@@ -221,7 +224,7 @@ def test_qwen3_06b_config_trains_a_few_steps(qwen3_06b, tmp_path):
     cfg = load_config(DEFAULT_CONFIGS["qwen3"], num_layers=28)
     for k, v in dict(batch_size=1, max_seq_length=16, num_epochs=1, steps_per_epoch=1, gradient_accumulation_steps=2,
                      generated_sequences=1, max_text_tokens=2000, eval_prompts=1, eval_new_tokens=2,
-                     knowledge_answer_tokens=2, mixed_precision="no").items():
+                     knowledge_answer_tokens=2, item_new_tokens=2, eval_text_windows=2, mixed_precision="no").items():
         setattr(cfg.training, k, v)
     out = distill(cfg, tmp_path, teacher=model, tokenizer=tok, progress=False, log=lambda *_: None)
     m = out["model"]

@@ -13,7 +13,7 @@ from qdlib.teacher import TeacherTrainConfig, train_teacher, train_tokenizer
 
 def tiny_cfg(**kw):
     base = dict(steps=4, batch_size=2, seq_len=32, hidden=64, vocab_size=400, eval_every=2, ckpt_every=1,
-                sources=("stdlib",), max_files=12, compile=False, bf16=False, warmup_steps=1)
+                sources=("stdlib",), max_files=12, compile=False, bf16=False, warmup_steps=1, ul_steps=0)
     base.update(kw)
     return TeacherTrainConfig(**base)
 
