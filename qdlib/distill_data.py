@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .teacher import corpus_files, heldout_prompts, read_source
+from .teacher import corpus_files, heldout_prompts, random_prompts, read_source
 
 
 def training_stream(tokenizer, max_files: int | None = None, max_tokens: int | None = None) -> torch.Tensor:
@@ -60,13 +60,6 @@ def continue_greedy(teacher, prompts: torch.Tensor, new_tokens: int, batch_size:
         if progress is not None:
             progress(len(x))
     return torch.cat(out)  # (N, P + new_tokens)
-
-
-def random_prompts(stream: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
-    """``n`` windows of ``length`` ids from random places of ``stream`` (deterministic for ``seed``): ``(n, length)``."""
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(len(stream) - length, (n,), generator=g).tolist()
-    return torch.stack([stream[s : s + length].long() for s in starts])
 
 
 @torch.no_grad()

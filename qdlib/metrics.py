@@ -178,3 +178,12 @@ def expected_speedup(alpha: float, gamma: int, c: float, verify_cost: float = 1.
 def round_rows(rows: list[dict], digits: int = 3) -> list[dict]:
     """Rows with floats rounded (for machine-independent notebook output)."""
     return [{k: (round(v, digits) if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+
+
+def running_mean(values: Sequence[float], k: int) -> list[float]:
+    """Mean of each value and the ``k`` before it (fewer at the start), for smoothing loss curves.
+
+    >>> running_mean([1.0, 3.0, 5.0], 1)
+    [1.0, 2.0, 4.0]
+    """
+    return [sum(values[max(0, i - k) : i + 1]) / len(values[max(0, i - k) : i + 1]) for i in range(len(values))]

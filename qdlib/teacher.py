@@ -494,11 +494,16 @@ def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = N
     return run_dir
 
 
+def random_prompts(stream: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
+    """``n`` windows of ``length`` ids from random places of ``stream`` (deterministic for ``seed``): ``(n, length)``."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(stream) - length, (n,), generator=g).tolist()
+    return torch.stack([stream[s : s + length].long() for s in starts])
+
+
 def _ul_prompts(stream: torch.Tensor, cfg: TeacherTrainConfig, step: int) -> torch.Tensor:
     """``ul_batch`` prompts of ``ul_prompt_tokens`` ids from the training stream (deterministic per step)."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7_777_777)
-    starts = torch.randint(len(stream) - cfg.ul_prompt_tokens, (cfg.ul_batch,), generator=g).tolist()
-    return torch.stack([stream[s : s + cfg.ul_prompt_tokens].long() for s in starts])  # (B, P)
+    return random_prompts(stream, cfg.ul_batch, cfg.ul_prompt_tokens, cfg.seed * 1_000_003 + step + 7_777_777)
 
 
 def repeated_token_mask(ids: torch.Tensor, n: int = 4) -> torch.Tensor:
@@ -622,8 +627,9 @@ def _plot_loss(rows, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
-    k = 25
-    smooth = [sum(loss[max(0, i - k) : i + 1]) / len(loss[max(0, i - k) : i + 1]) for i in range(len(loss))]
+    from .metrics import running_mean
+
+    smooth = running_mean(loss, 25)
     ax.plot(steps, smooth, label="train loss (running mean of 25 steps)")
     vs = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if vs:

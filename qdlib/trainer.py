@@ -424,8 +424,9 @@ def plot_curves(run_dir, path=None):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = [r["step"] for r in train if r["loss"] is not None]
     loss = [r["loss"] for r in train if r["loss"] is not None]
-    k = 20
-    smooth = [sum(loss[max(0, i - k) : i + 1]) / len(loss[max(0, i - k) : i + 1]) for i in range(len(loss))]
+    from .metrics import running_mean
+
+    smooth = running_mean(loss, 20)
     a.plot(steps, smooth)
     a.set_xlabel("step")
     a.set_ylabel("distillation loss (running mean)")
