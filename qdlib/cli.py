@@ -8,6 +8,8 @@
     qd distill --config tiny                      # distil the reference draft (resumable)
     qd distill --config tiny --export outputs/reference_draft   # measure the best draft and write it
     qd student                                    # student copies of the notebooks (solutions stubbed)
+    qd bench                                      # every decoding method side by side, report + plots
+    qd tour                                       # the whole story in a few minutes
 
 ``QD_MODEL`` (or ``--model``) selects another teacher, e.g. ``Qwen/Qwen3-0.6B`` or a local folder.
 """
@@ -183,6 +185,52 @@ def cmd_student(args) -> int:
     return 0
 
 
+def _load_draft_for(args, teacher):
+    """The draft for ``qd bench``: ``--draft`` or the reference draft; None after printing why not."""
+    from .models import DraftLoadError, load_draft
+
+    try:
+        return load_draft(args.draft, device=teacher.device)
+    except DraftLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_bench(args) -> int:
+    from . import paths
+    from .bench import BenchConfig, headline, report_markdown, run_bench, write_report
+
+    try:
+        cfg = BenchConfig(n_prompts=args.prompts, max_new_tokens=args.new_tokens, gamma=args.gamma,
+                          repeats=args.repeats, temperature=args.temperature, sweep_prompts=args.sweep_prompts,
+                          gammas=tuple(args.gammas), methods=tuple(args.methods) if args.methods else None,
+                          kinds=tuple(args.kinds)).validate()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    loaded = _load_teacher(args)
+    if loaded is None:
+        return 2
+    teacher, tok = loaded
+    draft = _load_draft_for(args, teacher)
+    if draft is None:
+        return 2
+    report = run_bench(teacher, tok, draft, cfg, progress=not args.quiet)
+    out = Path(args.out) if args.out else paths.runs_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    write_report(report, out)
+    print(report_markdown(report))
+    print(f"report, tables and plot written to {out}")
+    h = headline(report)
+    return 0 if "speedup" not in h or h["identical"] == h["prompts"] else 1
+
+
+def cmd_tour(args) -> int:
+    from .tour import tour
+
+    _quiet_hf()
+    return tour(model=args.model, distil=args.distil, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qd", description="qdlib: draft models and speculative decoding, step by step")
     sub = p.add_subparsers(dest="command", required=True)
@@ -243,6 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--notebooks", default=None, help="source folder; default: the course's notebooks/")
     s.add_argument("--out", default=None, help="target folder; default: outputs/runs/student")
     s.set_defaults(func=cmd_student)
+
+    be = sub.add_parser("bench", help="measure every decoding method side by side (report, tables, plots)")
+    be.add_argument("--model", default=None, help="teacher; default: $QD_MODEL or tiny")
+    be.add_argument("--draft", default=None, help="draft folder; default: the reference draft (outputs/reference_draft)")
+    be.add_argument("--device", default=None)
+    be.add_argument("--prompts", type=int, default=8, help="prompts per kind (held-out code, knowledge paraphrases)")
+    be.add_argument("--new-tokens", type=int, default=64)
+    be.add_argument("--gamma", type=int, default=4)
+    be.add_argument("--repeats", type=int, default=3)
+    be.add_argument("--temperature", type=float, default=0.8, help="the sampling-mode rows; 0 skips them")
+    be.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="the gamma sweep")
+    be.add_argument("--sweep-prompts", type=int, default=4, help="code prompts for the sweep; 0 skips it")
+    be.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (see qdlib.bench.METHODS)")
+    be.add_argument("--kinds", nargs="+", default=["code", "paraphrase"], choices=["code", "paraphrase"])
+    be.add_argument("--out", default=None, help="report folder; default: outputs/runs/bench/<time>")
+    be.add_argument("--quiet", action="store_true", help="no progress bar")
+    be.set_defaults(func=cmd_bench)
+
+    to = sub.add_parser("tour", help="the whole story, headless, in a few minutes")
+    to.add_argument("--model", default=None, help="teacher; default: $QD_MODEL or tiny")
+    to.add_argument("--device", default=None)
+    to.add_argument("--distil", action="store_true", help="distil a small draft on the spot instead of loading one")
+    to.set_defaults(func=cmd_tour)
     return p
 
 

@@ -170,7 +170,11 @@ def _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, 
     if ctx is not None and input_ids.shape[1] + max_new_tokens > ctx:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {ctx} tokens")
-    if draft is not None:
+    if draft is not None and not isinstance(draft, torch.nn.Module):
+        if not callable(getattr(draft, "propose", None)):
+            raise TypeError(f"draft must be a causal LM or a drafter with a propose(context, k) method "
+                            f"(e.g. qdlib.NgramDrafter), got {type(draft).__name__}")
+    elif draft is not None:
         tv, dv = target.config.vocab_size, draft.config.vocab_size
         if tv != dv:
             raise ValueError(f"draft vocabulary ({dv}) differs from the target's ({tv}); the draft must use the "
@@ -221,6 +225,11 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
     ``max_new_tokens``. ``confidence_threshold`` (going beyond fixed gamma) stops
     a round's drafting early once the draft's top probability falls below it.
     The draft uses whatever knowledge cache is attached to it.
+
+    ``draft`` may also be a model-free drafter with ``propose(context, k) -> list``
+    (:class:`qdlib.NgramDrafter`): its proposals are deterministic, so q is one-hot
+    and the same acceptance rule applies; a round with no proposal is a plain
+    target step.
     """
     from transformers import DynamicCache
 
@@ -229,25 +238,29 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
         raise ValueError(f"confidence_threshold={confidence_threshold} must be in [0, 1]")
     greedy = temperature == 0
     eos = _eos_set(target, eos_token_id)
+    is_model = isinstance(draft, torch.nn.Module)
     dev_t = target.device
-    dev_d = draft.device
+    dev_d = draft.device if is_model else dev_t
+    V = target.config.vocab_size
     stats = SpecStats(proposed_at=[0] * gamma, accepted_at=[0] * gamma)
     t_start = time.perf_counter()
     seq = input_ids[0].tolist()
     n_prompt = len(seq)
 
     # Prefill both caches with all prompt tokens but the last: each cache always holds seq[:-1] or less.
-    t_cache, d_cache = DynamicCache(config=target.config), DynamicCache(config=draft.config)
+    t_cache = DynamicCache(config=target.config)
+    d_cache = DynamicCache(config=draft.config) if is_model else None
     if n_prompt > 1:
         t0 = time.perf_counter()
         target(input_ids=input_ids[:, :-1].to(dev_t), cache=t_cache, use_cache=True, logits_to_keep=1)
         stats.time_verify += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        draft(input_ids=input_ids[:, :-1].to(dev_d), cache=d_cache, use_cache=True, logits_to_keep=1)
-        stats.time_draft += time.perf_counter() - t0
-        stats.draft_calls += 1
         stats.target_calls += 1
         stats.prefill_calls += 1
+        if is_model:
+            t0 = time.perf_counter()
+            draft(input_ids=input_ids[:, :-1].to(dev_d), cache=d_cache, use_cache=True, logits_to_keep=1)
+            stats.time_draft += time.perf_counter() - t0
+            stats.draft_calls += 1
 
     def dist(logits):  # (V,) -> probabilities, or the logits themselves when greedy
         return logits if greedy else process_logits(logits, temperature, top_k, top_p)
@@ -258,8 +271,12 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
         # 1. draft proposes g tokens (feeding whatever its cache lacks, then one token at a time)
         t0 = time.perf_counter()
         proposals, qs = [], []
-        feed = seq[d_cache.get_seq_length():]
-        for j in range(g):
+        if not is_model:  # a model-free drafter: deterministic proposals, q one-hot
+            proposals = [int(x) for x in draft.propose(seq, g)][:g]
+            qs = [torch.nn.functional.one_hot(torch.tensor(x), V).float() for x in proposals] if not greedy else []
+            stats.draft_calls += 1
+        feed = seq[d_cache.get_seq_length():] if is_model else []
+        for j in range(g if is_model else 0):
             logits = draft(input_ids=torch.tensor([feed], device=dev_d), cache=d_cache, use_cache=True,
                            logits_to_keep=1).logits[0, -1]
             stats.draft_calls += 1
@@ -323,7 +340,8 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
         seq += new
         # 4. roll both caches back to the accepted prefix (they must not hold more than seq[:-1])
         _rollback(t_cache, len(seq) - 1)
-        _rollback(d_cache, len(seq) - 1)
+        if is_model:
+            _rollback(d_cache, len(seq) - 1)
         if new[-1] in eos:
             break
 

@@ -170,12 +170,34 @@ def _mixed_precision(choice: str) -> str:
     return "bf16" if cpu_supports_bf16() else "no"
 
 
+_BOOKKEEPING = ("num_epochs", "checkpoint_every", "eval_prompts", "eval_new_tokens", "eval_text_windows",
+                "mixed_precision")
+
+
 def _config_key(cfg: DistillConfig) -> dict:
-    """Settings that must match to resume a run (epochs and bookkeeping may change)."""
+    """Settings that must match to resume a run (epochs, evaluation and bookkeeping may change)."""
     d = dataclasses.asdict(cfg)
-    for k in ("num_epochs", "checkpoint_every", "eval_prompts", "mixed_precision"):
+    for k in _BOOKKEEPING:
         d["training"].pop(k, None)
     return d
+
+
+def _same_config(saved: dict, cfg: DistillConfig) -> bool:
+    """Whether a checkpoint's config key matches ``cfg``.
+
+    A key the checkpoint lacks (one added to the config after it was written) counts as
+    its default value, so a run resumes when only such keys, left at their defaults, are new.
+    """
+    now = _config_key(cfg)
+    defaults = _config_key(DistillConfig())
+    saved = {sec: (dict(v) if isinstance(v, dict) else v) for sec, v in saved.items()}
+    for sec, v in now.items():
+        if isinstance(v, dict) and isinstance(saved.get(sec), dict):
+            for k in v.keys() - saved[sec].keys():
+                saved[sec][k] = defaults[sec][k]
+            for k in _BOOKKEEPING:
+                saved[sec].pop(k, None)
+    return saved == now
 
 
 def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, teacher=None, tokenizer=None,
@@ -263,7 +285,7 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     best = json.loads(best_json.read_text())["validation_agreement"] if best_json.exists() else -1.0
     if ckpt.exists():
         state = torch_load_safe(ckpt)
-        if state["config_key"] != _config_key(cfg) or state["teacher_fingerprint"] != fp:
+        if not _same_config(state["config_key"], cfg) or state["teacher_fingerprint"] != fp:
             raise ValueError(f"{ckpt} belongs to another configuration or teacher; use another run folder or delete it")
         draft.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

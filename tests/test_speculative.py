@@ -200,8 +200,14 @@ def test_stops_exactly_at_eos_and_budget():
 # ----------------------------------------------------------------------------- sampling end to end
 
 
-def test_sampling_end_to_end_matches_target_distribution():
-    """Joint distribution of 2 sampled tokens over many generations equals the target's exact one."""
+@pytest.mark.parametrize("drafter", ["model", "ngram"])
+def test_sampling_end_to_end_matches_target_distribution(drafter):
+    """Joint distribution of 2 sampled tokens over many generations equals the target's exact one.
+
+    With a draft model (q a real distribution) and with a model-free n-gram drafter (q one-hot).
+    """
+    from qdlib.retrieval import NgramDrafter
+
     V = 12
     target = tiny_qwen3(vocab=V, hidden=32, layers=4, seed=7, tie_word_embeddings=False)
     draft = build_draft(target, [0, 3])
@@ -221,8 +227,10 @@ def test_sampling_end_to_end_matches_target_distribution():
     g = torch.Generator().manual_seed(0)
     n = 2500
     counts = torch.zeros(V, V, dtype=torch.float64)
+    # the n-gram store proposes (7, 2) after (3, 5), and continues any token it has seen
+    proposer = draft if drafter == "model" else NgramDrafter([[3, 5, 7, 2, 9], [1, 4, 6, 8]], max_n=2)
     for _ in range(n):
-        out, _ = speculative_generate(target, draft, ids, gamma=2, max_new_tokens=2, temperature=T, generator=g,
+        out, _ = speculative_generate(target, proposer, ids, gamma=2, max_new_tokens=2, temperature=T, generator=g,
                                       eos_token_id=-1)
         counts[out[0, 2], out[0, 3]] += 1
     # chi-square goodness of fit on the 144 cells (cells expecting < 5 counts merged into one bin)
@@ -235,6 +243,8 @@ def test_sampling_end_to_end_matches_target_distribution():
     dof = e.numel() - 1
     critical = dof + 4 * (2 * dof) ** 0.5  # about the 0.01% tail for these degrees of freedom
     assert chi2 < critical, f"chi-square {chi2:.1f} with {dof} degrees of freedom"
+    if drafter == "ngram":
+        return
     # the same statistic rejects the draft's own distribution: the test has power
     q_joint = torch.zeros(V, V, dtype=torch.float64)
     with torch.no_grad():

@@ -1,0 +1,132 @@
+"""``qd tour``: the whole story, headless, in a few minutes on a laptop CPU.
+
+    $ qd tour                 # bundled teacher, committed reference draft
+    $ qd tour --distil        # distil a small draft on the spot (about 3 minutes more)
+    $ QD_MODEL=Qwen/Qwen3-0.6B qd tour --distil
+
+Six steps, one per notebook: load the teacher; sample its layers; load (or
+build) the knowledge cache; load the reference draft (or distil one); decode
+speculatively with the token view in colour; end with a short benchmark. Each
+step prints what it did and how long it took. Everything it writes goes under
+``outputs/runs/tour/``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+
+def _say(title: str):
+    print(f"\n\033[1m{title}\033[0m" if sys.stdout.isatty() else f"\n== {title}")
+
+
+def _short_distil(teacher, tokenizer, run_dir, log=print):
+    """A small distillation (the tour's ``--distil``): 40 steps on a reduced data mix, knowledge on."""
+    from .distill import DEFAULT_CONFIGS, load_config
+    from .models import is_bundled, model_name
+    from .trainer import distill, export_draft
+
+    cfg = load_config(DEFAULT_CONFIGS["tiny" if is_bundled(model_name(teacher)) else "qwen3"])
+    t = cfg.training
+    t.num_epochs, t.steps_per_epoch, t.checkpoint_every = 1, 40, 20
+    t.generated_sequences, t.max_text_tokens, t.item_share = 32, 200_000, 0.1
+    t.eval_prompts, t.eval_new_tokens, t.eval_text_windows = 8, 32, 4
+    t.batch_size = min(t.batch_size, 8)
+    distill(cfg, run_dir / "run", teacher=teacher, tokenizer=tokenizer, log=log)
+    export_draft(run_dir / "run", run_dir / "draft", teacher=teacher, tokenizer=tokenizer, cfg=cfg,
+                 n_prompts=8, title="qd tour draft (40 steps)", log=log)
+    return run_dir / "draft"
+
+
+def tour(model: str | None = None, *, distil: bool = False, device=None) -> int:
+    """Run the tour; returns a process exit code (0 when the speculative output equals the teacher's)."""
+    from . import paths
+    from .bench import BenchConfig, report_markdown, run_bench
+    from .costs import count_params
+    from .draft import build_draft
+    from .knowledge import build_knowledge_cache, load_items, nearest_items
+    from .models import DraftLoadError, TeacherLoadError, is_bundled, load_draft, load_teacher, model_name
+    from .sampling import sample_layers
+    from .speculative import speculative_generate
+    from .teacher import heldout_prompts, heldout_texts
+    from .viz import layer_strip, render_trace_ansi
+
+    t_start = time.perf_counter()
+    run_dir = paths.runs_dir() / "tour"
+    torch.manual_seed(0)
+
+    _say("1. The teacher")
+    try:
+        teacher, tok = load_teacher(model, device=device)
+    except TeacherLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = model_name(teacher)
+    L = teacher.config.num_hidden_layers
+    print(f"{name}: {L} decoder layers, hidden size {teacher.config.hidden_size}, "
+          f"{count_params(teacher) / 1e6:.1f}M parameters, vocabulary {teacher.config.vocab_size}")
+
+    _say("2. Layer sampling: which of the teacher's layers a 6-layer draft keeps")
+    for strategy in ("uniform", "geometric", "logarithmic"):
+        layers = sample_layers(L, 6, strategy=strategy)
+        print(f"{strategy:>12}  {layer_strip(L, layers)}  {layers}")
+
+    _say("3. The draft and its knowledge cache")
+    draft = None
+    if distil:
+        print("distilling a small draft (40 steps; the reference draft had 1500) ...")
+        draft = load_draft(_short_distil(teacher, tok, run_dir, log=print), device=teacher.device)
+    else:
+        try:
+            draft = load_draft(None, device=teacher.device)
+            print(f"the course's reference draft ({paths.DRAFT_DIR.name})")
+        except DraftLoadError as exc:
+            print(f"note: {exc}")
+            print("continuing with an untrained uniform draft with a knowledge cache built now "
+                  "(run `qd tour --distil` to distil one first)")
+    if draft is None:
+        draft = build_draft(teacher, sample_layers(L, 6), knowledge_enhancement={"enabled": True}).float()
+        draft.set_knowledge(build_knowledge_cache(teacher, tok, progress=False))
+    cache = draft.knowledge
+    print(f"draft layers {draft.config.kept_layers}: {count_params(draft) / 1e6:.1f}M parameters, "
+          f"{len(draft.fusion)} gated cross-attention blocks")
+    if cache is not None:
+        print(f"knowledge cache: {cache.num_items} items x {cache.states.shape[1]} tokens x {cache.hidden_size} "
+              f"(teacher layer {cache.layer}), {cache.memory_bytes() / 1e6:.1f} MB")
+        para = next((p for it in load_items(None, teacher) for p in it["eval_paraphrases"]), None)
+        if para:
+            best = nearest_items(cache, teacher, tok, para, k=1)[0]
+            print(f"a question it never saw: {para!r}\n  nearest cached item: {best[0]!r} (cosine {best[1]:.2f})")
+
+    _say("4. Speculative decoding: the draft proposes, the teacher verifies")
+    prompts = heldout_prompts(tok, heldout_texts(), n_prompts=1, prompt_tokens=48, seed=0) if is_bundled(name) else []
+    ids = torch.tensor(prompts[:1]) if prompts else tok("The capital of France is", return_tensors="pt").input_ids
+    ids = ids.to(teacher.device)
+    out, stats = speculative_generate(teacher, draft, ids, gamma=4, max_new_tokens=64)
+    ref = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
+                           temperature=None, top_k=None, top_p=None, pad_token_id=tok.pad_token_id)
+    same = torch.equal(out.cpu(), ref.cpu())
+    print(tok.decode(ids[0]), end="")
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        print(render_trace_ansi(tok, stats.trace))
+        print("\033[42;30m accepted \033[0m \033[41;30m\033[9m rejected \033[0m \033[44;37m correction \033[0m "
+              "\033[43;30m bonus \033[0m")
+    else:
+        print(tok.decode(out[0, ids.shape[1]:]))
+    print(f"{stats.new_tokens} tokens in {stats.rounds} rounds: {stats.accepted}/{stats.proposed} draft tokens "
+          f"accepted, {stats.tokens_per_target_call:.2f} tokens per teacher call; "
+          f"identical to the teacher's own greedy output: {same}")
+
+    _say("5. A short benchmark (3 held-out prompts, 48 tokens, one repeat; `qd bench` does it properly)")
+    cfg = BenchConfig(n_prompts=3, max_new_tokens=48, repeats=1, temperature=0.0, sweep_prompts=0,
+                      methods=("teacher_generate", "spec", "assisted_matched", "prompt_lookup"),
+                      kinds=("code",) if is_bundled(name) else ("paraphrase",))
+    report = run_bench(teacher, tok, draft, cfg, progress=False)
+    md = report_markdown(report).split("\n## ")
+    print("## " + md[1].strip())
+    print(f"\ntour finished in {time.perf_counter() - t_start:.0f} s")
+    return 0 if same else 1

@@ -1,0 +1,129 @@
+"""qd bench: every method on the same prompts, lossless rows identical, a complete report; the n-gram drafter."""
+
+import json
+
+import pytest
+import torch
+
+from qdlib import build_draft, sample_layers
+from qdlib.bench import (METHODS, BenchConfig, CallCounter, headline, load_report, report_markdown, run_bench,
+                         teacher_forced_alpha, write_report)
+from qdlib.retrieval import NgramDrafter
+from qdlib.speculative import speculative_generate
+
+from helpers import tiny_qwen3
+
+
+# ----------------------------------------------------------------------------- the n-gram drafter
+
+
+def test_ngram_drafter_prefers_the_longest_and_latest_match():
+    d = NgramDrafter([[1, 2, 3, 4], [9, 2, 3, 7, 8], [5, 3, 6]], max_n=3, min_n=1)
+    assert d.propose([0, 9, 2, 3], 2) == [7, 8]  # (9, 2, 3) is the longest suffix found
+    assert d.propose([0, 1, 2, 3], 3) == [4]  # (1, 2, 3): only one token follows
+    assert d.propose([0, 0, 3], 1) == [6]  # (3,) alone: the latest occurrence wins
+    assert d.propose([42], 4) == []
+    ctx = NgramDrafter([], max_n=2, include_context=True)
+    assert ctx.propose([4, 5, 6, 7, 4, 5], 2) == [6, 7]  # prompt-lookup style, from the context itself
+    with pytest.raises(ValueError, match="min_n"):
+        NgramDrafter([[1]], max_n=1, min_n=2)
+
+
+def test_ngram_drafter_decoding_is_lossless_and_accepts_copied_text():
+    target = tiny_qwen3(layers=6, seed=11)
+    ids = torch.randint(2, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    ref = target.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=1)
+    right = ref[0].tolist()
+    wrong = right[:10] + [(t + 7) % 256 for t in right[10:]]  # the same start, then a wrong continuation
+    for store in ([right], [wrong], [[3, 4, 5]]):
+        drafter = NgramDrafter(store, max_n=3, min_n=2)
+        out, stats = speculative_generate(target, drafter, ids, gamma=4, max_new_tokens=24, eos_token_id=-1)
+        assert out[0].tolist() == right[: out.shape[1]] and out.shape[1] == ids.shape[1] + 24
+        if store == [right]:
+            assert stats.accepted >= 12 and stats.tokens_per_target_call > 2
+    with pytest.raises(TypeError, match="propose"):
+        speculative_generate(target, object(), ids)
+
+
+# ----------------------------------------------------------------------------- costs and counts
+
+
+def test_call_counter_counts_forward_calls():
+    m = torch.nn.Linear(2, 2)
+    with CallCounter(m=m, absent=None) as n:
+        m(torch.zeros(1, 2))
+        m(torch.zeros(3, 2))
+    m(torch.zeros(1, 2))  # after the block: not counted, hooks removed
+    assert n == {"m": 2} and not m._forward_pre_hooks
+
+
+def test_teacher_forced_alpha_of_an_exact_copy_is_one():
+    target = tiny_qwen3(layers=4, seed=12)
+    copy = build_draft(target, [0, 1, 2, 3])  # every layer: the same model
+    half = build_draft(target, [0, 3])
+    seqs = [torch.randint(2, 256, (20,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(3)]
+    a = teacher_forced_alpha(target, copy, seqs, [8, 8, 8])
+    assert a["agreement"] == 1.0 and a["alpha"] == pytest.approx(1.0, abs=1e-5) and a["positions"] == 3 * 12
+    assert teacher_forced_alpha(target, half, seqs, [8, 8, 8])["alpha"] < 0.999
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_prompts": 0}, "n_prompts"), ({"repeats": 1.5}, "repeats"), ({"gammas": (0, 2)}, "gammas"),
+    ({"methods": ("spec", "warp_drive")}, "warp_drive"), ({"kinds": ("poetry",)}, "kinds"),
+    ({"temperature": -1}, "temperature"), ({"dynamic_threshold": 2}, "dynamic_threshold"),
+])
+def test_bench_config_errors_name_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BenchConfig(**kwargs).validate()
+
+
+def test_cli_bench_refuses_unknown_method(capsys):
+    from qdlib.cli import main
+
+    assert main(["bench", "--methods", "teleport"]) == 2
+    assert "teleport" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- a whole (small) bench
+
+
+def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
+    teacher, tok = tiny
+    draft = build_draft(teacher, sample_layers(28, 6)).float()  # untrained, no knowledge: spec_no_cache drops out
+    cfg = BenchConfig(n_prompts=2, max_new_tokens=12, repeats=1, gammas=(1, 4), sweep_prompts=1)
+    r = run_bench(teacher, tok, draft, cfg, progress=False)
+    greedy = {(x["method"], x["kind"]) for x in r["rows"] if x["mode"] == "greedy"}
+    expected = {(m, k) for m in METHODS if m != "spec_no_cache" for k in ("code", "paraphrase")}
+    assert greedy == expected
+    sampled = {(x["method"], x["kind"]) for x in r["rows"] if x["mode"] == "sampling"}
+    assert sampled == {(m, k) for m in ("teacher_generate", "spec", "assisted_matched") for k in ("code", "paraphrase")}
+    for x in r["rows"]:
+        assert x["tokens_per_s"] > 0 and x["new_tokens"] >= 1
+        if x["method"] == "teacher_generate":
+            assert x["speedup"] == pytest.approx(1.0)
+        if x.get("acceptance") is not None:
+            assert 0.0 <= x["acceptance"] <= 1.0
+        if x["mode"] == "greedy":
+            assert x["tokens_per_target_call"] >= 1.0
+            if x["group"] in ("baseline", "qdlib", "ablation") or x["method"] == "retrieval":
+                assert x["identical"] == x["prompts"] == 2, x["label"]  # qdlib's own loops are lossless
+    assert set(r["costs"]["c"]) == {"spec", "untrained_uniform", "early_exit"}
+    assert all(v > 0 for v in r["costs"]["c"].values())
+    assert [s["gamma"] for s in r["sweep"]] == [1, 4]
+    a = r["alpha"]["code"]["agreement"]
+    assert r["sweep"][1]["theory_tokens_per_call"] == pytest.approx((1 - a ** 5) / (1 - a))
+    assert r["environment"]["torch"] == torch.__version__ and r["environment"]["cpu"]
+
+    out = write_report(r, tmp_path / "bench")
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "bench.png"}
+    assert load_report(out) == json.loads(json.dumps(r))
+    md = (out / "report.md").read_text()
+    for m in METHODS:
+        if m != "spec_no_cache":
+            assert METHODS[m][0] in md
+    assert "Headline" in md and "Gamma sweep" in md
+    h = headline(r)
+    assert h["identical"] == 2 and h["bar_2x"] == (h["speedup"] >= 2.0)
+    with pytest.raises(FileNotFoundError, match="qd bench"):
+        load_report(tmp_path / "nothing")
+    assert report_markdown(r) == md
