@@ -3,7 +3,7 @@
     >>> from qdlib import load_teacher, build_knowledge_cache, load_knowledge_cache   # doctest: +SKIP
     >>> teacher, tok = load_teacher()                                                 # doctest: +SKIP
     >>> cache = build_knowledge_cache(teacher, tok)       # the built-in items        # doctest: +SKIP
-    >>> cache.states.shape                                # (items, max tokens, hidden) doctest: +SKIP
+    >>> cache.states.shape          # (items, max tokens, hidden)                      # doctest: +SKIP
     >>> cache.save("outputs/runs/cache")                                              # doctest: +SKIP
     >>> cache = load_knowledge_cache("outputs/runs/cache", teacher=teacher)          # doctest: +SKIP
 
