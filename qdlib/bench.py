@@ -446,6 +446,12 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
     costs = {"teacher_step_ms": 1e3 * t_step, "c": {}}
     for name, d in {"spec": draft, **extra}.items():
         costs["c"][name] = step_time(d, ctx) / t_step
+    if draft.knowledge is not None:  # the same draft without its cross-attention to the cache
+        attached = draft.knowledge
+        try:
+            costs["c"]["spec_no_cache"] = step_time(draft.set_knowledge(None), ctx) / t_step
+        finally:
+            draft.set_knowledge(attached)
     costs["verify_cost"] = {str(g): step_time(teacher, ctx, tokens=g + 1) / t_step for g in sorted(set(cfg.gammas) | {cfg.gamma})}
     alpha = {}
     for kind, kind_prompts in prompts.items():
@@ -485,7 +491,7 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
         "environment": environment(),
         "teacher": model_name(teacher),
         "draft": {"layers": draft.config.kept_layers, "knowledge": draft.knowledge is not None,
-                  "path": getattr(draft.config, "_name_or_path", None) or None},
+                  "path": _display_path(getattr(draft.config, "_name_or_path", None))},
         "prompts": {k: len(v) for k, v in prompts.items()},
         "rows": rows,
         "costs": costs,
@@ -496,6 +502,18 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
 
 
 # ----------------------------------------------------------------------------- reporting
+
+
+def _display_path(path: str | None) -> str | None:
+    """A folder inside the repository as a relative path (no machine-specific prefix in reports)."""
+    from . import paths
+
+    if not path:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(paths.REPO_DIR))
+    except (ValueError, OSError):
+        return str(path)
 
 
 def headline(report: dict, kind: str = "code") -> dict:
@@ -539,7 +557,7 @@ def report_markdown(report: dict) -> str:
                       "|---|---:|---:|---:|---:|---:|---:|"]
             for r in rows:
                 cc = c["c"].get(r["method"]) if r["method"] in c["c"] else (c["c"].get("spec") if r["method"] in (
-                    "spec_no_cache", "spec_dynamic", "assisted_default", "assisted_matched") else None)
+                    "spec_dynamic", "assisted_default", "assisted_matched") else None)
                 ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "(sampled)"
                 lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {_fmt(r.get('acceptance'))} "
                              f"| {_fmt(r['tokens_per_target_call'])} | {_fmt(cc)} | {ident} |")
