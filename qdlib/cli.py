@@ -228,7 +228,7 @@ def cmd_tour(args) -> int:
     from .tour import tour
 
     _quiet_hf()
-    return tour(model=args.model, distil=args.distil, device=args.device)
+    return tour(model=args.model, distill=args.distill, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     to = sub.add_parser("tour", help="the whole story, headless, in a few minutes")
     to.add_argument("--model", default=None, help="teacher; default: $QD_MODEL or tiny")
     to.add_argument("--device", default=None)
-    to.add_argument("--distil", action="store_true", help="distil a small draft on the spot instead of loading one")
+    to.add_argument("--distill", action="store_true", help="distil a small draft on the spot instead of loading one")
     to.set_defaults(func=cmd_tour)
     return p
 

@@ -1,8 +1,8 @@
 """``qd tour``: the whole story, headless, in a few minutes on a laptop CPU.
 
     $ qd tour                 # bundled teacher, committed reference draft
-    $ qd tour --distil        # distil a small draft on the spot (about 3 minutes more)
-    $ QD_MODEL=Qwen/Qwen3-0.6B qd tour --distil
+    $ qd tour --distill        # distil a small draft on the spot (about 3 minutes more)
+    $ QD_MODEL=Qwen/Qwen3-0.6B qd tour --distill
 
 Six steps, one per notebook: load the teacher; sample its layers; load (or
 build) the knowledge cache; load the reference draft (or distil one); decode
@@ -25,7 +25,7 @@ def _say(title: str):
 
 
 def _short_distil(teacher, tokenizer, run_dir, log=print):
-    """A small distillation (the tour's ``--distil``): 40 steps on a reduced data mix, knowledge on."""
+    """A small distillation (the tour's ``--distill``): 40 steps on a reduced data mix, knowledge on."""
     from .distill import DEFAULT_CONFIGS, load_config
     from .models import is_bundled, model_name
     from .trainer import distill, export_draft
@@ -42,7 +42,7 @@ def _short_distil(teacher, tokenizer, run_dir, log=print):
     return run_dir / "draft"
 
 
-def tour(model: str | None = None, *, distil: bool = False, device=None) -> int:
+def tour(model: str | None = None, *, distill: bool = False, device=None) -> int:
     """Run the tour; returns a process exit code (0 when the speculative output equals the teacher's)."""
     from . import paths
     from .bench import BenchConfig, report_markdown, run_bench
@@ -77,7 +77,7 @@ def tour(model: str | None = None, *, distil: bool = False, device=None) -> int:
 
     _say("3. The draft and its knowledge cache")
     draft = None
-    if distil:
+    if distill:
         print("distilling a small draft (40 steps; the reference draft had 1500) ...")
         draft = load_draft(_short_distil(teacher, tok, run_dir, log=print), device=teacher.device)
     else:
@@ -87,7 +87,7 @@ def tour(model: str | None = None, *, distil: bool = False, device=None) -> int:
         except DraftLoadError as exc:
             print(f"note: {exc}")
             print("continuing with an untrained uniform draft with a knowledge cache built now "
-                  "(run `qd tour --distil` to distil one first)")
+                  "(run `qd tour --distill` to distil one first)")
     if draft is None:
         draft = build_draft(teacher, sample_layers(L, 6), knowledge_enhancement={"enabled": True}).float()
         draft.set_knowledge(build_knowledge_cache(teacher, tok, progress=False))
