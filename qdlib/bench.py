@@ -87,7 +87,7 @@ class BenchConfig:
     max_new_tokens: int = 64
     gamma: int = 4
     dynamic_max: int = 8
-    dynamic_threshold: float = 0.3
+    dynamic_threshold: float = 0.4
     repeats: int = 3
     warmup: int = 1
     temperature: float = 0.8
