@@ -164,3 +164,35 @@ def render_trace_ansi(tokenizer, trace, show_rejected: bool = True) -> str:
             continue
         parts.append(f"{ANSI[kind]}{tokenizer.decode([tok])}\033[0m")
     return "".join(parts)
+
+
+def describe_speedup(alpha: float, c: float, gamma: int, verify_cost: float = 1.0) -> str:
+    """Tokens per target call and the predicted speed-up for one setting (notebook 06).
+
+    >>> describe_speedup(0.8, 0.1, 4)
+    'alpha 0.80, c 0.10, gamma 4, verify 1.00: 3.36 tokens/call, predicted speed-up 2.40x'
+    """
+    from .metrics import expected_speedup, expected_tokens_per_call
+
+    return (f"alpha {alpha:.2f}, c {c:.2f}, gamma {gamma}, verify {verify_cost:.2f}: "
+            f"{expected_tokens_per_call(alpha, gamma):.2f} tokens/call, "
+            f"predicted speed-up {expected_speedup(alpha, gamma, c, verify_cost):.2f}x")
+
+
+def speedup_explorer(alpha: float = 0.8, c: float = 0.15, gamma: int = 4, verify_cost: float = 1.1):
+    """Sliders for alpha, c, gamma and the verification cost that show :func:`describe_speedup`."""
+    import ipywidgets as w
+
+    out = w.HTML()
+    sliders = {"alpha": w.FloatSlider(value=alpha, min=0.05, max=0.95, step=0.05, description="alpha"),
+               "c": w.FloatSlider(value=c, min=0.02, max=1.0, step=0.02, description="c"),
+               "gamma": w.IntSlider(value=gamma, min=1, max=12, description="gamma"),
+               "verify_cost": w.FloatSlider(value=verify_cost, min=1.0, max=2.0, step=0.05, description="verify")}
+
+    def show(*_):
+        out.value = f"<pre>{describe_speedup(**{k: s.value for k, s in sliders.items()})}</pre>"
+
+    for s in sliders.values():
+        s.observe(show, "value")
+    show()
+    return w.VBox([w.HBox(list(sliders.values())[:2]), w.HBox(list(sliders.values())[2:]), out])

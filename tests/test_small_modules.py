@@ -92,3 +92,15 @@ def test_exercise_check_messages(capsys):
     assert not check("ex", lambda: 1 / 0, expected=1)
     assert "ZeroDivisionError" in capsys.readouterr().out
     assert check("ex", lambda: torch.tensor([1.0, 2.0]), expected=torch.tensor([1.0, 2.0]))
+
+
+def test_speedup_explorer_follows_its_sliders():
+    from qdlib.metrics import expected_speedup
+    from qdlib.viz import describe_speedup, speedup_explorer
+
+    assert describe_speedup(0.8, 0.1, 4).endswith(f"{expected_speedup(0.8, 4, 0.1):.2f}x")
+    box = speedup_explorer(alpha=0.5, c=0.2, gamma=3, verify_cost=1.0)
+    out = box.children[-1]
+    assert describe_speedup(0.5, 0.2, 3, 1.0) in out.value
+    box.children[1].children[0].value = 6  # gamma slider
+    assert describe_speedup(0.5, 0.2, 6, 1.0) in out.value
