@@ -30,6 +30,7 @@ def _quiet_hf():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in command output
 
 
 def _load_teacher(args):
