@@ -271,24 +271,26 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
         # 1. draft proposes g tokens (feeding whatever its cache lacks, then one token at a time)
         t0 = time.perf_counter()
         proposals, qs = [], []
-        if not is_model:  # a model-free drafter: deterministic proposals, q one-hot
+        if is_model:
+            feed = seq[d_cache.get_seq_length():]
+            for j in range(g):
+                logits = draft(input_ids=torch.tensor([feed], device=dev_d), cache=d_cache, use_cache=True,
+                               logits_to_keep=1).logits[0, -1]
+                stats.draft_calls += 1
+                q = dist(logits)
+                x = _pick(q, greedy, generator)
+                proposals.append(x)
+                qs.append(q)
+                feed = [x]
+                if confidence_threshold is not None and j < g - 1:
+                    conf = (torch.softmax(logits.float(), -1) if greedy else q).max().item()
+                    if conf < confidence_threshold:
+                        break
+        else:  # a model-free drafter: deterministic proposals, so q is one-hot
             proposals = [int(x) for x in draft.propose(seq, g)][:g]
-            qs = [torch.nn.functional.one_hot(torch.tensor(x), V).float() for x in proposals] if not greedy else []
+            if not greedy:
+                qs = [torch.nn.functional.one_hot(torch.tensor(x), V).float() for x in proposals]
             stats.draft_calls += 1
-        feed = seq[d_cache.get_seq_length():] if is_model else []
-        for j in range(g if is_model else 0):
-            logits = draft(input_ids=torch.tensor([feed], device=dev_d), cache=d_cache, use_cache=True,
-                           logits_to_keep=1).logits[0, -1]
-            stats.draft_calls += 1
-            q = dist(logits)
-            x = _pick(q, greedy, generator)
-            proposals.append(x)
-            qs.append(q)
-            feed = [x]
-            if confidence_threshold is not None and j < g - 1:
-                conf = (torch.softmax(logits.float(), -1) if greedy else q).max().item()
-                if conf < confidence_threshold:
-                    break
         stats.time_draft += time.perf_counter() - t0
         g = len(proposals)
 
