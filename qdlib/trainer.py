@@ -292,6 +292,10 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
         sched.load_state_dict(state["scheduler"])
         step, bad_steps, elapsed, tokens = state["step"], state["bad_steps"], state["elapsed"], state["tokens"]
         say(f"resuming from step {step} of {total}")
+        if main and state.get("total_steps", total) != total:  # num_epochs changed: the cosine is re-stretched
+            say(f"the schedule now ends at step {total} instead of {state['total_steps']}")
+            append_jsonl(run_dir / "log.jsonl", {"step": step, "event": "schedule", "total_steps": total,
+                                                 "previous_total_steps": state["total_steps"]})
     model, opt = acc.prepare(draft, opt)
     unwrapped = acc.unwrap_model(model)
 
@@ -304,7 +308,7 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
         if main:
             torch_save_atomic({"model": unwrapped.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "step": step, "bad_steps": bad_steps,
-                               "elapsed": elapsed, "tokens": tokens, "config_key": _config_key(cfg),
+                               "elapsed": elapsed, "tokens": tokens, "total_steps": total, "config_key": _config_key(cfg),
                                "teacher_fingerprint": fp}, ckpt)
         acc.wait_for_everyone()
 
@@ -438,6 +442,26 @@ def read_log(run_dir) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "loss" in r], [r for r in rows if "eval" in r]
 
 
+def schedule_restarts(train: list[dict]) -> list[tuple[int, float]]:
+    """Steps where the learning rate rose again after it had started to fall, with the new rate.
+
+    That happens when a run is resumed with more epochs (``num_epochs`` may change on resume):
+    the cosine is re-stretched over the new length. Read from the log, so the card says so itself.
+
+    >>> rows = [{"step": s, "lr": lr} for s, lr in enumerate([0.5, 1.0, 0.6, 0.1, 0.0, 0.3, 0.2], 1)]
+    >>> schedule_restarts(rows)
+    [(5, 0.3)]
+    """
+    out, fell = [], False
+    for prev, row in zip(train, train[1:]):
+        if row["lr"] < prev["lr"]:
+            fell = True
+        elif fell and row["lr"] > prev["lr"]:
+            out.append((prev["step"], row["lr"]))
+            fell = False
+    return out
+
+
 def plot_curves(run_dir, path=None):
     """Loss (running mean) and validation agreement per epoch; saved to ``path`` when given. Returns the figure."""
     import matplotlib.pyplot as plt
@@ -519,7 +543,9 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
         "skipped_steps": sum(1 for r in train if r.get("skipped")),
         "hardware": f"{_cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "config": dataclasses.asdict(cfg) if cfg is not None else None,
+        "schedule_restarts": schedule_restarts(train),
     }
+    notes = run_dir / "NOTES.md"  # hand-written circumstances of the run (shared cores, interruptions), if any
     with atomic_dir(out_dir) as tmp:
         draft.to(torch.bfloat16).save_pretrained(tmp)
         if cache is not None:
@@ -527,12 +553,13 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
         write_json_atomic(tmp / "metrics.json", metrics)
         fig = plot_curves(run_dir, tmp / "curves.png")
         plt.close(fig)
-        (tmp / "README.md").write_text(_draft_card(title, metrics, evals))
+        (tmp / "README.md").write_text(_draft_card(title, metrics, evals,
+                                                   notes.read_text().strip() if notes.exists() else None))
     log(json.dumps({k: metrics[k] for k in ("agreement", "validation_agreement", "steps", "train_wall_time_s")}))
     return metrics
 
 
-def _draft_card(title: str, m: dict, evals: list[dict]) -> str:
+def _draft_card(title: str, m: dict, evals: list[dict], notes: str | None = None) -> str:
     rows = []
     for name, v in m["test"].items():
         rows.append(f"| {name.replace('_', ' ')} | {v['agreement']:.3f} | {v['alpha']:.3f} | {v['kl']:.3f} | "
@@ -540,6 +567,9 @@ def _draft_card(title: str, m: dict, evals: list[dict]) -> str:
     per_epoch = ", ".join(f"{r['eval']['heldout']['agreement']:.3f}" for r in evals)
     cfg = m["config"]
     t = cfg["training"] if cfg else {}
+    restarts = "".join(f"\nThe run was resumed with more epochs at step {s}: the cosine schedule was re-stretched over the "
+                       f"new length, so the learning rate rose again to {lr:.2g} there." for s, lr in m.get("schedule_restarts", []))
+    notes = f"\n## Run notes\n{notes}\n" if notes else ""
     return f"""# {title}
 
 A draft model for speculative decoding with the teacher `{m['teacher']}`: teacher decoder layers {m['layers']},
@@ -554,8 +584,8 @@ Data: the teacher's training text (standard-library training files), {t.get('gen
 greedily by the teacher (share {t.get('generated_share')}), item-conditioned sequences: the knowledge questions and their
 training paraphrases continued by the teacher (share {t.get('item_share')}; the evaluation paraphrases are never trained on).
 Validation agreement per epoch (32 held-out prompts, seed 1): {per_epoch}; the best epoch (step {m['best_step']}) is shipped.
-Skipped (non-finite) steps: {m['skipped_steps']}.
-
+Skipped (non-finite) steps: {m['skipped_steps']}.{restarts}
+{notes}
 ## Test figures ({m['test_prompts']} held-out prompts, seed 0, never used for selection)
 Agreement = teacher-forced top-1 agreement with the teacher on its own greedy continuations (the per-token
 greedy acceptance rate); alpha = E[sum_x min(p, q)] (the sampling acceptance); KL = KL(teacher || draft) in nats;

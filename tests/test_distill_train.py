@@ -93,6 +93,28 @@ def test_resume_refuses_another_config(small_teacher, prepared, tmp_path):
         run(small_cfg(num_epochs=1, learning_rate=5e-4), tmp_path, small_teacher)
 
 
+def test_more_epochs_on_resume_restretch_the_schedule_and_the_card_says_so(small_teacher, prepared, tmp_path):
+    from qdlib.trainer import export_draft, read_log, schedule_restarts
+
+    model, tok = small_teacher
+    run_dir = seeded(tmp_path / "run", prepared)
+    run(small_cfg(num_epochs=1), run_dir, small_teacher)
+    out = run(small_cfg(num_epochs=2), run_dir, small_teacher)  # num_epochs may change on resume
+    assert out["steps"] == 4
+    events = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if '"event"' in x]
+    assert events == [{"step": 2, "event": "schedule", "total_steps": 4, "previous_total_steps": 2}]
+    train, _ = read_log(run_dir)
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and train[1]["lr"] == 0.0
+    assert schedule_restarts(train) == [(2, train[2]["lr"])] and train[2]["lr"] > 0
+    (run_dir / "NOTES.md").write_text("Ran on a shared machine.\n")
+    m = export_draft(run_dir, tmp_path / "out", teacher=model, tokenizer=tok, cfg=small_cfg(num_epochs=2),
+                     n_prompts=2, log=lambda *_: None)
+    assert m["steps"] == 4 and m["schedule_restarts"] == [(2, train[2]["lr"])]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "resumed with more epochs at step 2" in card
+    assert "## Run notes\nRan on a shared machine.\n" in card
+
+
 def test_nan_loss_is_skipped_and_counted(small_teacher, prepared, tmp_path, monkeypatch):
     import qdlib.trainer as tr
 
