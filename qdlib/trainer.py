@@ -200,6 +200,24 @@ def _same_config(saved: dict, cfg: DistillConfig) -> bool:
     return saved == now
 
 
+def share_prepared(src, dst) -> Path:
+    """Start run folder ``dst`` with the training data and knowledge cache that run ``src`` already built.
+
+    ``distill`` reuses them when the data settings match (it checks a key and rebuilds otherwise),
+    so runs that differ only in objective or schedule skip the teacher's generation (notebook 04).
+    """
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    if not (src / "data.pt").exists():
+        raise FileNotFoundError(f"{src} holds no training data (data.pt); run distill there first")
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "data.pt", dst / "data.pt")
+    if (src / "knowledge_cache").is_dir() and not (dst / "knowledge_cache").exists():
+        shutil.copytree(src / "knowledge_cache", dst / "knowledge_cache")
+    return dst
+
+
 def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, teacher=None, tokenizer=None,
             teacher_name: str | None = None, progress: bool = True, log=print, on_step=None) -> dict:
     """Train (or resume) a draft as ``cfg`` says; returns a summary with the run folder and the history.

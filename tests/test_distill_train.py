@@ -14,7 +14,7 @@ from helpers import tiny_qwen3
 from qdlib import paths
 from qdlib.distill import DEFAULT_CONFIGS, load_config
 from qdlib.distill_data import DistillData
-from qdlib.trainer import TrainingStopped, distill, evaluate_draft
+from qdlib.trainer import TrainingStopped, distill, evaluate_draft, share_prepared
 
 VOCAB = 8192  # the bundled tokenizer's size
 
@@ -49,12 +49,7 @@ def prepared(small_teacher, tmp_path_factory):
 
 
 def seeded(run_dir, prepared):
-    import shutil
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(prepared / "data.pt", run_dir / "data.pt")
-    shutil.copytree(prepared / "knowledge_cache", run_dir / "knowledge_cache")
-    return run_dir
+    return share_prepared(prepared, run_dir)
 
 
 def run(cfg, run_dir, teacher, **kw):
@@ -113,6 +108,17 @@ def test_more_epochs_on_resume_restretch_the_schedule_and_the_card_says_so(small
     card = (tmp_path / "out" / "README.md").read_text()
     assert "resumed with more epochs at step 2" in card
     assert "## Run notes\nRan on a shared machine.\n" in card
+
+
+def test_share_prepared_reuses_the_data_and_refuses_an_empty_source(small_teacher, prepared, tmp_path):
+    import qdlib.trainer as tr
+
+    run_dir = seeded(tmp_path / "run", prepared)
+    before = (run_dir / "data.pt").stat().st_mtime_ns
+    out = run(small_cfg(num_epochs=1, objective="tvd"), run_dir, small_teacher)  # objective is not a data setting
+    assert out["steps"] == 2 and (run_dir / "data.pt").stat().st_mtime_ns == before
+    with pytest.raises(FileNotFoundError, match="no training data"):
+        tr.share_prepared(tmp_path / "empty", tmp_path / "x")
 
 
 def test_nan_loss_is_skipped_and_counted(small_teacher, prepared, tmp_path, monkeypatch):
