@@ -13,6 +13,7 @@ step prints what it did and how long it took. Everything it writes goes under
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -78,7 +79,9 @@ def tour(model: str | None = None, *, distill: bool = False, device=None) -> int
     _say("3. The draft and its knowledge cache")
     draft = None
     if distill:
-        print("distilling a small draft (40 steps; the reference draft had 1500) ...")
+        card = paths.DRAFT_DIR / "metrics.json"
+        ref = f"; the reference draft had {json.loads(card.read_text())['steps']:,}" if card.exists() else ""
+        print(f"distilling a small draft (40 steps{ref}) ...")
         draft = load_draft(_short_distil(teacher, tok, run_dir, log=print), device=teacher.device)
     else:
         try:
