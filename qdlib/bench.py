@@ -399,7 +399,7 @@ def environment() -> dict:
 def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, progress: bool = True,
               extra_drafts: dict | None = None, log=print) -> dict:
     """Measure every method of ``cfg`` on the same prompts; returns the report (a JSON-able dict)."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .models import model_name
 
@@ -413,7 +413,7 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
     jobs = [(mode, t, name) for mode, t in modes for name in methods if mode == "greedy" or name in SAMPLING_METHODS]
     n_calls = sum(len(p) for p in prompts.values()) * len(jobs) * cfg.repeats
     sweep_calls = (len(cfg.gammas) + 2) * min(cfg.sweep_prompts, len(prompts.get("code", []))) * cfg.repeats
-    bar = tqdm(total=n_calls + sweep_calls, desc="bench", unit="call", disable=not progress)
+    bar = progress_bar(total=n_calls + sweep_calls, desc="bench", unit="call", enabled=progress)
 
     t_start = time.perf_counter()
     rows = []

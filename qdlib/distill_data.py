@@ -224,7 +224,7 @@ def build_distill_data(teacher, tokenizer, *, generated: int = 512, prompt_token
                        item_share: float = 0.1, max_text_tokens: int | None = None, max_files: int | None = None,
                        seed: int = 0, progress: bool = True) -> DistillData:
     """Tokenize the training text, let the teacher continue ``generated`` prompts, add item sequences."""
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     text = training_stream(tokenizer, max_files=max_files, max_tokens=max_text_tokens)
     if len(text) < seq_len + 2:
@@ -233,7 +233,7 @@ def build_distill_data(teacher, tokenizer, *, generated: int = 512, prompt_token
     prompt_tokens = min(prompt_tokens, seq_len // 2)
     if generated:
         prompts = random_prompts(text, generated, prompt_tokens, seed + 12345)
-        bar = tqdm(total=generated, desc="teacher continuations", unit="seq", **({} if progress else {"disable": True}))
+        bar = progress_bar(total=generated, desc="teacher continuations", unit="seq", enabled=progress)
         gen = continue_greedy(teacher, prompts, seq_len + 1 - prompt_tokens, progress=bar.update).int()
         bar.close()
     item_rows = item_sequences(teacher, tokenizer, items, item_new_tokens) if items else []

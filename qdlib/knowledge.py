@@ -246,7 +246,7 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
         layer: teacher decoder layer whose output is kept (default: the last, after the final norm's input).
         answer_tokens: length of the teacher's greedy answer stored after each question.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .models import model_name
 
@@ -257,7 +257,7 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
     if not isinstance(layer, int) or not 0 <= layer < L:
         raise ValueError(f"layer={layer!r} is not a decoder layer of this teacher; allowed: 0..{L - 1}")
     rows, qlens, out_items = [], [], []
-    for it in tqdm(items, desc="knowledge cache", **({} if progress else {"disable": True})):  # TQDM_DISABLE honoured
+    for it in progress_bar(items, desc="knowledge cache", enabled=progress):
         answer = teacher_answer(teacher, tokenizer, it["question"], answer_tokens)
         q_ids = tokenizer(it["question"], add_special_tokens=False)["input_ids"]
         a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]

@@ -413,7 +413,7 @@ def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = N
     ``last.pt`` every ``ckpt_every`` steps; rerunning the same command resumes
     there. Progress goes to a tqdm bar and ``log.jsonl``.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
     from transformers import Qwen3ForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
 
     run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "teacher"
@@ -452,7 +452,7 @@ def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = N
     model.train()
     fwd = torch.compile(model) if cfg.compile else model
     total = cfg.steps + cfg.ul_steps
-    bar = tqdm(total=total, initial=step, desc="teacher", unit="step")
+    bar = progress_bar(total=total, initial=step, desc="teacher", unit="step")
     t_last = time.time()
     while step < total:
         polish = step >= cfg.steps  # phase 2: unlikelihood polish at a constant small learning rate

@@ -229,7 +229,7 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
     from transformers import get_cosine_schedule_with_warmup
 
     from .draft import build_draft
@@ -354,8 +354,7 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     say(f"distilling a draft of layers {layers} from {name}: {total} steps x {t.batch_size} rows x "
         f"{t.gradient_accumulation_steps} accumulation x {acc.num_processes} process(es), mixed precision {mp}, "
         f"training {len(trainable)} tensors")
-    bar = tqdm(total=total, initial=step, desc="distill", unit="step",
-               **({} if progress and main else {"disable": True}))  # TQDM_DISABLE is honoured
+    bar = progress_bar(total=total, initial=step, desc="distill", unit="step", enabled=progress and main)
     t_last = time.time()
     try:
         while step < total:

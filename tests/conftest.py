@@ -1,31 +1,6 @@
-"""Test set-up shared by the unit tests and the notebooks (`pytest --nbval`).
+"""Fixtures shared by the unit tests (the environment and the notebook set-up are in the root ``conftest.py``)."""
 
-- quiet, offline, deterministic environment (set before any notebook kernel starts,
-  so kernels inherit it);
-- stderr of notebook cells is not compared (guarded to .ipynb files);
-- runs write to a temporary folder, never to tracked files.
-"""
-
-import os
-import tempfile
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("PYTHONHASHSEED", "0")
-os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("QD_RUNS", tempfile.mkdtemp(prefix="qd-test-runs-"))
-os.environ.pop("QD_MODEL", None)  # the tests choose their teacher explicitly
-
-import pytest  # noqa: E402
-
-
-def pytest_collectstart(collector):
-    if collector.fspath and collector.fspath.ext == ".ipynb":
-        collector.skip_compare += ("stderr",)
+import pytest
 
 
 @pytest.fixture(scope="session")
