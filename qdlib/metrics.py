@@ -25,6 +25,20 @@ import torch
 from .sampling import run_layers, sample_layers
 
 
+def distribution_sums(lp: torch.Tensor, lq: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    """Sums of KL(p||q), top-1 agreement and sum_x min(p, q) over the positions where ``mask`` is True, and their count ``n``.
+
+    ``lp``, ``lq``: log-probabilities ``(B, T, V)``; ``mask``: ``(B, T)`` bool. Sums (not means) so that
+    evaluation in chunks adds up exactly (``trainer.evaluate_draft``).
+    """
+    if mask is None:
+        mask = torch.ones(lp.shape[:-1], dtype=torch.bool, device=lp.device)
+    kl = (lp.exp() * (lp - lq)).sum(-1)  # (B, T)
+    alpha = torch.minimum(lp.exp(), lq.exp()).sum(-1)  # (B, T)
+    return {"kl": (kl * mask).sum().item(), "agreement": ((lp.argmax(-1) == lq.argmax(-1)) & mask).sum().item(),
+            "alpha": (alpha * mask).sum().item(), "n": int(mask.sum())}
+
+
 def distribution_metrics(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
     """KL(p||q), top-1 agreement and alpha, averaged over positions (where ``mask`` is True).
 
@@ -32,17 +46,9 @@ def distribution_metrics(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: t
     """
     lp = torch.log_softmax(p_logits.float(), -1)  # (B, T, V)
     lq = torch.log_softmax(q_logits.float(), -1)  # (B, T, V)
-    kl = (lp.exp() * (lp - lq)).sum(-1)  # (B, T)
-    agree = (lp.argmax(-1) == lq.argmax(-1)).float()  # (B, T)
-    alpha = torch.minimum(lp.exp(), lq.exp()).sum(-1)  # (B, T)
-    if mask is None:
-        mask = torch.ones(kl.shape, dtype=torch.bool, device=kl.device)
-    n = mask.sum().clamp(min=1)
-    return {
-        "kl": (kl * mask).sum().item() / n.item(),
-        "agreement": (agree * mask).sum().item() / n.item(),
-        "alpha": (alpha * mask).sum().item() / n.item(),
-    }
+    s = distribution_sums(lp, lq, mask)
+    n = max(s["n"], 1)
+    return {"kl": s["kl"] / n, "agreement": s["agreement"] / n, "alpha": s["alpha"] / n}
 
 
 def text_windows(tokenizer, texts: Sequence[str], *, seq_len: int = 128, n: int = 16) -> torch.Tensor:

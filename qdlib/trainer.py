@@ -38,6 +38,7 @@ from . import paths
 from .distill import DistillConfig, ce_loss, distill_loss, validate
 from .distill_data import DistillData, EvalSet, build_distill_data, heldout_eval_set, paraphrase_eval_set, perplexity
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
+from .metrics import distribution_sums
 
 EVAL_SEED_VALIDATION = 1  # prompts that pick the best checkpoint
 EVAL_SEED_TEST = 0  # prompts of the reported figures and the agreement bar (never used for selection)
@@ -61,11 +62,9 @@ def _pair_metrics(teacher, draft, ids: torch.Tensor, mask: torch.Tensor, chunk: 
         m = mask[i : i + chunk, : x.shape[1] - 1]  # (b, T-1): predictions of tokens 1..T-1
         lp = torch.log_softmax(teacher(input_ids=x.to(dev_t), use_cache=False).logits[:, :-1].float().cpu(), -1)
         lq = torch.log_softmax(draft(input_ids=x.to(dev_d), use_cache=False).logits[:, :-1].float().cpu(), -1)
-        tot["kl"] += ((lp.exp() * (lp - lq)).sum(-1) * m).sum().item()  # (b, T-1) -> sum
-        tot["agreement"] += ((lp.argmax(-1) == lq.argmax(-1)) & m).sum().item()
-        tot["alpha"] += (torch.minimum(lp.exp(), lq.exp()).sum(-1) * m).sum().item()
+        for k, v in distribution_sums(lp, lq, m).items():
+            tot[k] += v
         tot["ce"] += (-lq.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) * m).sum().item()
-        tot["n"] += int(m.sum())
     return tot
 
 
