@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -390,7 +391,9 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
             else:
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            sched.step()
+            with warnings.catch_warnings():  # a skipped first step would make torch warn about the call order
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+                sched.step()  # a skipped step still advances the schedule, so resumed runs line up
             step += 1
             now = time.time()
             elapsed += now - t_last
