@@ -61,6 +61,9 @@ METHODS: dict[str, tuple[str, str]] = {
     "untrained_uniform": ("qdlib speculative, untrained uniform draft", "ablation"),
     "early_exit": ("qdlib speculative, untrained first-k-layers draft", "ablation"),
 }
+# the draft behind each drafting method, as named in the report's costs["c"] (baselines and lookups have none)
+DRAFT_OF = {"spec": "spec", "spec_no_cache": "spec_no_cache", "spec_dynamic": "spec", "assisted_default": "spec",
+            "assisted_matched": "spec", "untrained_uniform": "untrained_uniform", "early_exit": "early_exit"}
 SAMPLING_METHODS = ("teacher_generate", "spec", "assisted_matched")
 KINDS = ("code", "paraphrase")
 
@@ -556,8 +559,7 @@ def report_markdown(report: dict) -> str:
                       "", "| method | tokens/s | speed-up | acceptance | tokens/target call | c | identical |",
                       "|---|---:|---:|---:|---:|---:|---:|"]
             for r in rows:
-                cc = c["c"].get(r["method"]) if r["method"] in c["c"] else (c["c"].get("spec") if r["method"] in (
-                    "spec_dynamic", "assisted_default", "assisted_matched") else None)
+                cc = c["c"].get(DRAFT_OF.get(r["method"]))
                 ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "(sampled)"
                 lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {_fmt(r.get('acceptance'))} "
                              f"| {_fmt(r['tokens_per_target_call'])} | {_fmt(cc)} | {ident} |")
