@@ -38,14 +38,14 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .metrics import distribution_metrics, expected_speedup, expected_tokens_per_call
-from .speculative import generate_plain, speculative_generate
+from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
 
 # name -> (label, group, needs). Groups order the table; needs says what the method uses.
 METHODS: dict[str, tuple[str, str]] = {
@@ -224,7 +224,7 @@ def step_time(model, context: int = 96, tokens: int = 1, n: int = 30) -> float:
 def teacher_forced_alpha(teacher, draft, sequences: list[list[int]], prompt_lens: list[int]) -> dict:
     """Agreement (greedy alpha) and sum-min alpha of the draft on the teacher's own greedy continuations."""
     dev_t, dev_d = next(teacher.parameters()).device, next(draft.parameters()).device
-    ps, qs, masks = [], [], []
+    ps, qs = [], []
     for seq, n in zip(sequences, prompt_lens):
         ids = torch.tensor([seq])
         p = teacher(input_ids=ids.to(dev_t)).logits.float().cpu()  # (1, T, V)
@@ -289,18 +289,12 @@ def make_methods(teacher, tokenizer, draft, cfg: BenchConfig, extra_drafts: dict
     extra = dict(extra_drafts or {})
     names = cfg.method_names
     lookup = NgramDrafter(knowledge_datastore(draft, teacher, tokenizer), max_n=4, min_n=2) if "retrieval" in names else None
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     budget = cfg.max_new_tokens
     attached = draft.knowledge
 
     def hf(ids, temperature, generator, **kw):
         ids_t = torch.tensor([ids], device=teacher.device)
-        gen = dict(do_sample=temperature > 0, max_new_tokens=budget, pad_token_id=pad,
-                   attention_mask=torch.ones_like(ids_t))
-        if temperature > 0:
-            gen.update(temperature=temperature, top_k=0, top_p=1.0)
-        else:
-            gen.update(temperature=None, top_k=None, top_p=None)
+        gen = hf_generate_kwargs(ids_t, tokenizer, max_new_tokens=budget, temperature=temperature)
         with CallCounter(teacher=teacher, draft=kw.get("assistant_model")) as n:
             t0 = time.perf_counter()
             out = teacher.generate(ids_t, **gen, **kw)

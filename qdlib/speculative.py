@@ -382,3 +382,24 @@ def generate_plain(target, input_ids: torch.Tensor, *, max_new_tokens: int = 64,
     stats.new_tokens = len(seq) - n_prompt
     stats.time_total = time.perf_counter() - t_start
     return torch.tensor([seq], device=input_ids.device), stats
+
+
+def hf_generate_kwargs(input_ids: torch.Tensor, tokenizer, *, max_new_tokens: int = 64, temperature: float = 0.0) -> dict:
+    """Arguments that make ``model.generate(input_ids, **kw)`` decode as qdlib's loops do (notebook 06).
+
+    Greedy at temperature 0; otherwise plain sampling at ``temperature`` (no top-k / top-p), with the
+    model's generation-config defaults overridden so nothing else filters the distribution.
+
+    >>> kw = hf_generate_kwargs(torch.tensor([[1, 2]]), None, max_new_tokens=8)
+    >>> kw["do_sample"], kw["max_new_tokens"], kw["top_k"], kw["attention_mask"].tolist()
+    (False, 8, None, [[1, 1]])
+    """
+    pad = None if tokenizer is None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                          else tokenizer.eos_token_id)
+    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=pad,
+              attention_mask=torch.ones_like(input_ids))
+    if temperature > 0:
+        kw.update(temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kw.update(temperature=None, top_k=None, top_p=None)
+    return kw

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import sys
 import sysconfig
 import time
 from dataclasses import dataclass

@@ -52,7 +52,7 @@ def tour(model: str | None = None, *, distill: bool = False, device=None) -> int
     from .knowledge import build_knowledge_cache, load_items, nearest_items
     from .models import DraftLoadError, TeacherLoadError, is_bundled, load_draft, load_teacher, model_name
     from .sampling import sample_layers
-    from .speculative import speculative_generate
+    from .speculative import hf_generate_kwargs, speculative_generate
     from .teacher import heldout_prompts, heldout_texts
     from .viz import layer_strip, render_trace_ansi
 
@@ -110,8 +110,7 @@ def tour(model: str | None = None, *, distill: bool = False, device=None) -> int
     ids = torch.tensor(prompts[:1]) if prompts else tok("The capital of France is", return_tensors="pt").input_ids
     ids = ids.to(teacher.device)
     out, stats = speculative_generate(teacher, draft, ids, gamma=4, max_new_tokens=64)
-    ref = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
-                           temperature=None, top_k=None, top_p=None, pad_token_id=tok.pad_token_id)
+    ref = teacher.generate(ids, **hf_generate_kwargs(ids, tok, max_new_tokens=64))
     same = torch.equal(out.cpu(), ref.cpu())
     print(tok.decode(ids[0]), end="")
     if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):

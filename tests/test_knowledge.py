@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from qdlib import KnowledgeCacheError, build_draft, build_knowledge_cache, load_knowledge_cache, sample_layers
+from qdlib import KnowledgeCacheError, build_draft, build_knowledge_cache, load_knowledge_cache
 from qdlib.knowledge import load_items, nearest_items, teacher_answer, teacher_fingerprint
 from qdlib.sampling import run_layers
 from qdlib import paths

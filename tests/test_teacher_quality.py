@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from qdlib import paths
 from qdlib.teacher import bits_per_byte, greedy_repetition, heldout_files, heldout_prompts, read_source, \
