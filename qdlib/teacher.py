@@ -297,15 +297,25 @@ def heldout_prompts(tokenizer, texts, n_prompts: int = 50, prompt_tokens: int = 
     return prompts[:n_prompts]
 
 
-def greedy_repetition(model, prompts, new_tokens: int = 128) -> dict:
-    """Mean share of repeated 4-grams in greedy continuations of ``prompts``."""
-    shares = []
+def greedy_repetition(model, prompts, new_tokens: int = 128, batch_size: int = 16) -> dict:
+    """Mean share of repeated 4-grams in greedy continuations of ``prompts``.
+
+    Prompts of the same length are continued together, ``batch_size`` at a time (no padding is
+    needed, so each row is its own greedy continuation up to float rounding).
+    """
     device = next(model.parameters()).device
-    for p in prompts:
-        x = torch.tensor([p], device=device)
-        out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             attention_mask=torch.ones_like(x), pad_token_id=model.config.pad_token_id)
-        shares.append(repeated_ngram_share(out[0, len(p):].tolist()))
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    shares: list[float] = [0.0] * len(prompts)
+    for n, idx in by_len.items():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s : s + batch_size]
+            x = torch.tensor([prompts[i] for i in chunk], device=device)  # (b, n)
+            out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 attention_mask=torch.ones_like(x), pad_token_id=model.config.pad_token_id)
+            for j, i in enumerate(chunk):
+                shares[i] = repeated_ngram_share(out[j, n:].tolist())
     return {"mean": sum(shares) / len(shares), "per_prompt": shares}
 
 

@@ -456,9 +456,34 @@ def _on_policy_rows(draft, ids: torch.Tensor, valid: torch.Tensor, t, seed: int,
 
 
 def read_log(run_dir) -> tuple[list[dict], list[dict]]:
-    """Training rows and evaluation rows of ``log.jsonl``."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r], [r for r in rows if "eval" in r]
+    """Training rows and evaluation rows of ``log.jsonl``, as the surviving trajectory.
+
+    A run interrupted between checkpoints has logged steps that its resumption repeats (it restarts
+    from ``last.pt``); those superseded rows are dropped, so every step appears once.
+
+    >>> import tempfile; d = Path(tempfile.mkdtemp())
+    >>> rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval": {}}, {"step": 3, "loss": 9.0},
+    ...         {"step": 3, "loss": 1.5}, {"step": 4, "loss": 1.0}, {"step": 4, "eval": {}}]
+    >>> _ = (d / "log.jsonl").write_text("\\n".join(json.dumps(r) for r in rows))
+    >>> train, evals = read_log(d)
+    >>> [(r["step"], r["loss"]) for r in train], [r["step"] for r in evals]
+    ([(1, 3.0), (2, 2.0), (3, 1.5), (4, 1.0)], [2, 4])
+    """
+    train: list[dict] = []
+    evals: list[dict] = []
+    for line in (Path(run_dir) / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            while train and train[-1]["step"] >= r["step"]:  # superseded by a resumed run
+                train.pop()
+            while evals and evals[-1]["step"] >= r["step"]:
+                evals.pop()
+            train.append(r)
+        elif "eval" in r:
+            while evals and evals[-1]["step"] >= r["step"]:
+                evals.pop()
+            evals.append(r)
+    return train, evals
 
 
 def schedule_restarts(train: list[dict]) -> list[tuple[int, float]]:
