@@ -486,22 +486,22 @@ def read_log(run_dir) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def schedule_restarts(train: list[dict]) -> list[tuple[int, float]]:
-    """Steps where the learning rate rose again after it had started to fall, with the new rate.
+def schedule_restarts(train: list[dict]) -> list[tuple[int, float, float]]:
+    """Steps where the learning rate rose again after it had started to fall: ``(step, rate before, rate after)``.
 
     That happens when a run is resumed with more epochs (``num_epochs`` may change on resume):
     the cosine is re-stretched over the new length. Read from the log, so the card says so itself.
 
     >>> rows = [{"step": s, "lr": lr} for s, lr in enumerate([0.5, 1.0, 0.6, 0.1, 0.0, 0.3, 0.2], 1)]
     >>> schedule_restarts(rows)
-    [(5, 0.3)]
+    [(5, 0.0, 0.3)]
     """
     out, fell = [], False
     for prev, row in zip(train, train[1:]):
         if row["lr"] < prev["lr"]:
             fell = True
         elif fell and row["lr"] > prev["lr"]:
-            out.append((prev["step"], row["lr"]))
+            out.append((prev["step"], prev["lr"], row["lr"]))
             fell = False
     return out
 
@@ -588,6 +588,7 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
         "hardware": f"{_cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "config": dataclasses.asdict(cfg) if cfg is not None else None,
         "schedule_restarts": schedule_restarts(train),
+        "fusion_gate_max": max((g.gate.detach().float().tanh().abs().max().item() for g in draft.fusion.values()), default=None),
     }
     notes = run_dir / "NOTES.md"  # hand-written circumstances of the run (shared cores, interruptions), if any
     with atomic_dir(out_dir) as tmp:
@@ -611,8 +612,11 @@ def _draft_card(title: str, m: dict, evals: list[dict], notes: str | None = None
     per_epoch = ", ".join(f"{r['eval']['heldout']['agreement']:.3f}" for r in evals)
     cfg = m["config"]
     t = cfg["training"] if cfg else {}
-    restarts = "".join(f"\nThe run was resumed with more epochs at step {s}: the cosine schedule was re-stretched over the "
-                       f"new length, so the learning rate rose again to {lr:.2g} there." for s, lr in m.get("schedule_restarts", []))
+    restarts = "".join(f"\nAt step {s} the run was resumed with more epochs: the cosine schedule was re-stretched over the "
+                       f"new length, so the learning rate jumped from {a:.2g} to {b:.2g}." for s, a, b in m.get("schedule_restarts", []))
+    gates = (f"\nFusion gates after training: largest |tanh(gate)| {m['fusion_gate_max']:.4f} (0 = closed, 1 = fully open)."
+             if m.get("fusion_gate_max") is not None else "")
+    no_cache = any(k.endswith("_no_cache") for k in m["test"])
     notes = f"\n## Run notes\n{notes}\n" if notes else ""
     return f"""# {title}
 
@@ -628,15 +632,15 @@ Data: the teacher's training text (standard-library training files), {t.get('gen
 greedily by the teacher (share {t.get('generated_share')}), item-conditioned sequences: the knowledge questions and their
 training paraphrases continued by the teacher (share {t.get('item_share')}; the evaluation paraphrases are never trained on).
 Validation agreement per epoch (32 held-out prompts, seed 1): {per_epoch}; the best epoch (step {m['best_step']}) is shipped.
-Skipped (non-finite) steps: {m['skipped_steps']}.{restarts}
+Skipped (non-finite) steps: {m['skipped_steps']}.{restarts}{gates}
 {notes}
-## Test figures ({m['test_prompts']} held-out prompts, seed 0, never used for selection)
+## Test figures (never used for selection)
 Agreement = teacher-forced top-1 agreement with the teacher on its own greedy continuations (the per-token
 greedy acceptance rate); alpha = E[sum_x min(p, q)] (the sampling acceptance); KL = KL(teacher || draft) in nats;
-CE / ppl = the draft's cross-entropy / perplexity on the scored tokens. "heldout": 64-token prompts from held-out
-standard-library files continued 64 tokens by the teacher; "paraphrase": the knowledge items' evaluation
-paraphrases continued 48 tokens; "text": held-out text windows (real code, not the teacher's); "no cache": the
-same draft with its knowledge cache detached.
+CE / ppl = the draft's cross-entropy / perplexity on the scored tokens. "heldout": the {m['test_prompts']} test prompts
+(64 tokens from held-out standard-library files, seed 0) continued 64 tokens by the teacher; "paraphrase": the
+knowledge items' evaluation paraphrases continued 48 tokens; "text": held-out text windows (real code, not the
+teacher's).{' "no cache": the same draft with its knowledge cache detached.' if no_cache else ''}
 
 | set | agreement | alpha | KL | CE | ppl | positions |
 |---|---|---|---|---|---|---|

@@ -100,13 +100,14 @@ def test_more_epochs_on_resume_restretch_the_schedule_and_the_card_says_so(small
     assert events == [{"step": 2, "event": "schedule", "total_steps": 4, "previous_total_steps": 2}]
     train, _ = read_log(run_dir)
     assert [r["step"] for r in train] == [1, 2, 3, 4] and train[1]["lr"] == 0.0
-    assert schedule_restarts(train) == [(2, train[2]["lr"])] and train[2]["lr"] > 0
+    assert schedule_restarts(train) == [(2, 0.0, train[2]["lr"])] and train[2]["lr"] > 0
     (run_dir / "NOTES.md").write_text("Ran on a shared machine.\n")
     m = export_draft(run_dir, tmp_path / "out", teacher=model, tokenizer=tok, cfg=small_cfg(num_epochs=2),
                      n_prompts=2, log=lambda *_: None)
-    assert m["steps"] == 4 and m["schedule_restarts"] == [(2, train[2]["lr"])]
+    assert m["steps"] == 4 and m["schedule_restarts"] == [(2, 0.0, train[2]["lr"])]
+    assert 0 <= m["fusion_gate_max"] < 1  # the small config's draft has fusion layers
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "resumed with more epochs at step 2" in card
+    assert "At step 2 the run was resumed with more epochs" in card and "jumped from 0 to" in card
     assert "## Run notes\nRan on a shared machine.\n" in card
 
 
