@@ -488,7 +488,7 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
         "environment": environment(),
         "teacher": model_name(teacher),
         "draft": {"layers": draft.config.kept_layers, "knowledge": draft.knowledge is not None,
-                  "path": _display_path(getattr(draft.config, "_name_or_path", None))},
+                  "path": _display_path(getattr(draft.config, "_name_or_path", None)), "card": draft_card(draft)},
         "prompts": {k: len(v) for k, v in prompts.items()},
         "rows": rows,
         "costs": costs,
@@ -499,6 +499,19 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
 
 
 # ----------------------------------------------------------------------------- reporting
+
+
+def draft_card(draft) -> dict | None:
+    """Training steps and test agreement from the card (``metrics.json``) of the folder the draft was loaded from.
+
+    Recorded in the report so that a speed-up names the draft behind it; None for a draft built in memory.
+    """
+    folder = getattr(draft.config, "_name_or_path", None)
+    card = Path(folder) / "metrics.json" if folder else None
+    if card is None or not card.is_file():
+        return None
+    m = json.loads(card.read_text())
+    return {"steps": m.get("steps"), "agreement": m.get("agreement")}
 
 
 def _display_path(path: str | None) -> str | None:
@@ -537,7 +550,9 @@ def _fmt(v, digits=2):
 def report_markdown(report: dict) -> str:
     """The report as Markdown tables (one per prompt kind and mode), with costs and the sweep."""
     env = report["environment"]
-    lines = [f"# qd bench: {report['teacher']} teacher, draft layers {report['draft']['layers']}", "",
+    card = report["draft"].get("card")
+    trained = f" ({card['steps']} training steps, test agreement {card['agreement']:.3f})" if card else ""
+    lines = [f"# qd bench: {report['teacher']} teacher, draft layers {report['draft']['layers']}{trained}", "",
              f"{env['cpu']}, {env['torch_threads']} torch threads; Python {env['python']}, torch {env['torch']}, "
              f"transformers {env['transformers']}, qdlib {env['qdlib']}. "
              f"{report['config']['max_new_tokens']} new tokens per prompt, gamma {report['config']['gamma']}, "

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qdlib import build_draft, sample_layers
+from qdlib import build_draft, paths, sample_layers
 from qdlib.bench import (METHODS, BenchConfig, CallCounter, headline, load_report, report_markdown, run_bench,
                          teacher_forced_alpha, write_report)
 from qdlib.retrieval import NgramDrafter
@@ -127,3 +127,19 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="qd bench"):
         load_report(tmp_path / "nothing")
     assert report_markdown(r) == md
+
+
+def test_the_report_names_the_trained_draft_behind_it(tiny, tmp_path):
+    from qdlib.bench import draft_card
+    from qdlib.draft import DraftForCausalLM
+
+    teacher, _ = tiny
+    draft = build_draft(teacher, sample_layers(28, 6)).float()
+    assert draft_card(draft) is None  # built in memory: no card
+    draft.save_pretrained(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"steps": 7, "agreement": 0.5}))
+    loaded = DraftForCausalLM.from_pretrained(tmp_path)
+    assert draft_card(loaded) == {"steps": 7, "agreement": 0.5}
+    report = load_report(paths.REPO_DIR / "outputs" / "bench_reference")
+    report["draft"]["card"] = draft_card(loaded)
+    assert report_markdown(report).splitlines()[0].endswith("(7 training steps, test agreement 0.500)")
