@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from .metrics import distribution_metrics, expected_speedup, expected_tokens_per_call
+from .progress import progress_bar
 from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
 
 # name -> (label, group, needs). Groups order the table; needs says what the method uses.
@@ -396,8 +397,6 @@ def environment() -> dict:
 def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, progress: bool = True,
               extra_drafts: dict | None = None, log=print) -> dict:
     """Measure every method of ``cfg`` on the same prompts; returns the report (a JSON-able dict)."""
-    from .progress import progress_bar
-
     from .models import model_name
 
     cfg = (cfg or BenchConfig()).validate()

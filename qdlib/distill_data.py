@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .progress import progress_bar
 from .teacher import corpus_files, heldout_prompts, random_prompts, read_source
 
 
@@ -224,8 +225,6 @@ def build_distill_data(teacher, tokenizer, *, generated: int = 512, prompt_token
                        item_share: float = 0.1, max_text_tokens: int | None = None, max_files: int | None = None,
                        seed: int = 0, progress: bool = True) -> DistillData:
     """Tokenize the training text, let the teacher continue ``generated`` prompts, add item sequences."""
-    from .progress import progress_bar
-
     text = training_stream(tokenizer, max_files=max_files, max_tokens=max_text_tokens)
     if len(text) < seq_len + 2:
         raise ValueError(f"only {len(text)} training tokens, fewer than one window of {seq_len}")

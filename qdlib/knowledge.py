@@ -31,6 +31,7 @@ import torch
 
 from . import paths
 from .io import atomic_dir, write_json_atomic
+from .progress import progress_bar
 from .sampling import run_layers
 
 FORMAT_VERSION = 1
@@ -246,8 +247,6 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
         layer: teacher decoder layer whose output is kept (default: the last, after the final norm's input).
         answer_tokens: length of the teacher's greedy answer stored after each question.
     """
-    from .progress import progress_bar
-
     from .models import model_name
 
     if items is None or isinstance(items, (str, os.PathLike)):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import paths
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
+from .progress import progress_bar
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -422,7 +423,6 @@ def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = N
     ``last.pt`` every ``ckpt_every`` steps; rerunning the same command resumes
     there. Progress goes to a tqdm bar and ``log.jsonl``.
     """
-    from .progress import progress_bar
     from transformers import Qwen3ForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
 
     run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "teacher"

@@ -40,6 +40,7 @@ from .distill import DistillConfig, ce_loss, distill_loss, validate
 from .distill_data import DistillData, EvalSet, build_distill_data, heldout_eval_set, paraphrase_eval_set, perplexity
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
 from .metrics import distribution_sums
+from .progress import progress_bar
 
 EVAL_SEED_VALIDATION = 1  # prompts that pick the best checkpoint
 EVAL_SEED_TEST = 0  # prompts of the reported figures and the agreement bar (never used for selection)
@@ -229,7 +230,6 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from .progress import progress_bar
     from transformers import get_cosine_schedule_with_warmup
 
     from .draft import build_draft
