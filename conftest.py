@@ -3,6 +3,8 @@
 - a quiet, offline, deterministic environment, set before any notebook kernel starts
   (``--nbval-current-env``: kernels inherit it), so progress bars, hub calls and HF warnings stay off;
 - stderr of notebook cells is not compared (guarded to .ipynb files);
+- no ``MPLBACKEND`` here: the kernels draw with matplotlib's inline backend (``qdlib.notebook.setup``), so every
+  figure is stored in the notebook (nbval does not compare images);
 - runs write to a temporary folder (``QD_RUNS``), never to tracked files.
 
 The unit tests' fixtures live in ``tests/conftest.py``.
@@ -18,7 +20,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("PYTHONHASHSEED", "0")
-os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("QD_RUNS", tempfile.mkdtemp(prefix="qd-test-runs-"))
 os.environ.pop("QD_MODEL", None)  # the tests choose their teacher explicitly
 

@@ -3,7 +3,9 @@
     >>> layer_strip(8, [0, 3, 7])
     '■□□■□□□■'
 
-Plots return the matplotlib ``Figure`` (one final figure, no live redraws).
+Plots return the matplotlib ``Figure``. Each explorer redraws a picture as its controls move, and stores a
+snapshot of its starting state next to the live widget (:func:`snapshot_box`), so a notebook opened without
+running it shows that picture rather than a widget's text repr.
 """
 
 from __future__ import annotations
@@ -31,24 +33,72 @@ def describe_sampling(num_layers: int, k: int, strategy: str, scores=None) -> st
     return f"{strategy:>11} k={k:<2} {layer_strip(num_layers, layers)}  {layers}  gaps {gaps}"
 
 
-def layer_explorer(num_layers: int = 28, scores=None):
-    """An ipywidgets explorer (strategy, k) that shows :func:`describe_sampling`."""
+def snapshot_box(children, snapshot: dict, text: str):
+    """A ``VBox`` of ``children`` that also stores ``snapshot`` (e.g. ``{"image/png": ...}``) and ``text``.
+
+    A notebook frontend that can run widgets shows the live controls; one that cannot (a notebook opened
+    without running it, where JupyterLab renders only safe output types, or a static viewer) shows the
+    snapshot of the widget's starting state instead of a ``VBox(children=(...`` repr.
+    """
     import ipywidgets as w
 
+    class _SnapshotBox(w.VBox):
+        def _repr_mimebundle_(self, **kwargs):
+            data = super()._repr_mimebundle_(**kwargs)
+            data.update(self.snapshot)
+            data["text/plain"] = self.snapshot_text
+            return data
+
+    box = _SnapshotBox(children)
+    box.snapshot, box.snapshot_text = dict(snapshot), text
+    return box
+
+
+def png_bytes(fig, close: bool = True) -> bytes:
+    """The figure as PNG bytes (closed afterwards by default, so the inline backend does not show it again)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _png_snapshot(png: bytes) -> dict:
+    import base64
+
+    return {"image/png": base64.b64encode(png).decode("ascii")}
+
+
+LIVE_NOTE = "(run the notebook to move the controls; this is the starting state)"
+
+
+def layer_explorer(num_layers: int = 28, scores=None, k: int = 6, strategy: str = "uniform"):
+    """An ipywidgets explorer (strategy, k) that draws the kept layers and shows :func:`describe_sampling`."""
+    import ipywidgets as w
+
+    from .metrics import strategy_layers
+
     strategies = ["uniform", "geometric", "logarithmic", "first-k"] + (["importance"] if scores is not None else [])
-    out = w.Output()
-    strat = w.Dropdown(options=strategies, value="uniform", description="strategy")
-    k = w.IntSlider(value=6, min=2, max=num_layers, description="k")
+    strat = w.Dropdown(options=strategies, value=strategy, description="strategy")
+    k_slider = w.IntSlider(value=k, min=2, max=num_layers, description="k")
+    picture, text = w.Image(format="png"), w.HTML()
 
     def show(*_):
-        out.clear_output(wait=True)
-        with out:
-            print(describe_sampling(num_layers, k.value, strat.value, scores))
+        line = describe_sampling(num_layers, k_slider.value, strat.value, scores)
+        text.value = f"<pre>{line}</pre>"
+        if not line.startswith("error:"):
+            layers = strategy_layers(num_layers, k_slider.value, strat.value, scores)
+            picture.value = png_bytes(plot_strips(num_layers, {f"{strat.value}, k={k_slider.value}": layers}))
 
     strat.observe(show, "value")
-    k.observe(show, "value")
+    k_slider.observe(show, "value")
     show()
-    return w.VBox([w.HBox([strat, k]), out])
+    return snapshot_box([w.HBox([strat, k_slider]), picture, text], _png_snapshot(picture.value),
+                         f"layer explorer {LIVE_NOTE}: {describe_sampling(num_layers, k, strategy, scores)}")
 
 
 def plot_strips(num_layers: int, rows: dict[str, Sequence[int]], title: str = ""):
@@ -179,20 +229,59 @@ def describe_speedup(alpha: float, c: float, gamma: int, verify_cost: float = 1.
             f"predicted speed-up {expected_speedup(alpha, gamma, c, verify_cost):.2f}x")
 
 
+def plot_speedup(alpha: float, c: float, gamma: int, verify_cost: float = 1.0, max_gamma: int = 16):
+    """Predicted speed-up over plain decoding against gamma, for one alpha, c and verification cost.
+
+    The chosen ``gamma`` is marked; the dotted line is 1x (no gain). Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    from .metrics import expected_speedup
+
+    gammas = list(range(1, max(max_gamma, gamma) + 1))
+    ys = [expected_speedup(alpha, g, c, verify_cost) for g in gammas]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    ax.plot(gammas, ys, "o-", ms=3, color="tab:blue", label="predicted speed-up")
+    ax.plot([gamma], [expected_speedup(alpha, gamma, c, verify_cost)], "o", ms=9, color="tab:orange",
+            label=f"gamma = {gamma}")
+    ax.axhline(1.0, ls=":", color="grey")
+    ax.set_xlabel("gamma (draft tokens per round)")
+    ax.set_ylabel("speed-up over plain decoding")
+    ax.set_ylim(0, max(2.0, max(ys) * 1.15))
+    ax.set_title(f"alpha {alpha:.2f}, c {c:.2f}, verify {verify_cost:.2f}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def speedup_explorer(alpha: float = 0.8, c: float = 0.15, gamma: int = 4, verify_cost: float = 1.1):
-    """Sliders for alpha, c, gamma and the verification cost that show :func:`describe_speedup`."""
+    """Sliders for alpha, c, gamma and the verification cost that redraw :func:`plot_speedup`.
+
+    The sliders start at exactly the values given and show them as :func:`describe_speedup` prints them
+    (two decimals); pass values rounded to two decimals so a slider never snaps away from its start.
+    """
     import ipywidgets as w
 
-    out = w.HTML()
-    sliders = {"alpha": w.FloatSlider(value=alpha, min=0.05, max=0.95, step=0.05, description="alpha"),
-               "c": w.FloatSlider(value=c, min=0.02, max=1.0, step=0.02, description="c"),
-               "gamma": w.IntSlider(value=gamma, min=1, max=12, description="gamma"),
-               "verify_cost": w.FloatSlider(value=verify_cost, min=1.0, max=2.0, step=0.05, description="verify")}
+    start = {"alpha": alpha, "c": c, "gamma": gamma, "verify_cost": verify_cost}
+    sliders = {"alpha": w.FloatSlider(min=0.0, max=0.99, step=0.01, readout_format=".2f", description="alpha"),
+               "c": w.FloatSlider(min=0.0, max=1.0, step=0.01, readout_format=".2f", description="c"),
+               "gamma": w.IntSlider(min=1, max=16, description="gamma"),
+               "verify_cost": w.FloatSlider(min=1.0, max=2.0, step=0.01, readout_format=".2f", description="verify")}
+    for name, s in sliders.items():
+        if not s.min <= start[name] <= s.max:  # a slider would silently clamp it
+            raise ValueError(f"speedup_explorer: {name}={start[name]!r} is outside [{s.min}, {s.max}]")
+        s.value = start[name]
+    picture, out = w.Image(format="png"), w.HTML()
 
     def show(*_):
-        out.value = f"<pre>{describe_speedup(**{k: s.value for k, s in sliders.items()})}</pre>"
+        values = {k: s.value for k, s in sliders.items()}
+        picture.value = png_bytes(plot_speedup(**values))
+        out.value = f"<pre>{describe_speedup(**values)}</pre>"
 
     for s in sliders.values():
         s.observe(show, "value")
     show()
-    return w.VBox([w.HBox(list(sliders.values())[:2]), w.HBox(list(sliders.values())[2:]), out])
+    return snapshot_box([w.HBox(list(sliders.values())[:2]), w.HBox(list(sliders.values())[2:]), picture, out],
+                         _png_snapshot(picture.value),
+                         f"speed-up explorer {LIVE_NOTE}: {describe_speedup(alpha, c, gamma, verify_cost)}")
