@@ -13,11 +13,17 @@ tells "not attempted" apart from "incorrect" and says what is wrong:
     >>> check("exercise 1", lambda: 3, expected=3)
     exercise 1: correct!
     True
+
+Under nbgrader's autograder (or validator), which sets ``NBGRADER_EXECUTION``, a check that
+fails also raises ``AssertionError``, so the grade cell scores zero instead of full marks.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
+
+GRADING_ENV = "NBGRADER_EXECUTION"  # "autograde" or "validate" while nbgrader runs a notebook
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -37,22 +43,24 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _verdict(ok: bool, message: str) -> bool:
+    print(message)
+    if not ok and os.environ.get(GRADING_ENV):
+        raise AssertionError(message)
+    return ok
+
+
 def check(name: str, fn: Callable, *args, expected: Any, equal: Callable[[Any, Any], bool] = _equal,
           hint: str = "", **kwargs) -> bool:
     """Call ``fn(*args, **kwargs)`` and compare with ``expected``; print a friendly verdict."""
     try:
         got = fn(*args, **kwargs)
     except NotImplementedError:
-        print(f"{name}: not attempted yet - replace `raise NotImplementedError()` with your code.")
-        return False
+        return _verdict(False, f"{name}: not attempted yet - replace `raise NotImplementedError()` with your code.")
     except Exception as exc:  # a student's bug: say what it was
-        print(f"{name}: your code raised {type(exc).__name__}: {exc}")
-        return False
+        return _verdict(False, f"{name}: your code raised {type(exc).__name__}: {exc}")
     if got is None:
-        print(f"{name}: your function returned None - did you forget `return`?")
-        return False
+        return _verdict(False, f"{name}: your function returned None - did you forget `return`?")
     if equal(got, expected):
-        print(f"{name}: correct!")
-        return True
-    print(f"{name}: not quite - expected {expected!r}, got {got!r}." + (f" Hint: {hint}" if hint else ""))
-    return False
+        return _verdict(True, f"{name}: correct!")
+    return _verdict(False, f"{name}: not quite - expected {expected!r}, got {got!r}." + (f" Hint: {hint}" if hint else ""))

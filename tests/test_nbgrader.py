@@ -1,0 +1,96 @@
+"""nbgrader's own round trip on the course, in a temporary course folder.
+
+Every exercise's solution cell and the check cell after it carry nbgrader metadata; ``nbgrader
+generate_assignment`` releases copies with no solution line in them, and ``nbgrader autograde`` gives the
+reference solutions full marks and an untouched released copy none (a failing check raises under nbgrader).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from qdlib import paths
+from qdlib.student import solution_lines
+
+NOTEBOOKS = sorted((paths.REPO_DIR / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+BEGIN = "### BEGIN SOLUTION"
+
+
+def cells(path):
+    return json.loads(path.read_text(encoding="utf-8"))["cells"]
+
+
+def exercise_pairs(nb_cells):
+    """(solution cell, the code cell after it) for every code cell with a solution region."""
+    code = [c for c in nb_cells if c["cell_type"] == "code"]
+    return [(c, code[i + 1]) for i, c in enumerate(code) if BEGIN in "".join(c["source"])]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exercise_cells_carry_nbgrader_metadata(path):
+    pairs = exercise_pairs(cells(path))
+    assert len(pairs) >= 2, path.name
+    ids = []
+    for solution, grade in pairs:
+        s, g = solution["metadata"].get("nbgrader", {}), grade["metadata"].get("nbgrader", {})
+        assert s.get("solution") is True and s.get("grade") is False, (path.name, "".join(solution["source"])[:60])
+        assert g.get("grade") is True and g.get("locked") is True and g.get("points", 0) > 0, (path.name, g)
+        assert "check(" in "".join(grade["source"]), "the grade cell is the exercise's check cell"
+        ids += [s["grade_id"], g["grade_id"]]
+    assert len(ids) == len(set(ids)), f"{path.name}: grade ids must be unique"
+
+
+def nbgrader(course, *args):
+    result = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=course, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, f"nbgrader {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture()
+def course(tmp_path):
+    pytest.importorskip("nbgrader", reason="nbgrader is in the dev extra: pip install -e '.[dev]'")
+    (tmp_path / "nbgrader_config.py").write_text(
+        "c = get_config()\n"
+        "c.CourseDirectory.course_id = 'qdlib'\n"
+        "c.Execute.timeout = 600\n"  # the notebooks' cells are slow on a busy 2-core machine
+        "c.ClearSolutions.code_stub = {'python': 'raise NotImplementedError()'}\n", encoding="utf-8")
+    return tmp_path
+
+
+def test_released_copies_carry_no_solution(course):
+    source = course / "source" / "ps1"
+    source.mkdir(parents=True)
+    for path in NOTEBOOKS:
+        shutil.copy(path, source / path.name)
+    nbgrader(course, "generate_assignment", "ps1", "--force")
+    for path in NOTEBOOKS:
+        released = course / "release" / "ps1" / path.name
+        code = "\n".join("".join(c["source"]) for c in cells(released) if c["cell_type"] == "code")
+        secret = [line for c in cells(path) if c["cell_type"] == "code" for line in solution_lines("".join(c["source"]))]
+        leaked = [line for line in secret if line in code]
+        assert secret and not leaked, f"{path.name}: solution lines in the released copy: {leaked[:3]}"
+        assert BEGIN not in code and code.count("raise NotImplementedError()") >= len(exercise_pairs(cells(path)))
+
+
+def test_autograde_gives_reference_full_marks_and_an_empty_copy_none(course):
+    from nbgrader.api import Gradebook
+
+    name = "00_the_teacher.ipynb"
+    (course / "source" / "ps1").mkdir(parents=True)
+    shutil.copy(paths.REPO_DIR / "notebooks" / name, course / "source" / "ps1" / name)
+    nbgrader(course, "generate_assignment", "ps1", "--force")
+    for student, origin in (("reference", course / "source" / "ps1"), ("untouched", course / "release" / "ps1")):
+        (course / "submitted" / student / "ps1").mkdir(parents=True)
+        shutil.copy(origin / name, course / "submitted" / student / "ps1" / name)
+    nbgrader(course, "autograde", "ps1", "--create", "--force")
+    exercises = len(exercise_pairs(cells(paths.REPO_DIR / "notebooks" / name)))
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        reference = gb.find_submission("ps1", "reference")
+        untouched = gb.find_submission("ps1", "untouched")
+        assert reference.max_score == exercises
+        assert reference.score == reference.max_score, "the reference solutions must score full marks"
+        assert untouched.score == 0, "an unanswered copy must score nothing"
