@@ -1,8 +1,9 @@
 """nbgrader's own round trip on the course, in a temporary course folder.
 
 Every exercise's solution cell and the check cell after it carry nbgrader metadata; ``nbgrader
-generate_assignment`` releases copies with no solution line in them, and ``nbgrader autograde`` gives the
-reference solutions full marks and an untouched released copy none (a failing check raises under nbgrader).
+generate_assignment`` releases copies with no solution line in them; ``nbgrader autograde`` gives notebook 00's
+reference solutions full marks, and (on a two-exercise notebook, to keep it quick) an untouched released copy
+none, because a failing check raises under nbgrader.
 """
 
 import json
@@ -76,21 +77,59 @@ def test_released_copies_carry_no_solution(course):
         assert BEGIN not in code and code.count("raise NotImplementedError()") >= len(exercise_pairs(cells(path)))
 
 
-def test_autograde_gives_reference_full_marks_and_an_empty_copy_none(course):
+def autograde(course, name, submissions):
+    """Release ``name`` from source/ps1, submit each (student, folder) copy, autograde; {student: (score, max)}."""
     from nbgrader.api import Gradebook
 
+    nbgrader(course, "generate_assignment", "ps1", "--force")
+    for student, origin in submissions.items():
+        (course / "submitted" / student / "ps1").mkdir(parents=True)
+        shutil.copy(course / origin / "ps1" / name, course / "submitted" / student / "ps1" / name)
+    nbgrader(course, "autograde", "ps1", "--create", "--force")
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        return {s: (gb.find_submission("ps1", s).score, gb.find_submission("ps1", s).max_score) for s in submissions}
+
+
+def test_autograde_scores_a_failing_check_zero(course):
+    """The mechanism, on a two-exercise notebook: nbgrader gives points to a grade cell that does not raise."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                          "display_name": "Python 3 (ipykernel)"}})
+    nb.cells = [nbformat.v4.new_code_cell("from qdlib.exercises import check")]
+    for n, value in ((1, 3), (2, 5)):
+        solution = nbformat.v4.new_code_cell(f"def f{n}():\n    {BEGIN}\n    return {value}\n    ### END SOLUTION")
+        solution.metadata["nbgrader"] = {"grade": False, "grade_id": f"ex{n}", "locked": False, "schema_version": 3,
+                                         "solution": True, "task": False}
+        grade = nbformat.v4.new_code_cell(f"_ = check('Exercise {n}', f{n}, expected={value})")
+        grade.metadata["nbgrader"] = {"grade": True, "grade_id": f"ex{n}_check", "locked": True, "points": 1,
+                                      "schema_version": 3, "solution": False, "task": False}
+        nb.cells += [solution, grade]
+    (course / "source" / "ps1").mkdir(parents=True)
+    nbformat.write(nb, course / "source" / "ps1" / "tiny.ipynb")
+    scores = autograde(course, "tiny.ipynb", {"reference": "source", "untouched": "release"})
+    assert scores == {"reference": (2.0, 2.0), "untouched": (0.0, 2.0)}
+
+
+def test_autograde_gives_the_reference_solutions_full_marks(course):
     name = "00_the_teacher.ipynb"
     (course / "source" / "ps1").mkdir(parents=True)
     shutil.copy(paths.REPO_DIR / "notebooks" / name, course / "source" / "ps1" / name)
-    nbgrader(course, "generate_assignment", "ps1", "--force")
-    for student, origin in (("reference", course / "source" / "ps1"), ("untouched", course / "release" / "ps1")):
-        (course / "submitted" / student / "ps1").mkdir(parents=True)
-        shutil.copy(origin / name, course / "submitted" / student / "ps1" / name)
-    nbgrader(course, "autograde", "ps1", "--create", "--force")
     exercises = len(exercise_pairs(cells(paths.REPO_DIR / "notebooks" / name)))
-    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
-        reference = gb.find_submission("ps1", "reference")
-        untouched = gb.find_submission("ps1", "untouched")
-        assert reference.max_score == exercises
-        assert reference.score == reference.max_score, "the reference solutions must score full marks"
-        assert untouched.score == 0, "an unanswered copy must score nothing"
+    assert autograde(course, name, {"reference": "source"}) == {"reference": (exercises, exercises)}
+
+
+def test_a_failing_check_raises_only_under_nbgrader(monkeypatch, capsys):
+    from qdlib.exercises import GRADING_ENV, check
+
+    def todo():
+        raise NotImplementedError()
+
+    monkeypatch.delenv(GRADING_ENV, raising=False)
+    assert check("ex", lambda: 2, expected=1) is False and check("ex", todo, expected=1) is False
+    monkeypatch.setenv(GRADING_ENV, "autograde")
+    assert check("ex", lambda: 1, expected=1) is True
+    for wrong in (lambda: 2, todo, lambda: None, lambda: 1 / 0):
+        with pytest.raises(AssertionError, match="ex: "):
+            check("ex", wrong, expected=1)
+    assert "not attempted" in capsys.readouterr().out  # the student still reads the verdict
