@@ -1,8 +1,10 @@
 """The course notebooks' set-up, in one call (the first code cell of every notebook).
 
-    >>> from qdlib.notebook import setup
-    >>> setup(seed=0)       # outside a notebook only the seed and the quiet settings apply
-    'cpu'
+    from qdlib.notebook import setup
+    DEVICE = setup()        # "cpu"; in a notebook kernel, figures are now drawn inline
+
+    >>> use_inline_backend()    # outside a notebook kernel it changes nothing
+    False
 
 It keeps progress bars and transformers' info logging quiet, seeds torch, and makes
 matplotlib draw inline, so every ``plt.show()`` stores its figure in the notebook (a

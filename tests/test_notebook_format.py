@@ -241,3 +241,16 @@ def test_setup_uses_the_inline_backend_only_in_a_kernel(monkeypatch):
     assert notebook.use_inline_backend() and calls == [("matplotlib", "inline")]
     monkeypatch.setattr(IPython, "get_ipython", lambda: None)
     assert not notebook.use_inline_backend() and len(calls) == 1
+
+
+def test_setup_seeds_torch_and_returns_the_course_device(monkeypatch):
+    import IPython
+    import torch
+
+    from qdlib import notebook
+
+    monkeypatch.setattr(IPython, "get_ipython", lambda: None)
+    assert notebook.setup(seed=3) == "cpu"
+    first = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(first, torch.rand(3))
