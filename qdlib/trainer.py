@@ -36,11 +36,18 @@ from pathlib import Path
 import torch
 
 from . import paths
+from .corpus import heldout_texts, pad_id
 from .distill import DistillConfig, ce_loss, distill_loss, validate
 from .distill_data import DistillData, EvalSet, build_distill_data, heldout_eval_set, paraphrase_eval_set, perplexity
+from .draft import DraftForCausalLM, build_draft
+from .hardware import cpu_name, cpu_supports_bf16
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
-from .metrics import distribution_sums
+from .knowledge import build_knowledge_cache, check_cache_matches, load_items, load_knowledge_cache, teacher_fingerprint
+from .metrics import distribution_sums, running_mean, strategy_layers, text_windows
+from .models import load_teacher, model_name
 from .progress import progress_bar
+from .sampling import layer_importance
+from .training import adamw, config_changes
 
 EVAL_SEED_VALIDATION = 1  # prompts that pick the best checkpoint
 EVAL_SEED_TEST = 0  # prompts of the reported figures and the agreement bar (never used for selection)
@@ -102,8 +109,6 @@ def evaluate_draft(teacher, draft, sets: dict[str, EvalSet], cache=None) -> dict
 
 def text_eval_set(tokenizer, texts, seq_len: int = 128, n: int = 16) -> EvalSet:
     """Held-out text windows, every position scored (cross-entropy / perplexity on real text)."""
-    from .metrics import text_windows
-
     ids = text_windows(tokenizer, texts, seq_len=seq_len, n=n)
     return EvalSet(ids, torch.ones(ids.shape, dtype=torch.bool), "text")
 
@@ -111,8 +116,6 @@ def text_eval_set(tokenizer, texts, seq_len: int = 128, n: int = 16) -> EvalSet:
 def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, texts=None,
               new_tokens: int = 64, text_windows: int = 16) -> dict[str, EvalSet]:
     """Held-out prompts continued by the teacher (and the items' evaluation paraphrases, and held-out text)."""
-    from .teacher import heldout_texts
-
     texts = texts if texts is not None else heldout_texts()
     sets = {"heldout": heldout_eval_set(teacher, tokenizer, texts, n_prompts=n_prompts, seed=seed, new_tokens=new_tokens)}
     if items:
@@ -126,17 +129,12 @@ def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, text
 
 def draft_layers(cfg: DistillConfig, teacher, tokenizer=None) -> tuple[list[int], bool]:
     """The teacher layers the config asks for, and whether the ends must be kept."""
-    from .metrics import strategy_layers, text_windows
-
     d = cfg.draft_model
     L = teacher.config.num_hidden_layers
     if d.sampled_indices is not None:
         return list(d.sampled_indices), True
     scores = None
     if d.strategy == "importance":
-        from .sampling import layer_importance
-        from .teacher import heldout_texts
-
         scores = layer_importance(teacher, text_windows(tokenizer, heldout_texts()[:4], seq_len=128, n=4))
     return strategy_layers(L, d.num_sampled_layers, d.strategy, scores), d.strategy != "first-k"
 
@@ -162,8 +160,6 @@ def set_trainable(draft, which: str) -> list[str]:
 
 
 def _mixed_precision(choice: str) -> str:
-    from .teacher import cpu_supports_bf16
-
     if choice != "auto":
         return choice
     if torch.cuda.is_available():
@@ -232,9 +228,6 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     from accelerate.state import AcceleratorState
     from transformers import get_cosine_schedule_with_warmup
 
-    from .draft import build_draft
-    from .knowledge import build_knowledge_cache, check_cache_matches, load_items, load_knowledge_cache, teacher_fingerprint
-    from .models import load_teacher, model_name
 
     t = cfg.training
     AcceleratorState._reset_state()  # a fresh state per run (notebooks and tests call this more than once)
@@ -442,7 +435,7 @@ def _on_policy_rows(draft, ids: torch.Tensor, valid: torch.Tensor, t, seed: int,
     torch.manual_seed(seed)
     prompts = ids[:n, :prompt_tokens].to(draft.device)
     new = ids.shape[1] - prompt_tokens
-    pad = draft.config.pad_token_id if draft.config.pad_token_id is not None else 0
+    pad = pad_id(draft.config)
     gen = draft.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
                          do_sample=True, temperature=1.0, top_k=0, pad_token_id=pad).cpu()
     draft.train(was)
@@ -514,8 +507,6 @@ def plot_curves(run_dir, path=None):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = [r["step"] for r in train if r["loss"] is not None]
     loss = [r["loss"] for r in train if r["loss"] is not None]
-    from .metrics import running_mean
-
     smooth = running_mean(loss, 20)
     a.plot(steps, smooth)
     a.set_xlabel("step")
@@ -552,10 +543,6 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
 
     import matplotlib.pyplot as plt
 
-    from .draft import DraftForCausalLM
-    from .knowledge import load_items, load_knowledge_cache
-    from .models import load_teacher, model_name
-    from .teacher import _cpu_name
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     best = run_dir / "best"
@@ -585,7 +572,7 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
         "tokens_seen": train[-1]["tokens"] if train else 0,
         "train_wall_time_s": train[-1]["elapsed_s"] if train else 0.0,
         "skipped_steps": sum(1 for r in train if r.get("skipped")),
-        "hardware": f"{_cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "hardware": f"{cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "config": dataclasses.asdict(cfg) if cfg is not None else None,
         "schedule_restarts": schedule_restarts(train),
         "fusion_gate_max": max((g.gate.detach().float().tanh().abs().max().item() for g in draft.fusion.values()), default=None),
