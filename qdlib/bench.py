@@ -390,9 +390,95 @@ def environment() -> dict:
             "qdlib": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _repeat_jobs(methods: dict, jobs: list, prompts: list, cfg: BenchConfig, bar) -> dict:
+    """Every job ``(mode, temperature, method)`` on ``prompts``: untimed warm-up, then ``cfg.repeats`` timed rounds.
+
+    Returns ``{(mode, method): [runs of repeat 1, runs of repeat 2, ...]}``. Each repeat runs all jobs one
+    after the other, so slow drift of the machine hits all alike.
+    """
+    for _mode, t, name in jobs:  # warm-up, untimed
+        for p in prompts[: cfg.warmup]:
+            methods[name](p, t, torch.Generator().manual_seed(cfg.seed))
+    per = {(mode, name): [] for mode, _, name in jobs}
+    for _ in range(cfg.repeats):
+        for mode, t, name in jobs:
+            g = torch.Generator().manual_seed(cfg.seed)
+            runs = []
+            for p in prompts:
+                runs.append(methods[name](p, t, g))
+                bar.update()
+            per[(mode, name)].append(runs)
+    return per
+
+
+def _measure_rows(methods: dict, prompts: dict, cfg: BenchConfig, modes: list, jobs: list, bar) -> tuple[list, dict]:
+    """The table rows (one per kind, mode and method) and the teacher's greedy outputs per kind (the reference)."""
+    rows, refs = [], {}
+    for kind, kind_prompts in prompts.items():
+        refs[kind] = [methods["teacher_generate"](p, 0.0, None).out for p in kind_prompts]  # the greedy reference
+        per = _repeat_jobs(methods, jobs, kind_prompts, cfg, bar)
+        base = {m: _summarise(per[(m, "teacher_generate")], None)["tokens_per_s"] for m, _ in modes}
+        for mode, _, name in jobs:
+            row = {"method": name, "label": METHODS[name][0], "group": METHODS[name][1], "kind": kind, "mode": mode,
+                   **_summarise(per[(mode, name)], refs[kind] if mode == "greedy" else None)}
+            row["speedup"] = row["tokens_per_s"] / base[mode]
+            rows.append(row)
+    return rows, refs
+
+
+def measure_costs(teacher, draft, extra: dict, cfg: BenchConfig) -> dict:
+    """Step costs in teacher steps: ``c`` per draft (one draft step over one teacher step) and ``verify_cost[g]``."""
+    ctx = cfg.prompt_tokens + cfg.max_new_tokens // 2
+    t_step = step_time(teacher, ctx)
+    costs = {"teacher_step_ms": 1e3 * t_step, "c": {}}
+    for name, d in {"spec": draft, **extra}.items():
+        costs["c"][name] = step_time(d, ctx) / t_step
+    if draft.knowledge is not None:  # the same draft without its cross-attention to the cache
+        attached = draft.knowledge
+        try:
+            costs["c"]["spec_no_cache"] = step_time(draft.set_knowledge(None), ctx) / t_step
+        finally:
+            draft.set_knowledge(attached)
+    costs["verify_cost"] = {str(g): step_time(teacher, ctx, tokens=g + 1) / t_step for g in sorted(set(cfg.gammas) | {cfg.gamma})}
+    return costs
+
+
+def _gamma_sweep(teacher, tokenizer, draft, cfg: BenchConfig, prompts: list, refs: list, alpha: float, costs: dict,
+                 bar) -> list[dict]:
+    """Speculative decoding at every gamma of ``cfg.gammas`` on ``prompts``: measured speed-ups and the theory's."""
+    sweep_methods = make_methods(teacher, tokenizer, draft, dataclasses.replace(cfg, methods=("teacher_plain",)))
+    for gm in cfg.gammas:
+        sweep_methods[f"gamma{gm}"] = make_methods(
+            teacher, tokenizer, draft, dataclasses.replace(cfg, gamma=gm, methods=("spec",)))["spec"]
+    per = {n: [] for n in sweep_methods}
+    for _ in range(cfg.repeats):
+        for n, fn in sweep_methods.items():
+            runs = []
+            for p in prompts:
+                runs.append(fn(p, 0.0, None))
+                bar.update()
+            per[n].append(runs)
+    s_gen = _summarise(per["teacher_generate"], None)["tokens_per_s"]
+    s_plain = _summarise(per["teacher_plain"], None)["tokens_per_s"]
+    sweep = []
+    for gm in cfg.gammas:
+        r = _summarise(per[f"gamma{gm}"], refs[: len(prompts)])
+        sweep.append({"gamma": gm, "speedup_vs_generate": r["tokens_per_s"] / s_gen,
+                      "speedup_vs_plain": r["tokens_per_s"] / s_plain,
+                      "tokens_per_target_call": r["tokens_per_target_call"], "acceptance": r["acceptance"],
+                      "identical": r["identical"], "prompts": r["prompts"],
+                      "theory_tokens_per_call": expected_tokens_per_call(alpha, gm),
+                      "theory_speedup_vs_plain": expected_speedup(alpha, gm, costs["c"]["spec"],
+                                                                  costs["verify_cost"][str(gm)])})
+    return sweep
+
+
 def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, progress: bool = True,
               extra_drafts: dict | None = None, log=print) -> dict:
-    """Measure every method of ``cfg`` on the same prompts; returns the report (a JSON-able dict)."""
+    """Measure every method of ``cfg`` on the same prompts; returns the report (a JSON-able dict).
+
+    Write it with :func:`qdlib.report.write_report`, read it with :func:`qdlib.report.report_markdown`.
+    """
     cfg = (cfg or BenchConfig()).validate()
     teacher.eval()
     draft.eval()
@@ -406,75 +492,16 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
     bar = progress_bar(total=n_calls + sweep_calls, desc="bench", unit="call", enabled=progress)
 
     t_start = time.perf_counter()
-    rows = []
-    refs = {}
-    for kind, kind_prompts in prompts.items():
-        ref_runs = [methods["teacher_generate"](p, 0.0, None) for p in kind_prompts]  # the greedy reference
-        refs[kind] = [r.out for r in ref_runs]
-        for _mode, t, name in jobs:  # warm-up, untimed
-            for p in kind_prompts[: cfg.warmup]:
-                methods[name](p, t, torch.Generator().manual_seed(cfg.seed))
-        per = {(mode, name): [] for mode, _, name in jobs}
-        for _ in range(cfg.repeats):
-            for mode, t, name in jobs:
-                g = torch.Generator().manual_seed(cfg.seed)
-                runs = []
-                for p in kind_prompts:
-                    runs.append(methods[name](p, t, g))
-                    bar.update()
-                per[(mode, name)].append(runs)
-        base = {m: _summarise(per[(m, "teacher_generate")], None)["tokens_per_s"] for m, _ in modes}
-        for mode, _, name in jobs:
-            row = {"method": name, "label": METHODS[name][0], "group": METHODS[name][1], "kind": kind, "mode": mode,
-                   **_summarise(per[(mode, name)], refs[kind] if mode == "greedy" else None)}
-            row["speedup"] = row["tokens_per_s"] / base[mode]
-            rows.append(row)
-
-    # ---- costs and the teacher-forced acceptance behind the theory
-    ctx = cfg.prompt_tokens + cfg.max_new_tokens // 2
-    t_step = step_time(teacher, ctx)
-    costs = {"teacher_step_ms": 1e3 * t_step, "c": {}}
-    for name, d in {"spec": draft, **extra}.items():
-        costs["c"][name] = step_time(d, ctx) / t_step
-    if draft.knowledge is not None:  # the same draft without its cross-attention to the cache
-        attached = draft.knowledge
-        try:
-            costs["c"]["spec_no_cache"] = step_time(draft.set_knowledge(None), ctx) / t_step
-        finally:
-            draft.set_knowledge(attached)
-    costs["verify_cost"] = {str(g): step_time(teacher, ctx, tokens=g + 1) / t_step for g in sorted(set(cfg.gammas) | {cfg.gamma})}
-    alpha = {}
-    for kind, kind_prompts in prompts.items():
-        alpha[kind] = teacher_forced_alpha(teacher, draft, refs[kind], [len(p) for p in kind_prompts])
-
-    # ---- gamma sweep (code prompts): measured speed-ups over the teacher, theory over the plain loop
+    rows, refs = _measure_rows(methods, prompts, cfg, modes, jobs, bar)
+    # the costs and the teacher-forced acceptance behind the theory
+    costs = measure_costs(teacher, draft, extra, cfg)
+    alpha = {kind: teacher_forced_alpha(teacher, draft, refs[kind], [len(p) for p in kind_prompts])
+             for kind, kind_prompts in prompts.items()}
+    # the gamma sweep (code prompts): measured speed-ups over the teacher, theory over the plain loop
     sweep = []
     if cfg.sweep_prompts and "code" in prompts:
-        sp = prompts["code"][: cfg.sweep_prompts]
-        sweep_methods = make_methods(teacher, tokenizer, draft, dataclasses.replace(cfg, methods=("teacher_plain",)))
-        for gm in cfg.gammas:
-            sweep_methods[f"gamma{gm}"] = make_methods(
-                teacher, tokenizer, draft, dataclasses.replace(cfg, gamma=gm, methods=("spec",)))["spec"]
-        per = {n: [] for n in sweep_methods}
-        for _ in range(cfg.repeats):
-            for n, fn in sweep_methods.items():
-                runs = []
-                for p in sp:
-                    runs.append(fn(p, 0.0, None))
-                    bar.update()
-                per[n].append(runs)
-        s_gen = _summarise(per["teacher_generate"], None)["tokens_per_s"]
-        s_plain = _summarise(per["teacher_plain"], None)["tokens_per_s"]
-        a = alpha["code"]["agreement"]
-        for gm in cfg.gammas:
-            r = _summarise(per[f"gamma{gm}"], refs["code"][: len(sp)])
-            sweep.append({"gamma": gm, "speedup_vs_generate": r["tokens_per_s"] / s_gen,
-                          "speedup_vs_plain": r["tokens_per_s"] / s_plain,
-                          "tokens_per_target_call": r["tokens_per_target_call"], "acceptance": r["acceptance"],
-                          "identical": r["identical"], "prompts": r["prompts"],
-                          "theory_tokens_per_call": expected_tokens_per_call(a, gm),
-                          "theory_speedup_vs_plain": expected_speedup(a, gm, costs["c"]["spec"],
-                                                                      costs["verify_cost"][str(gm)])})
+        sweep = _gamma_sweep(teacher, tokenizer, draft, cfg, prompts["code"][: cfg.sweep_prompts], refs["code"],
+                             alpha["code"]["agreement"], costs, bar)
     bar.close()
     return {
         "config": dataclasses.asdict(cfg),
