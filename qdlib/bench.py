@@ -47,14 +47,14 @@ import torch
 
 from . import __version__, paths
 from .corpus import heldout_prompts, heldout_texts
-from .draft import build_draft, first_k_layers
+from .draft import build_draft
 from .hardware import cpu_name
 from .knowledge import load_items
 from .metrics import distribution_metrics, expected_speedup, expected_tokens_per_call
 from .models import model_name
 from .progress import progress_bar
 from .retrieval import NgramDrafter
-from .sampling import sample_layers
+from .sampling import first_k_layers, sample_layers
 from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
 
 # name -> (label, group, needs). Groups order the table; needs says what the method uses.

@@ -88,25 +88,19 @@ def knowledge_block(block: dict | None, hidden_size: int, num_layers: int) -> di
     return out
 
 
-class FusedRMSNorm(Qwen3RMSNorm):
-    """Qwen3's RMSNorm as one fused ``torch.nn.functional.rms_norm`` call (float32 inputs).
+def _own_norms(module: nn.Module) -> None:
+    """Replace every ``Qwen3RMSNorm`` inside ``module`` by qdlib's one :class:`~qdlib.fusion.RMSNorm`.
 
-    Same weights, same result up to float rounding; one operator instead of six,
-    which matters on a CPU where a small draft's step time is mostly per-operator
-    overhead (notebook 06 profiles it). Other dtypes take Qwen3's own path.
+    Same parameter (``weight``, kept as it is), same formula; on float32 it is one fused
+    ``torch.nn.functional.rms_norm`` operator instead of six, which matters on a CPU where a
+    small draft's step time is mostly per-operator overhead (notebook 06 profiles it).
     """
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
-        return super().forward(hidden_states)
-
-
-def _fuse_norms(module: nn.Module) -> None:
-    """Turn every Qwen3RMSNorm inside ``module`` into a :class:`FusedRMSNorm` (weights untouched)."""
-    for m in module.modules():
-        if type(m) is Qwen3RMSNorm:
-            m.__class__ = FusedRMSNorm
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Qwen3RMSNorm:
+                norm = RMSNorm(child.weight.shape[0], child.variance_epsilon)
+                norm.weight = child.weight
+                setattr(parent, name, norm)
 
 
 class DraftConfig(Qwen3Config):
@@ -143,7 +137,7 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: DraftConfig):
         super().__init__(config)
         self.model = Qwen3Model(config)
-        _fuse_norms(self.model)
+        _own_norms(self.model)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         kb = knowledge_block(config.knowledge_enhancement, config.hidden_size, config.num_hidden_layers)
         config.knowledge_enhancement = kb
@@ -391,13 +385,6 @@ def build_draft(teacher, layers: Sequence[int], *, keep_ends: bool = True, knowl
             p.requires_grad_(False)
     draft.eval()
     return draft
-
-
-def first_k_layers(num_layers: int, k: int) -> list[int]:
-    """The early-exit baseline's layers (as LayerSkip): ``[0, 1, ..., k-1]``."""
-    if not 1 <= k <= num_layers:
-        raise ValueError(f"k={k} must be in 1..{num_layers}")
-    return list(range(k))
 
 
 # ----------------------------------------------------------------------------- loading a trained draft

@@ -48,7 +48,7 @@ from .knowledge import build_knowledge_cache, check_cache_matches, load_items, l
 from .metrics import distribution_sums, running_mean, strategy_layers, text_windows
 from .models import load_teacher, model_name
 from .progress import progress_bar
-from .sampling import layer_importance
+from .sampling import EARLY_EXIT, layer_importance
 from .training import adamw, config_changes
 
 EVAL_SEED_VALIDATION = 1  # prompts that pick the best checkpoint
@@ -138,7 +138,7 @@ def draft_layers(cfg: DistillConfig, teacher, tokenizer=None) -> tuple[list[int]
     scores = None
     if d.strategy == "importance":
         scores = layer_importance(teacher, text_windows(tokenizer, heldout_texts()[:4], seq_len=128, n=4))
-    return strategy_layers(L, d.num_sampled_layers, d.strategy, scores), d.strategy != "first-k"
+    return strategy_layers(L, d.num_sampled_layers, d.strategy, scores), d.strategy != EARLY_EXIT
 
 
 def set_trainable(draft, which: str) -> list[str]:

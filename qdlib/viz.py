@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .metrics import expected_speedup, expected_tokens_per_call, strategy_layers
+from .sampling import EARLY_EXIT
 
 KEPT, DROPPED = "■", "□"
 
@@ -35,7 +36,7 @@ def layer_explorer(num_layers: int = 28, scores=None):
     """An ipywidgets explorer (strategy, k) that shows :func:`describe_sampling`."""
     import ipywidgets as w
 
-    strategies = ["uniform", "geometric", "logarithmic", "first-k"] + (["importance"] if scores is not None else [])
+    strategies = ["uniform", "geometric", "logarithmic", EARLY_EXIT] + (["importance"] if scores is not None else [])
     out = w.Output()
     strat = w.Dropdown(options=strategies, value="uniform", description="strategy")
     k = w.IntSlider(value=6, min=2, max=num_layers, description="k")
