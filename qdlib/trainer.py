@@ -455,6 +455,11 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
             teacher_name: str | None = None, progress: bool = True, log=print, on_step=None) -> dict:
     """Train (or resume) a draft as ``cfg`` says; returns a summary with the run folder and the history.
 
+    The named steps, in order: :func:`_prepare_run` (accelerator, teacher, draft, cache and data, optimiser),
+    :func:`_resume` (``last.pt``, if any), then per optimizer step :func:`_train_step` (micro-batches and the
+    NaN guard) and :func:`_after_step` (the log; :func:`_end_of_epoch` or a checkpoint when due). The
+    counters live in one :class:`TrainState`.
+
     Args:
         teacher, tokenizer: an already loaded teacher (notebooks); otherwise ``teacher_name``
             (None: the default teacher, ``$QD_MODEL`` or the bundled one) is loaded on every process.
