@@ -137,7 +137,7 @@ def draft_layers(cfg: DistillConfig, teacher, tokenizer=None) -> tuple[list[int]
         return list(d.sampled_indices), True
     scores = None
     if d.strategy == "importance":
-        scores = layer_importance(teacher, text_windows(tokenizer, heldout_texts()[:4], seq_len=128, n=4))
+        scores = layer_importance(teacher, tokenizer, heldout_texts()[:4])  # 4 held-out files, as qd compare-layers
     return strategy_layers(L, d.num_sampled_layers, d.strategy, scores), d.strategy != EARLY_EXIT
 
 

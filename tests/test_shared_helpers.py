@@ -10,6 +10,7 @@ from qdlib.distill import DistillConfig, validate
 from qdlib.fusion import RMSNorm
 from qdlib.metrics import compare_strategies, strategy_layers
 from qdlib.sampling import EARLY_EXIT, first_k_layers
+from qdlib.trainer import draft_layers
 from qdlib.training import adamw, config_changes
 
 from helpers import tiny_qwen3
@@ -91,3 +92,16 @@ def test_the_early_exit_baseline_has_one_name_everywhere():
         validate(cfg, 28)
     rows = compare_strategies(tiny_qwen3(layers=6), torch.randint(2, 200, (1, 8)), ks=[2])
     assert [r["strategy"] for r in rows] == ["uniform", "geometric", "logarithmic", EARLY_EXIT]
+
+
+def test_the_distillation_config_gets_the_layers_of_every_strategy_name(tiny):
+    teacher, tok = tiny
+    cfg = DistillConfig()
+    cfg.draft_model.num_sampled_layers = 6
+    cfg.draft_model.strategy = EARLY_EXIT
+    assert draft_layers(cfg, teacher, tok) == ([0, 1, 2, 3, 4, 5], False)  # an early exit keeps no last layer
+    cfg.draft_model.strategy = "uniform"
+    assert draft_layers(cfg, teacher, tok) == (sample_layers(28, 6), True)
+    cfg.draft_model.strategy = "importance"  # scored on held-out files (it once passed the wrong arguments)
+    layers, keep_ends = draft_layers(cfg, teacher, tok)
+    assert keep_ends and len(layers) == 6 and layers[0] == 0 and layers[-1] == 27
