@@ -38,6 +38,7 @@ import torch
 from . import paths
 from .distill import DistillConfig, ce_loss, distill_loss, validate
 from .distill_data import DistillData, EvalSet, build_distill_data, heldout_eval_set, paraphrase_eval_set, perplexity
+from .errors import ConfigError, QdError
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
 from .metrics import distribution_sums
 from .progress import progress_bar
@@ -46,8 +47,10 @@ EVAL_SEED_VALIDATION = 1  # prompts that pick the best checkpoint
 EVAL_SEED_TEST = 0  # prompts of the reported figures and the agreement bar (never used for selection)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(QdError, RuntimeError):
     """Training stopped on purpose (for example: too many non-finite losses)."""
+
+    exit_code = 3
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -251,8 +254,7 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     name = model_name(teacher)
     fp = teacher_fingerprint(teacher)
     run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "distill" / "run"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    # no mkdir here: the first atomic write creates the folder, so Ctrl-C before it leaves no empty run folder
 
     # ---- the draft, its knowledge cache, the data (built once by the main process, then read by all)
     layers, keep_ends = draft_layers(cfg, teacher, tokenizer)
@@ -304,7 +306,7 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     if ckpt.exists():
         state = torch_load_safe(ckpt)
         if not _same_config(state["config_key"], cfg) or state["teacher_fingerprint"] != fp:
-            raise ValueError(f"{ckpt} belongs to another configuration or teacher; use another run folder or delete it")
+            raise ConfigError(f"{ckpt} belongs to another configuration or teacher; use another run folder or delete it")
         draft.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -418,9 +420,8 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
                 on_step(step)
     except KeyboardInterrupt:
         bar.close()
-        save_last()
-        say(f"interrupted at step {step}; rerun the same call to resume from {ckpt}")
-        raise
+        save_last()  # the message says what was kept (the qd command prints it as its last line)
+        raise KeyboardInterrupt(f"interrupted at step {step} of {total}; rerun the same call to resume from {ckpt}") from None
     bar.close()
     if step % steps_per_epoch != 0:  # a run that stopped between epochs (cannot happen with whole epochs)
         end_of_epoch()
