@@ -360,7 +360,8 @@ def _kept_by_distill(args) -> str:
     kept = [what for what, name in (("the knowledge cache", "knowledge_cache"), ("the training data", "data.pt"))
             if (run / name).exists()]
     if kept:
-        return f"{' and '.join(kept)} in {run} are kept; rerun the same command to continue from there"
+        return (f"{' and '.join(kept)} in {run} {'is' if len(kept) == 1 else 'are'} kept; rerun the same command to "
+                f"continue from there")
     return "nothing was written; rerun the same command to start"
 
 

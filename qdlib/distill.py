@@ -33,8 +33,8 @@ from . import paths
 from .draft import KnowledgeConfig, knowledge_block
 from .errors import ConfigError, MissingFileError
 from .sampling import STRATEGIES
-from .schema import (Boolean, Choice, Integer, IntList, Number, OrNull, describe, field_problems, raise_problems, setting,
-                     unknown_key_problems)
+from .schema import (Boolean, Choice, Integer, IntList, Number, OrNull, describe, field_ok, field_problems, raise_problems,
+                     setting, unknown_key_problems)
 
 # ----------------------------------------------------------------------------- losses
 
@@ -152,21 +152,22 @@ SECTIONS = {"draft_model": DraftModelConfig, "knowledge_enhancement": KnowledgeC
 def config_problems(cfg: DistillConfig, num_layers: int | None = None) -> list[str]:
     """Every problem of ``cfg`` (numbers written as text are turned into numbers on the way)."""
     problems = [p for name in SECTIONS for p in field_problems(getattr(cfg, name), name)]
-    if problems:  # the checks across fields assume each field is of the right kind
-        return problems
     d, k, t = cfg.draft_model, cfg.knowledge_enhancement, cfg.training
-    if num_layers is not None and d.num_sampled_layers > num_layers:
+    # checks across fields, each where the fields it reads are of the right kind
+    if num_layers is not None and field_ok(d, "num_sampled_layers") and d.num_sampled_layers > num_layers:
         problems.append(f"draft_model.num_sampled_layers={d.num_sampled_layers} is out of range; "
                         f"allowed: an integer in 2..{num_layers}")
-    try:
-        knowledge_block(cfg.knowledge_block(), 64, d.num_sampled_layers)  # after_layers against the draft's depth
-    except ConfigError as exc:
-        problems.append(str(exc))
-    shares = t.generated_share + t.item_share + t.on_policy_share
-    if shares > 1:
-        problems.append(f"training.generated_share + item_share + on_policy_share={shares!r} is out of range; "
-                        f"allowed: a sum <= 1 (the rest is training text)")
-    if t.train_params == "fusion" and not k.enabled:
+    if all(field_ok(k, f.name) for f in dataclasses.fields(k)) and field_ok(d, "num_sampled_layers"):
+        try:
+            knowledge_block(cfg.knowledge_block(), 64, d.num_sampled_layers)  # after_layers against the draft's depth
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if all(field_ok(t, key) for key in ("generated_share", "item_share", "on_policy_share")):
+        shares = t.generated_share + t.item_share + t.on_policy_share
+        if shares > 1:
+            problems.append(f"training.generated_share + item_share + on_policy_share={shares!r} is out of range; "
+                            f"allowed: a sum <= 1 (the rest is training text)")
+    if t.train_params == "fusion" and k.enabled is False:
         problems.append("training.train_params='fusion' needs knowledge_enhancement.enabled: true (there are no "
                         "fusion parameters otherwise)")
     return problems

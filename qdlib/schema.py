@@ -180,6 +180,12 @@ def field_problems(obj, section: str) -> list[str]:
     return problems
 
 
+def field_ok(obj, name: str) -> bool:
+    """Whether field ``name`` of ``obj`` passes its declared check (after :func:`field_problems` coerced it)."""
+    check = next(f for f in dataclasses.fields(obj) if f.name == name).metadata.get("check", Check())
+    return check.problem(getattr(obj, name)) is None
+
+
 def unknown_key_problems(cls, section: str, data: dict) -> list[str]:
     """One problem naming every key of ``data`` that ``cls`` lacks, with the closest known names."""
     names = [f.name for f in dataclasses.fields(cls)]
