@@ -114,13 +114,13 @@ def _check_device(device: str | None) -> None:
 
 def _teacher_config(model: str | None) -> dict | None:
     """The teacher's ``config.json`` if it is on disk (bundled, a folder or the HF cache), read without loading."""
-    from .models import _in_hub_cache, teacher_path
+    from .models import in_hub_cache, teacher_path
 
     where = teacher_path(model)
     local = Path(where).expanduser() / "config.json"
     if local.is_file():
         return json.loads(local.read_text(encoding="utf-8"))
-    if _in_hub_cache(where):
+    if in_hub_cache(where):
         from huggingface_hub import try_to_load_from_cache
 
         return json.loads(Path(try_to_load_from_cache(where, "config.json")).read_text(encoding="utf-8"))

@@ -89,8 +89,9 @@ def teacher_path(name: str | None = None) -> str:
 
 
 def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` (read now, not at import) asks for no network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), read now rather than at import, asks for no network."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -105,7 +106,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _in_hub_cache(repo_id: str) -> bool:
+def in_hub_cache(repo_id: str) -> bool:
     """Whether the local Hugging Face cache already holds ``repo_id``'s config."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -178,7 +179,7 @@ def load_teacher(name: str | None = None, device: str | torch.device | None = No
     kwargs = {"dtype": dt} if dt is not None else {}
     local_only = {}
     if not looks_local and (hub_offline() or not hub_reachable()):
-        if not _in_hub_cache(where):  # no network and nothing cached: say so now, without retries
+        if not in_hub_cache(where):  # no network and nothing cached: say so now, without retries
             why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub is not reachable from here"
             raise _hub_error(name, f"{why}, and the model is not in the local Hugging Face cache")
         local_only = {"local_files_only": True}  # cached: load it without asking the network

@@ -111,18 +111,27 @@ def test_a_missing_gpu_is_refused_before_loading(capsys, no_model_loads):
     assert capsys.readouterr().err == "error: --device cuda: this machine has 0 CUDA device(s); use cpu or auto\n"
 
 
-def test_generate_with_unreachable_hub_id_fails_clearly(capsys, monkeypatch):
+@pytest.fixture
+def hub_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face cache (a developer's real cache may hold Qwen3-0.6B) and an endpoint that refuses at once."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return tmp_path / "hub"
+
+
+def test_generate_with_unreachable_hub_id_fails_clearly(capsys, monkeypatch, hub_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["generate", "--model", "Qwen/Qwen3-0.6B"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "HF_HUB_OFFLINE is set" in err and "bundled teacher works offline" in err
 
 
-def test_hub_id_without_network_fails_at_once(capsys, monkeypatch):
-    # no HF_HUB_OFFLINE: one quick check of the endpoint, not a minute of retries (port 9 refuses at once)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+def test_hub_id_without_network_fails_at_once(capsys, monkeypatch, hub_cache):
+    # no HF_HUB_OFFLINE: one quick check of the endpoint, not a minute of retries
     monkeypatch.setenv("QD_MODEL", "Qwen/Qwen3-0.6B")
     t0 = time.perf_counter()
     assert main(["generate"]) == 2
@@ -130,6 +139,19 @@ def test_hub_id_without_network_fails_at_once(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the hub is not reachable from here" in err and "Retrying" not in err
     assert seconds < 20  # before: 52-57 s of retries
+
+
+def test_a_cached_hub_model_loads_without_network(capsys, hub_cache):
+    from qdlib import paths
+
+    snapshot = hub_cache / "models--qd--tiny-teacher" / "snapshots" / "abc123"  # the cache's own layout
+    snapshot.mkdir(parents=True)
+    (hub_cache / "models--qd--tiny-teacher" / "refs").mkdir()
+    (hub_cache / "models--qd--tiny-teacher" / "refs" / "main").write_text("abc123")
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (snapshot / name).symlink_to(paths.TEACHER_DIR / name)
+    assert main(["generate", "--model", "qd/tiny-teacher", "--max-new-tokens", "4"]) == 0
+    assert "4 new tokens" in capsys.readouterr().err
 
 
 def test_loading_is_quiet_unless_asked(tmp_path):
