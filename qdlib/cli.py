@@ -174,10 +174,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_train_teacher(args) -> int:
+    from . import paths
     from .teacher import TeacherTrainConfig, export_teacher, train_teacher
 
     _quiet_hf()
     if args.export:
+        run = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "teacher"
+        if not (run / "last.pt").is_file():
+            raise MissingFileError(f"{run} holds no trained teacher (no last.pt); run `qd train-teacher` first")
         export_teacher(args.run_dir, args.out_dir)
         return 0
     cfg = TeacherTrainConfig()
@@ -197,6 +201,10 @@ def cmd_compare_layers(args) -> int:
     from .teacher import heldout_texts
 
     _check_device(args.device)
+    positions = (_teacher_config(args.model) or {}).get("max_position_embeddings")
+    if positions is not None and args.seq_len > positions:
+        raise ConfigError(f"--seq-len {args.seq_len} is longer than the teacher's {positions} positions; "
+                          f"allowed: 2..{positions}")
     layers = _teacher_layers(args.model)
     too_many = [k for k in args.k if layers is not None and k > layers]
     if too_many:

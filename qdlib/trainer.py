@@ -38,7 +38,7 @@ import torch
 from . import paths
 from .distill import DistillConfig, ce_loss, distill_loss, validate
 from .distill_data import DistillData, EvalSet, build_distill_data, heldout_eval_set, paraphrase_eval_set, perplexity
-from .errors import ConfigError, QdError
+from .errors import ConfigError, MissingFileError, QdError
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
 from .metrics import distribution_sums
 from .progress import progress_bar
@@ -561,7 +561,7 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     best = run_dir / "best"
     if not (best / "config.json").exists():
-        raise FileNotFoundError(f"{best} holds no trained draft; run the training first")
+        raise MissingFileError(f"{best} holds no trained draft; run the training first (without --export-only)")
     if teacher is None:
         teacher, tokenizer = load_teacher(teacher_name)
     draft = DraftForCausalLM.from_pretrained(best, dtype=torch.bfloat16).float().eval()

@@ -91,6 +91,9 @@ def test_bad_options_end_in_one_line(capsys, argv, message):
     (["bench", "--methods", "spec", "warp"], "error: unknown bench method(s) ['warp']"),
     (["bench", "--draft", "/no/such/draft"], "error: /no/such/draft is not a draft folder"),
     (["distill", "--config", "/no/such.yaml"], "error: config file /no/such.yaml does not exist"),
+    (["distill", "--run-dir", "/no/such/run", "--export-only", "/no/out"], "error: /no/such/run/best holds no trained draft"),
+    (["train-teacher", "--export", "--run-dir", "/no/such/run"], "error: /no/such/run holds no trained teacher"),
+    (["compare-layers", "--seq-len", "5000"], "error: --seq-len 5000 is longer than the teacher's 1024 positions"),
     (["distill", "--set", "training.learning_rate=5", "--set", "draft_model.num_sampled_layers=40"],
      "2 problems: training.learning_rate=5 is out of range; allowed: a number in (0, 1]; "
      "draft_model.num_sampled_layers=40 is out of range; allowed: an integer in 2..28"),
