@@ -279,13 +279,13 @@ def _accelerate_device(device: str | None):
 def cmd_distill(args) -> int:
     from .distill import DEFAULT_CONFIGS, config_keys, load_config
 
-    if args.list_keys:
-        print("\n".join(config_keys()))
-        return 0
     from . import paths
 
     path = DEFAULT_CONFIGS.get(args.config, args.config)
     cfg = load_config(path, num_layers=_teacher_layers(args.model), overrides=distill_overrides(args))
+    if args.list_keys:
+        print("\n".join(config_keys(cfg)))
+        return 0
     _check_device(args.device)
     name = Path(str(path)).stem + ("_no_knowledge" if args.no_knowledge else "")
     args.run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "distill" / name
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(d, device="cpu, cuda or auto; default: what Accelerate picks (cuda, then mps, then cpu)")
     _opt(d, "--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
          help="override one config key, checked like the file (repeatable), e.g. training.learning_rate=1.0e-3")
-    _opt(d, "--list-keys", action="store_true", help="list every config key with its default and what is allowed")
+    _opt(d, "--list-keys", action="store_true", help="list every config key with its value (after --set) and what is allowed, then stop")
     _opt(d, "--run-dir", default=None, help="default: outputs/runs/distill/<config>")
     _opt(d, "--num-epochs", dest="num_epochs", type=at_least_1, default=None, help="= --set training.num_epochs=N")
     _opt(d, "--steps-per-epoch", dest="steps_per_epoch", type=at_least_1, default=None,

@@ -246,9 +246,9 @@ def load_config(path: str | os.PathLike, num_layers: int | None = None, override
     return config_from_dict(data, num_layers, overrides, where=str(path))
 
 
-def config_keys() -> list[str]:
-    """Every key ``--set`` accepts, with its default, what is allowed and what it does."""
-    return [line for name, cls in SECTIONS.items() for line in describe(cls, name)]
+def config_keys(cfg: DistillConfig | None = None) -> list[str]:
+    """Every key ``--set`` accepts, with its value in ``cfg`` (default: the defaults), what is allowed and what it does."""
+    return [line for name, cls in SECTIONS.items() for line in describe(getattr(cfg, name) if cfg else cls, name)]
 
 
 DEFAULT_CONFIGS = {"tiny": paths.CONFIGS_DIR / "distill_tiny.yaml", "qwen3": paths.CONFIGS_DIR / "distill_qwen3.yaml"}

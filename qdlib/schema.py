@@ -212,11 +212,14 @@ def raise_problems(problems: list[str], where: str = "") -> None:
     raise ConfigError(prefix + f"{len(problems)} problems: " + "; ".join(problems))
 
 
-def describe(cls, section: str) -> list[str]:
-    """``section.key = default  # allowed: ...; help`` for every field (``qd distill --list-keys``)."""
+def describe(cls_or_obj, section: str) -> list[str]:
+    """``section.key = value  # allowed; help`` for every field: the defaults of a class, the values of an instance."""
     lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    for f in dataclasses.fields(cls_or_obj):
+        if isinstance(cls_or_obj, type):
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        else:
+            value = getattr(cls_or_obj, f.name)
         check = f.metadata.get("check", Check())
-        lines.append(f"{section}.{f.name} = {json.dumps(default)}  # {check.allowed}; {f.metadata.get('doc', '')}")
+        lines.append(f"{section}.{f.name} = {json.dumps(value)}  # {check.allowed}; {f.metadata.get('doc', '')}")
     return lines

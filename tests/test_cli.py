@@ -263,10 +263,11 @@ def test_distill_rejects_a_bad_config(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_distill_list_keys(capsys):
-    assert main(["distill", "--list-keys"]) == 0
+def test_distill_list_keys_shows_the_configs_values(capsys, no_model_loads):
+    assert main(["distill", "--config", "tiny", "--list-keys", "--set", "training.seed=7"]) == 0
     out = capsys.readouterr().out
-    assert "training.learning_rate = 0.001  # a number in (0, 1]; AdamW's peak learning rate" in out
+    assert "training.learning_rate = 0.002  # a number in (0, 1]; AdamW's peak learning rate" in out  # tiny's value
+    assert "training.seed = 7  # an integer >= 0;" in out  # after --set
     assert "knowledge_enhancement.fusion_gate = \"channel\"  # channel, scalar;" in out
 
 
