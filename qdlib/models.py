@@ -13,6 +13,11 @@ Which teacher:
 - anything else: a local folder or a hub id such as ``"Qwen/Qwen3-0.6B"``,
   loaded with transformers' Auto classes.
 
+Without network (``HF_HUB_OFFLINE`` set, or the hub unreachable on one quick
+check) a hub id is looked up only in the local Hugging Face cache, so it fails
+within seconds instead of retrying for a minute. Loading prints no progress
+bars unless ``progress=True``.
+
 Device: ``"cpu"`` unless asked; ``"auto"`` picks cuda, then mps, then cpu.
 dtype: ``None`` means float32 on CPU (transformers 5 would otherwise keep the
 stored bf16) and the stored dtype on an accelerator.
