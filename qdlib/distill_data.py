@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .corpus import corpus_files, heldout_prompts, pad_id, random_prompts, read_source
+from .errors import ConfigError
 from .progress import progress_bar
 
 
@@ -133,8 +134,8 @@ def heldout_eval_set(teacher, tokenizer, texts: list[str], n_prompts: int = 50, 
     """Held-out prompts (from :func:`qdlib.corpus.heldout_prompts`) and the teacher's greedy continuations."""
     prompts = heldout_prompts(tokenizer, texts, n_prompts=n_prompts, prompt_tokens=prompt_tokens, seed=seed)
     if len(prompts) < n_prompts:
-        raise ValueError(f"the held-out texts give only {len(prompts)} prompts of {prompt_tokens} tokens, "
-                         f"{n_prompts} were asked for")
+        raise ConfigError(f"the held-out texts give only {len(prompts)} prompts of {prompt_tokens} tokens, "
+                          f"{n_prompts} were asked for")
     seqs = continue_greedy(teacher, torch.tensor(prompts), new_tokens)
     pad = pad_id(tokenizer)
     es = _pad_rows(seqs.tolist(), [prompt_tokens] * len(seqs), pad)
@@ -227,7 +228,8 @@ def build_distill_data(teacher, tokenizer, *, generated: int = 512, prompt_token
     """Tokenize the training text, let the teacher continue ``generated`` prompts, add item sequences."""
     text = training_stream(tokenizer, max_files=max_files, max_tokens=max_text_tokens)
     if len(text) < seq_len + 2:
-        raise ValueError(f"only {len(text)} training tokens, fewer than one window of {seq_len}")
+        raise ConfigError(f"only {len(text)} training tokens, fewer than one window of {seq_len}; raise "
+                          f"training.max_text_tokens or lower training.max_seq_length")
     gen = torch.zeros(0, seq_len + 1, dtype=torch.int32)
     prompt_tokens = min(prompt_tokens, seq_len // 2)
     if generated:

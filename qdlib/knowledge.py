@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import paths
+from .errors import ConfigError, MissingFileError, QdError
 from .io import atomic_dir, write_json_atomic
 from .models import is_bundled, model_name
 from .progress import progress_bar
@@ -55,20 +56,20 @@ def load_items(path: str | os.PathLike | None = None, teacher=None) -> list[dict
 
     path = Path(path) if path else builtin_items_path(teacher)
     if not path.is_file():
-        raise FileNotFoundError(f"knowledge item file {path} does not exist")
+        raise MissingFileError(f"knowledge item file {path} does not exist")
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     items = data.get("items") if isinstance(data, dict) else None
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: expected a top-level 'items:' list of knowledge items")
+        raise ConfigError(f"{path}: expected a top-level 'items:' list of knowledge items")
     seen = set()
     for i, it in enumerate(items):
         if not isinstance(it, dict) or "question" not in it or "id" not in it:
-            raise ValueError(f"{path}: item {i} needs at least 'id' and 'question'")
+            raise ConfigError(f"{path}: item {i} needs at least 'id' and 'question'")
         unknown = set(it) - ITEM_KEYS
         if unknown:
-            raise ValueError(f"{path}: item {it['id']!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)}")
+            raise ConfigError(f"{path}: item {it['id']!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)}")
         if it["id"] in seen:
-            raise ValueError(f"{path}: duplicate item id {it['id']!r}")
+            raise ConfigError(f"{path}: duplicate item id {it['id']!r}")
         seen.add(it["id"])
         it.setdefault("reference_answer", "")
         it.setdefault("train_paraphrases", [])
@@ -165,7 +166,7 @@ class KnowledgeCache:
         return path
 
 
-class KnowledgeCacheError(ValueError):
+class KnowledgeCacheError(QdError, ValueError):
     """A knowledge cache is missing, corrupt, or was built for another teacher."""
 
 
@@ -249,7 +250,7 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
     L = teacher.config.num_hidden_layers
     layer = L - 1 if layer is None else layer
     if not isinstance(layer, int) or not 0 <= layer < L:
-        raise ValueError(f"layer={layer!r} is not a decoder layer of this teacher; allowed: 0..{L - 1}")
+        raise ConfigError(f"layer={layer!r} is not a decoder layer of this teacher; allowed: 0..{L - 1}")
     rows, qlens, out_items = [], [], []
     for it in progress_bar(items, desc="knowledge cache", enabled=progress):
         answer = teacher_answer(teacher, tokenizer, it["question"], answer_tokens)

@@ -43,6 +43,7 @@ from .distill import DistillConfig, ce_loss, distill_loss, validate
 from .distill_data import DistillData, EvalSet, build_distill_data, heldout_eval_set, paraphrase_eval_set, perplexity
 from .draft import DraftForCausalLM, build_draft
 from .hardware import cpu_name, cpu_supports_bf16
+from .errors import ConfigError, MissingFileError, QdError
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
 from .knowledge import build_knowledge_cache, check_cache_matches, load_items, load_knowledge_cache, teacher_fingerprint
 from .metrics import distribution_sums, running_mean, strategy_layers, text_windows
@@ -55,8 +56,10 @@ EVAL_SEED_VALIDATION = 1  # prompts that pick the best checkpoint
 EVAL_SEED_TEST = 0  # prompts of the reported figures and the agreement bar (never used for selection)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(QdError, RuntimeError):
     """Training stopped on purpose (for example: too many non-finite losses)."""
+
+    exit_code = 3
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -287,9 +290,9 @@ def _prepare_run(cfg: DistillConfig, run_dir, teacher, tokenizer, teacher_name, 
     validate(cfg, teacher.config.num_hidden_layers)
     fp = teacher_fingerprint(teacher)
     run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "distill" / "run"
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    # the draft, its knowledge cache, the data (built once by the main process, then read by all)
+    # no mkdir here: the first atomic write creates the folder, so Ctrl-C before it leaves no empty run folder
+
+    # ---- the draft, its knowledge cache, the data (built once by the main process, then read by all)
     layers, keep_ends = draft_layers(cfg, teacher, tokenizer)
     torch.manual_seed(t.seed)
     draft = build_draft(teacher, layers, keep_ends=keep_ends, knowledge_enhancement=cfg.knowledge_block())
@@ -329,7 +332,7 @@ def _resume(run: _Run) -> TrainState:
     if diff or saved["teacher_fingerprint"] != run.fingerprint:
         what = (f"another configuration (saved, requested): {diff}" if diff else
                 f"another teacher (fingerprint {saved['teacher_fingerprint']}, this one {run.fingerprint})")
-        raise ValueError(f"{run.ckpt} belongs to {what}; use another run folder or delete it")
+        raise ConfigError(f"{run.ckpt} belongs to {what}; use another run folder or delete it")
     run.draft.load_state_dict(saved["model"])
     run.opt.load_state_dict(saved["optimizer"])
     run.sched.load_state_dict(saved["scheduler"])
@@ -491,9 +494,9 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
                 on_step(state.step)
     except KeyboardInterrupt:
         bar.close()
-        _save_last(run, state)
-        run.say(f"interrupted at step {state.step}; rerun the same call to resume from {run.ckpt}")
-        raise
+        _save_last(run, state)  # the message says what was kept (the qd command prints it as its last line)
+        raise KeyboardInterrupt(f"interrupted at step {state.step} of {run.total}; rerun the same call to resume "
+                                f"from {run.ckpt}") from None
     bar.close()
     history = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()] if run.main else []
     run.acc.wait_for_everyone()
@@ -623,7 +626,7 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     best = run_dir / "best"
     if not (best / "config.json").exists():
-        raise FileNotFoundError(f"{best} holds no trained draft; run the training first")
+        raise MissingFileError(f"{best} holds no trained draft; run the training first (without --export-only)")
     if teacher is None:
         teacher, tokenizer = load_teacher(teacher_name)
     draft = DraftForCausalLM.from_pretrained(best, dtype=torch.bfloat16).float().eval()
