@@ -26,11 +26,20 @@ def last_line(text: str) -> str:
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    """Fail the test if a command loads the teacher (the checks must come first)."""
+    """Fail the test if a command loads the teacher (the checks must come first).
+
+    The stages import ``load_teacher`` at their top, so each module's own name is replaced; they
+    are imported first, so that none binds the refusing stand-in for the tests that follow.
+    """
+    import qdlib.models
+    import qdlib.tour
+    import qdlib.trainer
+
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the options were checked")
 
-    monkeypatch.setattr("qdlib.models.load_teacher", refuse)
+    for module in (qdlib.models, qdlib.tour, qdlib.trainer):
+        monkeypatch.setattr(module, "load_teacher", refuse)
 
 
 def test_generate_runs_on_bundled_teacher(capsys):
