@@ -37,7 +37,9 @@ from .errors import ConfigError, MissingFileError, QdError
 
 DEFAULT_PROMPT = 'def read_config(path):\n    """Read a JSON configuration file and return it as a dict."""\n'
 INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
-STRATEGIES = ["uniform", "geometric", "logarithmic", "importance", "first-k"]  # qdlib.distill.STRATEGY_NAMES
+# qdlib.distill.STRATEGY_NAMES (sampling.STRATEGIES + sampling.EARLY_EXIT), copied because importing them imports
+# torch; tests/test_cli.py checks that the copy is equal
+STRATEGIES = ["uniform", "geometric", "logarithmic", "importance", "first-k"]
 
 # ----------------------------------------------------------------------------- option types (checked by argparse)
 

@@ -63,6 +63,13 @@ def test_help_imports_neither_torch_nor_transformers():
     assert lines[-1] == "['torch']"  # ... and the probe does see torch once a name that needs it is used
 
 
+def test_the_clis_strategy_names_are_the_librarys():
+    from qdlib.distill import STRATEGY_NAMES
+    from qdlib.sampling import EARLY_EXIT
+
+    assert cli.STRATEGIES == list(STRATEGY_NAMES) and EARLY_EXIT in cli.STRATEGIES
+
+
 def test_every_option_has_help_text():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
