@@ -28,6 +28,7 @@ from . import paths
 from .corpus import (SOURCES, CorpusFile, bits_per_byte, build_manifest, corpus_files,  # noqa: F401 (re-exported)
                      greedy_repetition, heldout_files, heldout_prompts, heldout_texts, random_prompts, read_source,
                      repeated_ngram_share, tokenize_corpus, train_tokenizer)
+from .errors import ConfigError
 from .hardware import cpu_name, cpu_supports_bf16
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
 from .metrics import running_mean
@@ -169,8 +170,8 @@ def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = N
         diff = config_changes(state["config"], dataclasses.asdict(cfg), dataclasses.asdict(TeacherTrainConfig()),
                               may_change=_RESUMABLE_CHANGES)
         if diff:
-            raise ValueError(f"{ckpt} was made with a different configuration (saved, requested): {diff}; "
-                             f"use another run folder or delete it")
+            raise ConfigError(f"{ckpt} was made with a different configuration (saved, requested): {diff}; "
+                              f"use another run folder or delete it")
         if state["config"]["steps"] != cfg.steps:
             log(f"changing the run length from {state['config']['steps']} to {cfg.steps} steps "
                 f"(the cosine schedule is recomputed for the new length)")
