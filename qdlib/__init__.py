@@ -9,17 +9,41 @@ The library behind the course notebooks (``notebooks/NN_*.ipynb``), one module p
     out, stats = speculative_generate(teacher, draft, input_ids, gamma=4)   # the teacher's own output, faster
     draft = load_draft()                             # the distilled reference draft, knowledge cache attached
 
-Importing qdlib loads no model and changes no global setting, except that the
-draft's config class is registered with transformers' Auto classes.
+Importing qdlib loads no model, changes no global setting and does not even
+import torch: the names below are imported on first use (PEP 562), so
+``qd --help`` answers at once. The draft's config class is registered with
+transformers' Auto classes when :mod:`qdlib.draft` is first imported (any of
+the draft names below, ``load_draft``, or ``import qdlib.draft``).
 """
 
-from .draft import DraftConfig, DraftForCausalLM, build_draft, first_k_layers
-from .knowledge import KnowledgeCache, KnowledgeCacheError, build_knowledge_cache, load_knowledge_cache
-from .models import DraftLoadError, TeacherLoadError, load_draft, load_teacher
-from .sampling import layer_importance, sample_layers
-from .speculative import SpecStats, generate_plain, speculative_generate
+from __future__ import annotations
+
+import importlib
+
+from .errors import ConfigError, QdError
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (imported on first access)
+_LAZY = {
+    "DraftConfig": "draft",
+    "DraftForCausalLM": "draft",
+    "build_draft": "draft",
+    "KnowledgeCache": "knowledge",
+    "KnowledgeCacheError": "knowledge",
+    "build_knowledge_cache": "knowledge",
+    "load_knowledge_cache": "knowledge",
+    "DraftLoadError": "draft",
+    "load_draft": "draft",
+    "TeacherLoadError": "models",
+    "load_teacher": "models",
+    "first_k_layers": "sampling",
+    "layer_importance": "sampling",
+    "sample_layers": "sampling",
+    "SpecStats": "speculative",
+    "generate_plain": "speculative",
+    "speculative_generate": "speculative",
+}
 
 __all__ = [
     "DraftConfig",
@@ -28,6 +52,8 @@ __all__ = [
     "KnowledgeCacheError",
     "TeacherLoadError",
     "DraftLoadError",
+    "QdError",
+    "ConfigError",
     "load_draft",
     "build_knowledge_cache",
     "load_knowledge_cache",
@@ -40,3 +66,23 @@ __all__ = [
     "generate_plain",
     "speculative_generate",
 ]
+
+
+def __getattr__(name: str):
+    """Import on first use: a public name (``qdlib.load_teacher``) or a module (``qdlib.paths``)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":  # a missing dependency, not a missing module: say so
+                raise
+    raise AttributeError(f"module 'qdlib' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+

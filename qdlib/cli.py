@@ -6,23 +6,89 @@
     qd compare-layers --k 6                       # untrained drafts, side by side
     qd build-cache                                # the knowledge cache for the configured teacher
     qd distill --config tiny                      # distil the reference draft (resumable)
+    qd distill --config tiny --set training.learning_rate=1.0e-3   # any config key, checked like the file
     qd distill --config tiny --export outputs/reference_draft   # measure the best draft and write it
     qd student                                    # student copies of the notebooks (solutions stubbed)
     qd bench                                      # every decoding method side by side, report + plots
     qd tour                                       # the whole story in a few minutes
 
 ``QD_MODEL`` (or ``--model``) selects another teacher, e.g. ``Qwen/Qwen3-0.6B`` or a local folder.
+
+How it fails: every option is checked before any model loads; any of qdlib's own
+errors (:class:`qdlib.errors.QdError`) ends the command with one line
+``error: ...`` (exit status 2; 3 when training stopped itself); Ctrl-C ends it
+with one line saying what was kept and how to resume (exit status 130). This
+module imports neither torch nor transformers at import time, so ``qd --help``
+answers at once: each command imports what it needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+from .errors import ConfigError, MissingFileError, QdError
+
 DEFAULT_PROMPT = 'def read_config(path):\n    """Read a JSON configuration file and return it as a dict."""\n'
+INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
+# qdlib.distill.STRATEGY_NAMES (sampling.STRATEGIES + sampling.EARLY_EXIT), copied because importing them imports
+# torch; tests/test_cli.py checks that the copy is equal
+STRATEGIES = ["uniform", "geometric", "logarithmic", "importance", "first-k"]
+
+# ----------------------------------------------------------------------------- option types (checked by argparse)
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= {low}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; allowed: an integer >= {low}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _number_at_least(low: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: a number >= {low}") from None
+        if not low <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range; allowed: a number >= {low}")
+        return value
+
+    parse.__name__ = f"number >= {low}"
+    return parse
+
+
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|auto", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; allowed: {DEVICES}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``error: ...``, exit status 2), like qdlib's own."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+# ----------------------------------------------------------------------------- shared steps
 
 
 def _quiet_hf():
@@ -33,25 +99,61 @@ def _quiet_hf():
     hf_logging.disable_progress_bar()  # no "Loading weights" bars in command output
 
 
+def _check_device(device: str | None) -> None:
+    """Refuse a device this machine lacks now, before any model loads."""
+    if device is None or device == "auto" or device == "cpu":
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s); use cpu or auto")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("--device mps: MPS is not available on this machine; use cpu or auto")
+
+
+def _teacher_config(model: str | None) -> dict | None:
+    """The teacher's ``config.json`` if it is on disk (bundled, a folder or the HF cache), read without loading."""
+    from .models import in_hub_cache, teacher_path
+
+    where = teacher_path(model)
+    local = Path(where).expanduser() / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text(encoding="utf-8"))
+    if in_hub_cache(where):
+        from huggingface_hub import try_to_load_from_cache
+
+        return json.loads(Path(try_to_load_from_cache(where, "config.json")).read_text(encoding="utf-8"))
+    return None
+
+
+def _teacher_layers(model: str | None) -> int | None:
+    cfg = _teacher_config(model) or {}
+    return cfg.get("num_hidden_layers") or cfg.get("text_config", {}).get("num_hidden_layers")
+
+
 def _load_teacher(args):
-    """``(model, tokenizer)`` for ``--model``/``--device``, or None after printing why it failed."""
-    from .models import TeacherLoadError, load_teacher
+    """``(model, tokenizer)`` for ``--model``/``--device`` (a failure is a TeacherLoadError, a QdError)."""
+    from .models import load_teacher
 
     _quiet_hf()
-    try:
-        return load_teacher(args.model, device=args.device)
-    except TeacherLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None
+    return load_teacher(args.model, device=args.device)
+
+
+def _teacher_label(args) -> str:
+    return args.model or os.environ.get("QD_MODEL") or "tiny"
+
+
+# ----------------------------------------------------------------------------- commands
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    loaded = _load_teacher(args)
-    if loaded is None:
-        return 2
-    model, tok = loaded
+    _check_device(args.device)
+    model, tok = _load_teacher(args)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escapes else args.prompt
     ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
     kwargs = dict(max_new_tokens=args.max_new_tokens, pad_token_id=tok.pad_token_id,
@@ -68,17 +170,20 @@ def cmd_generate(args) -> int:
     new = out[0, ids.shape[1]:]
     print(prompt, end="")
     print(tok.decode(new, skip_special_tokens=True))
-    print(f"\n[{len(new)} new tokens in {dt:.2f} s = {len(new) / dt:.1f} tokens/s; "
-          f"teacher: {args.model or os.environ.get('QD_MODEL') or 'tiny'}, "
+    print(f"\n[{len(new)} new tokens in {dt:.2f} s = {len(new) / dt:.1f} tokens/s; teacher: {_teacher_label(args)}, "
           f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}]", file=sys.stderr)
     return 0
 
 
 def cmd_train_teacher(args) -> int:
+    from . import paths
     from .teacher import TeacherTrainConfig, export_teacher, train_teacher
 
     _quiet_hf()
     if args.export:
+        run = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "teacher"
+        if not (run / "last.pt").is_file():
+            raise MissingFileError(f"{run} holds no trained teacher (no last.pt); run `qd train-teacher` first")
         export_teacher(args.run_dir, args.out_dir)
         return 0
     cfg = TeacherTrainConfig()
@@ -93,14 +198,21 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_compare_layers(args) -> int:
+    from .corpus import heldout_texts
     from .metrics import compare_strategies, format_table, text_windows
     from .sampling import layer_importance
-    from .teacher import heldout_texts
 
-    loaded = _load_teacher(args)
-    if loaded is None:
-        return 2
-    teacher, tok = loaded
+    _check_device(args.device)
+    positions = (_teacher_config(args.model) or {}).get("max_position_embeddings")
+    if positions is not None and args.seq_len > positions:
+        raise ConfigError(f"--seq-len {args.seq_len} is longer than the teacher's {positions} positions; "
+                          f"allowed: 2..{positions}")
+    layers = _teacher_layers(args.model)
+    too_many = [k for k in args.k if layers is not None and k > layers]
+    if too_many:
+        raise ConfigError(f"--k {' '.join(map(str, too_many))} is more than the teacher's {layers} layers; "
+                          f"allowed: 2..{layers}")
+    teacher, tok = _load_teacher(args)
     texts = heldout_texts()
     calibration, evaluation = texts[: args.calibration_texts], texts[args.calibration_texts :]
     batches = text_windows(tok, evaluation, seq_len=args.seq_len, n=args.windows)  # scored apart from calibration
@@ -109,8 +221,8 @@ def cmd_compare_layers(args) -> int:
     if "importance" in strategies:
         scores = layer_importance(teacher, tok, calibration)
     rows = compare_strategies(teacher, batches, ks=args.k, strategies=strategies, importance_scores=scores)
-    print(f"untrained drafts of {args.model or os.environ.get('QD_MODEL') or 'tiny'} on {args.windows} held-out "
-          f"windows of {args.seq_len} tokens (KL = KL(teacher || draft), agree = top-1 agreement, alpha = E[sum min(p, q)])")
+    print(f"untrained drafts of {_teacher_label(args)} on {args.windows} held-out windows of {args.seq_len} tokens "
+          f"(KL = KL(teacher || draft), agree = top-1 agreement, alpha = E[sum min(p, q)])")
     print(format_table(rows))
     return 0
 
@@ -120,10 +232,13 @@ def cmd_build_cache(args) -> int:
     from .knowledge import build_knowledge_cache
     from .models import model_name
 
-    loaded = _load_teacher(args)
-    if loaded is None:
-        return 2
-    teacher, tok = loaded
+    _check_device(args.device)
+    if args.items is not None and not Path(args.items).is_file():
+        raise MissingFileError(f"--items {args.items}: no such file; omit it for the built-in items")
+    layers = _teacher_layers(args.model)
+    if args.layer is not None and layers is not None and args.layer >= layers:
+        raise ConfigError(f"--layer {args.layer} is not a layer of the teacher; allowed: 0..{layers - 1}")
+    teacher, tok = _load_teacher(args)
     cache = build_knowledge_cache(teacher, tok, args.items, layer=args.layer, answer_tokens=args.answer_tokens)
     out = args.out or paths.runs_dir() / "knowledge_cache" / model_name(teacher).replace("/", "--")
     cache.save(out)
@@ -132,90 +247,97 @@ def cmd_build_cache(args) -> int:
     return 0
 
 
-def cmd_distill(args) -> int:
-    from . import paths
-    from .distill import DEFAULT_CONFIGS, load_config
-    from .trainer import TrainingStopped, distill, export_draft
-
-    path = DEFAULT_CONFIGS.get(args.config, args.config)
-    try:
-        cfg = load_config(path)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def distill_overrides(args) -> list[str]:
+    """``--set`` strings, then the dedicated options (which win), as ``section.key=value``."""
+    overrides = list(args.set or [])
     for key in ("num_epochs", "steps_per_epoch", "batch_size"):
         if getattr(args, key) is not None:
-            setattr(cfg.training, key, getattr(args, key))
+            overrides.append(f"training.{key}={getattr(args, key)}")
     if args.no_knowledge:
-        cfg.knowledge_enhancement.enabled = False
-        if cfg.training.train_params == "fusion":
-            print("error: --no-knowledge leaves no fusion parameters to train (train_params: fusion)", file=sys.stderr)
-            return 2
-    from .models import TeacherLoadError
+        overrides.append("knowledge_enhancement.enabled=false")
+    return overrides
+
+
+@contextlib.contextmanager
+def _accelerate_device(device: str | None):
+    """Make Accelerate use ``--device`` (cpu: ``ACCELERATE_USE_CPU``); the environment is restored afterwards."""
+    if device in (None, "auto", "cuda", "mps"):  # Accelerate's own choice: cuda, then mps, then cpu
+        yield
+        return
+    if device != "cpu":
+        raise ConfigError(f"qd distill --device {device}: use cpu, cuda or auto; choose GPUs with CUDA_VISIBLE_DEVICES "
+                          f"or `accelerate launch`")
+    old = os.environ.get("ACCELERATE_USE_CPU")
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ACCELERATE_USE_CPU", None)
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = old
+
+
+def cmd_distill(args) -> int:
+    from .distill import DEFAULT_CONFIGS, config_keys, load_config
+
+    from . import paths
+
+    path = DEFAULT_CONFIGS.get(args.config, args.config)
+    cfg = load_config(path, num_layers=_teacher_layers(args.model), overrides=distill_overrides(args))
+    if args.list_keys:
+        print("\n".join(config_keys(cfg)))
+        return 0
+    _check_device(args.device)
+    name = Path(str(path)).stem + ("_no_knowledge" if args.no_knowledge else "")
+    args.run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "distill" / name
+    from accelerate.state import PartialState
+
+    from .trainer import distill, export_draft
 
     _quiet_hf()
-    name = Path(str(path)).stem + ("_no_knowledge" if args.no_knowledge else "")
-    run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "distill" / name
-    try:
+    with _accelerate_device(args.device):
         if not args.export_only:
-            # the teacher is loaded by every process on its own device
-            distill(cfg, run_dir, teacher_name=args.model)
-        if args.export or args.export_only:
-            from accelerate.state import PartialState
-
-            if PartialState().is_main_process:
-                out = args.export or args.export_only
-                export_draft(run_dir, out, teacher_name=args.model, cfg=cfg,
-                             title="qdlib draft" + (" (ablation: no knowledge)" if args.no_knowledge else ""))
-                print(f"draft written to {out}")
-    except TeacherLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+            distill(cfg, args.run_dir, teacher_name=args.model)  # every process loads the teacher on its device
+        out = args.export or args.export_only
+        if out and PartialState().is_main_process:
+            export_draft(args.run_dir, out, teacher_name=args.model, cfg=cfg,
+                         title="qdlib draft" + (" (ablation: no knowledge)" if args.no_knowledge else ""))
+            print(f"draft written to {out}")
     return 0
 
 
 def cmd_student(args) -> int:
     from .student import write_student_copies
 
+    if args.notebooks is not None and not Path(args.notebooks).is_dir():
+        raise MissingFileError(f"--notebooks {args.notebooks}: no such folder; omit it for the course's notebooks")
     written = write_student_copies(args.notebooks, args.out)
     print(f"{len(written)} student notebooks (solutions replaced by `raise NotImplementedError()`, outputs cleared) "
           f"-> {written[0].parent}")
     return 0
 
 
-def _load_draft_for(args, teacher):
-    """The draft for ``qd bench``: ``--draft`` or the reference draft; None after printing why not."""
-    from .models import DraftLoadError, load_draft
-
-    try:
-        return load_draft(args.draft, device=teacher.device)
-    except DraftLoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return None
-
-
 def cmd_bench(args) -> int:
     from . import paths
-    from .bench import BenchConfig, headline, report_markdown, run_bench, write_report
+    from .bench import BenchConfig, run_bench
+    from .draft import load_draft
+    from .models import is_bundled, resolve_device
+    from .report import headline, report_markdown, write_report
 
     try:
         cfg = BenchConfig(n_prompts=args.prompts, max_new_tokens=args.new_tokens, gamma=args.gamma,
                           repeats=args.repeats, temperature=args.temperature, sweep_prompts=args.sweep_prompts,
                           gammas=tuple(args.gammas), methods=tuple(args.methods) if args.methods else None,
                           kinds=tuple(args.kinds)).validate()
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    loaded = _load_teacher(args)
-    if loaded is None:
-        return 2
-    teacher, tok = loaded
-    draft = _load_draft_for(args, teacher)
-    if draft is None:
-        return 2
+    except ValueError as exc:  # bench.py's checks predate QdError
+        raise ConfigError(str(exc)) from exc
+    _check_device(args.device)
+    if args.draft is None and args.model is not None and not is_bundled(args.model):
+        raise ConfigError(f"--model {args.model}: the reference draft belongs to the bundled teacher; pass --draft "
+                          f"with a draft distilled from this teacher (`qd distill --config qwen3 --export <folder>`)")
+    draft = load_draft(args.draft, device=resolve_device(args.device))  # before the teacher: fails faster
+    teacher, tok = _load_teacher(args)
     report = run_bench(teacher, tok, draft, cfg, progress=not args.quiet)
     out = Path(args.out) if args.out else paths.runs_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
     write_report(report, out)
@@ -228,99 +350,172 @@ def cmd_bench(args) -> int:
 def cmd_tour(args) -> int:
     from .tour import tour
 
+    _check_device(args.device)
     _quiet_hf()
     return tour(model=args.model, distill=args.distill, device=args.device)
 
 
+# ----------------------------------------------------------------------------- what Ctrl-C keeps
+
+
+def _kept_nothing(args) -> str:
+    return "nothing was written"
+
+
+def _kept_by_distill(args) -> str:
+    run = getattr(args, "run_dir", None)
+    if run is None:
+        return "nothing was written; rerun the same command to start"
+    run = Path(run)
+    if (run / "last.pt").exists():
+        return f"the run in {run} is kept (checkpoint last.pt); rerun the same command to resume"
+    kept = [what for what, name in (("the knowledge cache", "knowledge_cache"), ("the training data", "data.pt"))
+            if (run / name).exists()]
+    if kept:
+        return (f"{' and '.join(kept)} in {run} {'is' if len(kept) == 1 else 'are'} kept; rerun the same command to "
+                f"continue from there")
+    return "nothing was written; rerun the same command to start"
+
+
+def _kept_by_train_teacher(args) -> str:
+    from . import paths
+
+    if args.export:
+        return "nothing was written (the export replaces its folder only when complete)"
+    run = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "teacher"
+    if (run / "last.pt").exists():
+        return f"the last checkpoint {run / 'last.pt'} is kept; rerun the same command to resume from it"
+    return "no checkpoint was written yet; rerun the same command to start"
+
+
+KEPT_ON_INTERRUPT = {
+    "train-teacher": _kept_by_train_teacher,
+    "distill": _kept_by_distill,
+    "build-cache": lambda args: "no cache was written (it is saved whole at the end)",
+    "bench": lambda args: "no report was written (it is written at the end); rerun the same command to measure",
+    "student": lambda args: "the copies already written are complete; rerun the same command to write them all",
+    "tour": lambda args: "the tour writes only under outputs/runs/tour; rerun `qd tour` to start again",
+}
+
+
+# ----------------------------------------------------------------------------- the parser
+
+
+def _opt(parser, *names, **kwargs):
+    """``add_argument`` that insists on help text (a test checks every option has some)."""
+    if not kwargs.get("help"):
+        raise TypeError(f"option {names[0]} needs help text")
+    return parser.add_argument(*names, **kwargs)
+
+
+def _common(parser, *, device: str = "cpu (default), cuda, cuda:N, mps or auto (cuda, then mps, then cpu)"):
+    _opt(parser, "--model", default=None, help="teacher: 'tiny' (bundled), a hub id or a folder; default: $QD_MODEL or tiny")
+    _opt(parser, "--device", type=_device, default=None, help=device)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qd", description="qdlib: draft models and speculative decoding, step by step")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="qd", description="qdlib: draft models and speculative decoding, step by step")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    at_least_1, at_least_0, non_negative = _int_at_least(1), _int_at_least(0), _number_at_least(0.0)
 
     g = sub.add_parser("generate", help="generate text with the teacher")
-    g.add_argument("--model", default=None, help="'tiny' (bundled), a hub id or a folder; default: $QD_MODEL or tiny")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT)
-    g.add_argument("--escapes", action="store_true", help="interpret \\n and friends in --prompt")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default=None, help="cpu (default), cuda, mps or auto")
+    _common(g)
+    _opt(g, "--prompt", default=DEFAULT_PROMPT, help="the text to continue (default: a function signature)")
+    _opt(g, "--escapes", action="store_true", help="interpret \\n and friends in --prompt")
+    _opt(g, "--max-new-tokens", type=at_least_1, default=64, help="tokens to generate (default 64)")
+    _opt(g, "--temperature", type=non_negative, default=0.0, help="0 = greedy (default); > 0 samples")
+    _opt(g, "--seed", type=at_least_0, default=0, help="random seed for sampling (default 0)")
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train-teacher", help="train the bundled teacher (resumable) or export it")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--run-dir", default=None, help="default: outputs/runs/teacher")
-    t.add_argument("--out-dir", default=None, help="export target; default: outputs/teacher")
-    t.add_argument("--export", action="store_true", help="measure and write the trained teacher")
-    t.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    t.add_argument("--ul-steps", type=int, default=None, help="unlikelihood polish steps after the main run (default 100)")
+    _opt(t, "--steps", type=at_least_1, default=None, help="main-phase optimizer steps (default 2400)")
+    _opt(t, "--run-dir", default=None, help="default: outputs/runs/teacher")
+    _opt(t, "--out-dir", default=None, help="export target; default: outputs/teacher")
+    _opt(t, "--export", action="store_true", help="measure and write the trained teacher")
+    _opt(t, "--no-compile", action="store_true", help="skip torch.compile")
+    _opt(t, "--ul-steps", type=at_least_0, default=None, help="unlikelihood polish steps after the main run (default 100)")
     t.set_defaults(func=cmd_train_teacher)
 
     c = sub.add_parser("compare-layers", help="compare untrained drafts from each layer-sampling strategy")
-    c.add_argument("--model", default=None)
-    c.add_argument("--k", type=int, nargs="+", default=[4, 6, 8])
-    c.add_argument("--strategies", nargs="+", default=["uniform", "geometric", "logarithmic", "importance", "first-k"],
-                   choices=["uniform", "geometric", "logarithmic", "importance", "first-k"])
-    c.add_argument("--windows", type=int, default=16, help="held-out windows to score")
-    c.add_argument("--seq-len", type=int, default=128)
-    c.add_argument("--calibration-texts", type=int, default=4, help="held-out files used for importance scores")
-    c.add_argument("--device", default=None)
+    _common(c)
+    _opt(c, "--k", type=_int_at_least(2), nargs="+", default=[4, 6, 8], help="draft depths to compare (default 4 6 8)")
+    _opt(c, "--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES, help="layer-sampling strategies (default: all)")
+    _opt(c, "--windows", type=at_least_1, default=16, help="held-out windows to score (default 16)")
+    _opt(c, "--seq-len", type=_int_at_least(2), default=128, help="tokens per window (default 128)")
+    _opt(c, "--calibration-texts", type=at_least_1, default=4, help="held-out files used for importance scores (default 4)")
     c.set_defaults(func=cmd_compare_layers)
 
     b = sub.add_parser("build-cache", help="build and save the knowledge cache for the configured teacher")
-    b.add_argument("--model", default=None)
-    b.add_argument("--items", default=None, help="YAML file of knowledge items; default: the built-in set")
-    b.add_argument("--layer", type=int, default=None, help="teacher layer to cache; default: the last")
-    b.add_argument("--answer-tokens", type=int, default=48)
-    b.add_argument("--out", default=None, help="output folder; default: outputs/runs/knowledge_cache/<teacher>")
-    b.add_argument("--device", default=None)
+    _common(b)
+    _opt(b, "--items", default=None, help="YAML file of knowledge items; default: the built-in set")
+    _opt(b, "--layer", type=at_least_0, default=None, help="teacher layer to cache; default: the last")
+    _opt(b, "--answer-tokens", type=at_least_1, default=48, help="teacher answer tokens cached per item (default 48)")
+    _opt(b, "--out", default=None, help="output folder; default: outputs/runs/knowledge_cache/<teacher>")
     b.set_defaults(func=cmd_build_cache)
 
     d = sub.add_parser("distill", help="distil a draft from the teacher (resumable; runs under accelerate launch)")
-    d.add_argument("--config", default="tiny", help="'tiny', 'qwen3' or a YAML file (see qdlib/configs)")
-    d.add_argument("--model", default=None, help="teacher; default: $QD_MODEL or tiny")
-    d.add_argument("--device", default=None)
-    d.add_argument("--run-dir", default=None, help="default: outputs/runs/distill/<config>")
-    d.add_argument("--num-epochs", dest="num_epochs", type=int, default=None)
-    d.add_argument("--steps-per-epoch", dest="steps_per_epoch", type=int, default=None)
-    d.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    d.add_argument("--no-knowledge", action="store_true", help="the ablation: the same draft without knowledge fusion")
-    d.add_argument("--export", default=None, metavar="DIR", help="after training, measure the best draft and write it to DIR")
-    d.add_argument("--export-only", default=None, metavar="DIR", help="skip training; export the run's best draft to DIR")
+    _opt(d, "--config", default="tiny", help="'tiny', 'qwen3' or a YAML file (see qdlib/configs)")
+    _common(d, device="cpu, cuda or auto; default: what Accelerate picks (cuda, then mps, then cpu)")
+    _opt(d, "--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+         help="override one config key, checked like the file (repeatable), e.g. training.learning_rate=1.0e-3")
+    _opt(d, "--list-keys", action="store_true", help="list every config key with its value (after --set) and what is allowed, then stop")
+    _opt(d, "--run-dir", default=None, help="default: outputs/runs/distill/<config>")
+    _opt(d, "--num-epochs", dest="num_epochs", type=at_least_1, default=None, help="= --set training.num_epochs=N")
+    _opt(d, "--steps-per-epoch", dest="steps_per_epoch", type=at_least_1, default=None,
+         help="= --set training.steps_per_epoch=N")
+    _opt(d, "--batch-size", dest="batch_size", type=at_least_1, default=None, help="= --set training.batch_size=N")
+    _opt(d, "--no-knowledge", action="store_true", help="the ablation: the same draft without knowledge fusion")
+    export = d.add_mutually_exclusive_group()
+    _opt(export, "--export", default=None, metavar="DIR", help="after training, measure the best draft and write it to DIR")
+    _opt(export, "--export-only", default=None, metavar="DIR", help="skip training; export the run's best draft to DIR")
     d.set_defaults(func=cmd_distill)
 
     s = sub.add_parser("student", help="write student copies of the notebooks (no solutions, no outputs)")
-    s.add_argument("--notebooks", default=None, help="source folder; default: the course's notebooks/")
-    s.add_argument("--out", default=None, help="target folder; default: outputs/runs/student")
+    _opt(s, "--notebooks", default=None, help="source folder; default: the course's notebooks/")
+    _opt(s, "--out", default=None, help="target folder; default: outputs/runs/student")
     s.set_defaults(func=cmd_student)
 
     be = sub.add_parser("bench", help="measure every decoding method side by side (report, tables, plots)")
-    be.add_argument("--model", default=None, help="teacher; default: $QD_MODEL or tiny")
-    be.add_argument("--draft", default=None, help="draft folder; default: the reference draft (outputs/reference_draft)")
-    be.add_argument("--device", default=None)
-    be.add_argument("--prompts", type=int, default=8, help="prompts per kind (held-out code, knowledge paraphrases)")
-    be.add_argument("--new-tokens", type=int, default=64)
-    be.add_argument("--gamma", type=int, default=4)
-    be.add_argument("--repeats", type=int, default=3)
-    be.add_argument("--temperature", type=float, default=0.8, help="the sampling-mode rows; 0 skips them")
-    be.add_argument("--gammas", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="the gamma sweep")
-    be.add_argument("--sweep-prompts", type=int, default=4, help="code prompts for the sweep; 0 skips it")
-    be.add_argument("--methods", nargs="+", default=None, help="a subset of the methods (see qdlib.bench.METHODS)")
-    be.add_argument("--kinds", nargs="+", default=["code", "paraphrase"], choices=["code", "paraphrase"])
-    be.add_argument("--out", default=None, help="report folder; default: outputs/runs/bench/<time>")
-    be.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(be)
+    _opt(be, "--draft", default=None, help="draft folder; default: the reference draft (outputs/reference_draft)")
+    _opt(be, "--prompts", type=at_least_1, default=8, help="prompts per kind (held-out code, knowledge paraphrases)")
+    _opt(be, "--new-tokens", type=at_least_1, default=64, help="tokens generated per prompt (default 64)")
+    _opt(be, "--gamma", type=at_least_1, default=4, help="draft tokens proposed per round (default 4)")
+    _opt(be, "--repeats", type=at_least_1, default=3, help="timed repeats per method; the median is reported (default 3)")
+    _opt(be, "--temperature", type=non_negative, default=0.8, help="the sampling-mode rows; 0 skips them")
+    _opt(be, "--gammas", type=at_least_1, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="the gamma sweep")
+    _opt(be, "--sweep-prompts", type=at_least_0, default=4, help="code prompts for the sweep; 0 skips it")
+    _opt(be, "--methods", nargs="+", default=None, help="a subset of the methods (see qdlib.bench.METHODS)")
+    _opt(be, "--kinds", nargs="+", default=["code", "paraphrase"], choices=["code", "paraphrase"],
+         help="prompt kinds (default: both)")
+    _opt(be, "--out", default=None, help="report folder; default: outputs/runs/bench/<time>")
+    _opt(be, "--quiet", action="store_true", help="no progress bar")
     be.set_defaults(func=cmd_bench)
 
     to = sub.add_parser("tour", help="the whole story, headless, in a few minutes")
-    to.add_argument("--model", default=None, help="teacher; default: $QD_MODEL or tiny")
-    to.add_argument("--device", default=None)
-    to.add_argument("--distill", action="store_true", help="distil a small draft on the spot instead of loading one")
+    _common(to)
+    _opt(to, "--distill", action="store_true", help="distil a small draft on the spot instead of loading one")
     to.set_defaults(func=cmd_tour)
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv=None) -> int:
+    """Run ``qd``; qdlib's errors and Ctrl-C end in one line on stderr (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except QdError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        note = _one_line(exc.args[0]) if exc.args else ""  # the library may say what it kept
+        note = note or KEPT_ON_INTERRUPT.get(args.command, _kept_nothing)(args)
+        print("\n" + (note if note.startswith("interrupted") else f"interrupted: {note}"), file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -9,12 +9,14 @@ is the total-variation distance ``1 - sum_x min(p, q)``: exactly one minus the
 speculative-sampling acceptance probability (DistillSpec, Zhou et al. 2023).
 
 Configurations are YAML files with three sections (``draft_model``,
-``knowledge_enhancement``, ``training``) loaded into dataclasses; an unknown key
-or an out-of-range value is a clear error:
+``knowledge_enhancement``, ``training``) loaded into dataclasses whose fields
+declare their checks once (:mod:`qdlib.schema`); ``overrides`` are the
+``qd distill --set section.key=value`` strings, checked the same way, and every
+unknown key or bad value is reported at once in one clear error:
 
-    >>> cfg = load_config(paths.CONFIGS_DIR / "distill_tiny.yaml")      # doctest: +SKIP
-    >>> cfg.draft_model.num_sampled_layers                                # doctest: +SKIP
-    6
+    >>> cfg = load_config(paths.CONFIGS_DIR / "distill_tiny.yaml", overrides=["training.learning_rate=1e-3"])
+    >>> cfg.draft_model.num_sampled_layers, cfg.training.learning_rate
+    (6, 0.001)
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from . import paths
-from .draft import knowledge_block
-from .sampling import STRATEGIES
+from .draft import KnowledgeConfig, knowledge_block
+from .errors import ConfigError, MissingFileError
+from .sampling import EARLY_EXIT, STRATEGIES
+from .schema import (Boolean, Choice, Integer, IntList, Number, OrNull, describe, field_ok, field_problems, raise_problems,
+                     setting, unknown_key_problems)
 
 # ----------------------------------------------------------------------------- losses
 
@@ -81,54 +86,53 @@ TRAIN_PARAMS = ("all", "fusion", "body")
 # ----------------------------------------------------------------------------- configuration
 
 
+STRATEGY_NAMES = STRATEGIES + (EARLY_EXIT,)
+
+
 @dataclass
 class DraftModelConfig:
-    strategy: str = "uniform"
-    num_sampled_layers: int = 6
-    sampled_indices: list[int] | None = None  # an explicit list overrides strategy / num_sampled_layers
-
-
-@dataclass
-class KnowledgeConfig:
-    enabled: bool = False
-    cache_dim: int | None = None
-    num_heads: int | None = None
-    fusion_gate: str = "channel"
-    after_layers: list[int] | None = None
+    strategy: str = setting("uniform", Choice(*STRATEGY_NAMES), "how the draft's layers are chosen")
+    num_sampled_layers: int = setting(6, Integer(2), "layers the draft keeps (at most the teacher's)")
+    sampled_indices: list[int] | None = setting(None, OrNull(IntList(2, "layer indices")),
+                                                "an explicit list of teacher layers; overrides the two keys above")
 
 
 @dataclass
 class TrainingConfig:
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    num_epochs: int = 1
-    max_seq_length: int = 256
-    gradient_accumulation_steps: int = 1
-    use_knowledge_distillation: bool = True  # False: cross-entropy on the data only
-    kl_divergence_weight: float = 0.8
-    temperature: float = 1.0
-    objective: str = "kl"  # "kl" or "tvd"
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0
-    train_params: str = "all"  # "all", "fusion" (fusion only) or "body" (all but embeddings and head)
-    max_bad_steps: int = 10  # stop after this many NaN/Inf losses
-    seed: int = 0
-    steps_per_epoch: int | None = None  # None: one pass over the training text per epoch
+    batch_size: int = setting(8, Integer(1), "rows per micro-batch and process")
+    learning_rate: float = setting(1e-3, Number(0, 1, low_open=True), "AdamW's peak learning rate")
+    num_epochs: int = setting(1, Integer(1), "epochs (an evaluation and a checkpoint after each)")
+    max_seq_length: int = setting(256, Integer(2), "tokens per training row")
+    gradient_accumulation_steps: int = setting(1, Integer(1), "micro-batches per optimizer step")
+    use_knowledge_distillation: bool = setting(True, Boolean(), "false: cross-entropy on the data only")
+    kl_divergence_weight: float = setting(0.8, Number(0, 1), "weight of the divergence; the rest is cross-entropy")
+    temperature: float = setting(1.0, Number(0, low_open=True), "distillation temperature T")
+    objective: str = setting("kl", Choice(*OBJECTIVES), "kl (T^2 KL) or tvd (one minus the acceptance probability)")
+    weight_decay: float = setting(0.01, Number(0), "AdamW weight decay (matrices only)")
+    warmup_ratio: float = setting(0.05, Number(0, 1, high_open=True), "share of the steps spent warming up")
+    max_grad_norm: float = setting(1.0, Number(0, low_open=True), "gradient clipping norm")
+    train_params: str = setting("all", Choice(*TRAIN_PARAMS),
+                                "all, fusion (fusion only) or body (all but embeddings and head)")
+    max_bad_steps: int = setting(10, Integer(1), "stop after this many NaN/Inf losses")
+    seed: int = setting(0, Integer(0), "seed of the draft's initialisation and of the data")
+    steps_per_epoch: int | None = setting(None, OrNull(Integer(1)), "null: one pass over the training text per epoch")
     # data mix (qdlib.distill_data): the rest of each batch is the teacher's training text
-    generated_sequences: int = 512  # training prompts continued greedily by the teacher (sequence-level KD)
-    generated_share: float = 0.5  # share of rows drawn from those continuations
-    item_share: float = 0.1  # share of item-conditioned rows (questions + training paraphrases, teacher-continued)
-    on_policy_share: float = 0.0  # share of rows sampled from the current draft, scored by the teacher
-    max_text_tokens: int | None = None  # cap on the training text (None: all training files)
+    generated_sequences: int = setting(512, Integer(0),
+                                       "training prompts continued greedily by the teacher (sequence-level KD)")
+    generated_share: float = setting(0.5, Number(0, 1), "share of rows drawn from those continuations")
+    item_share: float = setting(0.1, Number(0, 1),
+                                "share of item-conditioned rows (questions + training paraphrases, teacher-continued)")
+    on_policy_share: float = setting(0.0, Number(0, 1), "share of rows sampled from the current draft, scored by the teacher")
+    max_text_tokens: int | None = setting(None, OrNull(Integer(1)), "cap on the training text (null: all training files)")
     # bookkeeping
-    checkpoint_every: int = 50  # optimizer steps between resume checkpoints (and one at every epoch end)
-    eval_prompts: int = 32  # held-out validation prompts scored every epoch (picks the best checkpoint)
-    eval_new_tokens: int = 64  # length of the teacher continuations the draft is scored on
-    eval_text_windows: int = 16  # held-out text windows (128 tokens) for cross-entropy / perplexity
-    item_new_tokens: int = 96  # teacher tokens after each knowledge question / training paraphrase
-    knowledge_answer_tokens: int = 48  # length of the teacher answers stored in the knowledge cache
-    mixed_precision: str = "auto"  # auto (bf16 where the CPU/GPU supports it) | bf16 | no
+    checkpoint_every: int = setting(50, Integer(1), "optimizer steps between resume checkpoints (and one per epoch)")
+    eval_prompts: int = setting(32, Integer(1), "held-out validation prompts scored every epoch (picks the best)")
+    eval_new_tokens: int = setting(64, Integer(1), "length of the teacher continuations the draft is scored on")
+    eval_text_windows: int = setting(16, Integer(1), "held-out text windows (128 tokens) for cross-entropy / perplexity")
+    item_new_tokens: int = setting(96, Integer(1), "teacher tokens after each knowledge question / training paraphrase")
+    knowledge_answer_tokens: int = setting(48, Integer(1), "length of the teacher answers stored in the knowledge cache")
+    mixed_precision: str = setting("auto", Choice(*MIXED_PRECISION, aliases={False: "no"}),  # YAML 1.1: `no` is false
+                                   "auto (bf16 where the CPU/GPU supports it), bf16 or no")
 
 
 @dataclass
@@ -142,101 +146,109 @@ class DistillConfig:
         return {k: v for k, v in dataclasses.asdict(self.knowledge_enhancement).items() if v is not None}
 
 
-def _fill(cls, section: str, data) -> object:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ValueError(f"config section {section!r} must be a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in section {section!r}; allowed: {sorted(names)}")
-    return cls(**data)
-
-
-def _range(section: str, key: str, value, ok: bool, allowed: str):
-    if not ok:
-        raise ValueError(f"{section}.{key}={value!r} is out of range; allowed: {allowed}")
-
-
-def validate(cfg: DistillConfig, num_layers: int | None = None) -> DistillConfig:
-    """Check every value; raise ``ValueError`` naming the bad key, its value and what is allowed."""
-    d, k, t = cfg.draft_model, cfg.knowledge_enhancement, cfg.training
-    _range("draft_model", "strategy", d.strategy, d.strategy in STRATEGIES + ("first-k",),
-           ", ".join(STRATEGIES + ("first-k",)))
-    _range("draft_model", "num_sampled_layers", d.num_sampled_layers,
-           isinstance(d.num_sampled_layers, int) and d.num_sampled_layers >= 2
-           and (num_layers is None or d.num_sampled_layers <= num_layers),
-           f"an integer in 2..{num_layers or 'num_layers'}")
-    if d.sampled_indices is not None:
-        _range("draft_model", "sampled_indices", d.sampled_indices,
-               isinstance(d.sampled_indices, list) and len(d.sampled_indices) >= 2
-               and all(isinstance(i, int) for i in d.sampled_indices), "a list of at least 2 layer indices")
-    knowledge_block(cfg.knowledge_block(), 64, d.num_sampled_layers)  # validates the knowledge names and values
-    pos_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
-    for key in ("batch_size", "num_epochs", "max_seq_length", "gradient_accumulation_steps", "max_bad_steps"):
-        _range("training", key, getattr(t, key), pos_int(getattr(t, key)), "an integer >= 1")
-    _range("training", "learning_rate", t.learning_rate, isinstance(t.learning_rate, (int, float)) and 0 < t.learning_rate <= 1,
-           "a number in (0, 1]")
-    _range("training", "kl_divergence_weight", t.kl_divergence_weight,
-           isinstance(t.kl_divergence_weight, (int, float)) and 0 <= t.kl_divergence_weight <= 1, "a number in [0, 1]")
-    _range("training", "temperature", t.temperature, isinstance(t.temperature, (int, float)) and t.temperature > 0,
-           "a number > 0")
-    _range("training", "objective", t.objective, t.objective in OBJECTIVES, ", ".join(OBJECTIVES))
-    _range("training", "train_params", t.train_params, t.train_params in TRAIN_PARAMS, ", ".join(TRAIN_PARAMS))
-    _range("training", "warmup_ratio", t.warmup_ratio, isinstance(t.warmup_ratio, (int, float)) and 0 <= t.warmup_ratio < 1,
-           "a number in [0, 1)")
-    _range("training", "weight_decay", t.weight_decay, isinstance(t.weight_decay, (int, float)) and t.weight_decay >= 0,
-           "a number >= 0")
-    _range("training", "max_grad_norm", t.max_grad_norm, isinstance(t.max_grad_norm, (int, float)) and t.max_grad_norm > 0,
-           "a number > 0")
-    for key in ("generated_share", "item_share", "on_policy_share"):
-        v = getattr(t, key)
-        _range("training", key, v, isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
-               "a number in [0, 1]")
-    _range("training", "generated_share + item_share + on_policy_share", t.generated_share + t.item_share + t.on_policy_share,
-           t.generated_share + t.item_share + t.on_policy_share <= 1, "a sum <= 1 (the rest is training text)")
-    _range("training", "generated_sequences", t.generated_sequences,
-           isinstance(t.generated_sequences, int) and not isinstance(t.generated_sequences, bool) and t.generated_sequences >= 0,
-           "an integer >= 0")
-    for key in ("checkpoint_every", "eval_prompts", "eval_new_tokens", "knowledge_answer_tokens", "eval_text_windows",
-                "item_new_tokens"):
-        _range("training", key, getattr(t, key), pos_int(getattr(t, key)), "an integer >= 1")
-    _range("training", "mixed_precision", t.mixed_precision, t.mixed_precision in MIXED_PRECISION, ", ".join(MIXED_PRECISION))
-    if t.max_text_tokens is not None:
-        _range("training", "max_text_tokens", t.max_text_tokens, pos_int(t.max_text_tokens), "an integer >= 1 or null")
-    if t.steps_per_epoch is not None:
-        _range("training", "steps_per_epoch", t.steps_per_epoch, pos_int(t.steps_per_epoch), "an integer >= 1 or null")
-    if t.train_params == "fusion" and not k.enabled:
-        raise ValueError("training.train_params='fusion' needs knowledge_enhancement.enabled: true (there are no "
-                         "fusion parameters otherwise)")
-    return cfg
-
-
 SECTIONS = {"draft_model": DraftModelConfig, "knowledge_enhancement": KnowledgeConfig, "training": TrainingConfig}
 
 
-def load_config(path: str | os.PathLike, num_layers: int | None = None) -> DistillConfig:
-    """Read and validate a distillation YAML file."""
+def config_problems(cfg: DistillConfig, num_layers: int | None = None) -> list[str]:
+    """Every problem of ``cfg`` (numbers written as text are turned into numbers on the way)."""
+    problems = [p for name in SECTIONS for p in field_problems(getattr(cfg, name), name)]
+    d, k, t = cfg.draft_model, cfg.knowledge_enhancement, cfg.training
+    # checks across fields, each where the fields it reads are of the right kind
+    if num_layers is not None and field_ok(d, "num_sampled_layers") and d.num_sampled_layers > num_layers:
+        problems.append(f"draft_model.num_sampled_layers={d.num_sampled_layers} is out of range; "
+                        f"allowed: an integer in 2..{num_layers}")
+    if all(field_ok(k, f.name) for f in dataclasses.fields(k)) and field_ok(d, "num_sampled_layers"):
+        try:
+            knowledge_block(cfg.knowledge_block(), 64, d.num_sampled_layers)  # after_layers against the draft's depth
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if all(field_ok(t, key) for key in ("generated_share", "item_share", "on_policy_share")):
+        shares = t.generated_share + t.item_share + t.on_policy_share
+        if shares > 1:
+            problems.append(f"training.generated_share + item_share + on_policy_share={shares!r} is out of range; "
+                            f"allowed: a sum <= 1 (the rest is training text)")
+    if t.train_params == "fusion" and k.enabled is False:
+        problems.append("training.train_params='fusion' needs knowledge_enhancement.enabled: true (there are no "
+                        "fusion parameters otherwise)")
+    return problems
+
+
+def validate(cfg: DistillConfig, num_layers: int | None = None) -> DistillConfig:
+    """Check every value; raise :class:`~qdlib.errors.ConfigError` (a ``ValueError``) naming every bad key at once."""
+    raise_problems(config_problems(cfg, num_layers))
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``"training.learning_rate=1.0e-3"`` -> ``("training", "learning_rate", 0.001)``; the value is read as YAML.
+
+    >>> parse_override("knowledge_enhancement.after_layers=[2, 5]")
+    ('knowledge_enhancement', 'after_layers', [2, 5])
+    """
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise ConfigError(f"--set {text!r} is not of the form section.key=value, e.g. training.learning_rate=1.0e-3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return section, name.strip(), value
+
+
+def config_from_dict(data, num_layers: int | None = None, overrides=(), where: str = "") -> DistillConfig:
+    """Build and validate a config from a mapping of sections, then ``section.key=value`` overrides.
+
+    Every problem (unknown sections and keys in all sections, bad values) is reported in one
+    :class:`~qdlib.errors.ConfigError`.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where + ': ' if where else ''}the config must be a mapping with sections {sorted(SECTIONS)}")
+    data = {name: (dict(sec) if isinstance(sec, dict) else sec) for name, sec in data.items()}
+    for text in overrides:
+        section, name, value = parse_override(text)
+        if isinstance(data.get(section, {}), dict):
+            data.setdefault(section, {})[name] = value
+    problems = []
+    unknown = sorted(set(data) - set(SECTIONS), key=str)
+    if unknown:
+        problems.append(f"unknown section(s) {unknown}; allowed: {sorted(SECTIONS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        sec = data.get(name)
+        if sec is None:
+            sec = {}
+        if not isinstance(sec, dict):
+            problems.append(f"config section {name!r} must be a mapping, got {type(sec).__name__}")
+            sec = {}
+        problems += unknown_key_problems(cls, name, sec)
+        known = {f.name for f in dataclasses.fields(cls)}
+        sections[name] = cls(**{k: v for k, v in sec.items() if k in known})
+    cfg = DistillConfig(**sections)
+    raise_problems(problems + config_problems(cfg, num_layers), where)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, num_layers: int | None = None, overrides=()) -> DistillConfig:
+    """Read and validate a distillation YAML file; ``overrides`` are ``"section.key=value"`` strings (``--set``)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the config must be a mapping with sections {sorted(SECTIONS)}")
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(SECTIONS)}")
+        raise MissingFileError(f"config file {path} does not exist; use 'tiny', 'qwen3' or a YAML file like "
+                          f"{DEFAULT_CONFIGS['tiny']}")
     try:
-        cfg = DistillConfig(**{name: _fill(cls, name, data.get(name)) for name, cls in SECTIONS.items()})
-    except TypeError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
-    try:
-        return validate(cfg, num_layers)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    return config_from_dict(data, num_layers, overrides, where=str(path))
+
+
+def config_keys(cfg: DistillConfig | None = None) -> list[str]:
+    """Every key ``--set`` accepts, with its value in ``cfg`` (default: the defaults), what is allowed and what it does."""
+    return [line for name, cls in SECTIONS.items() for line in describe(getattr(cfg, name) if cfg else cls, name)]
 
 
 DEFAULT_CONFIGS = {"tiny": paths.CONFIGS_DIR / "distill_tiny.yaml", "qwen3": paths.CONFIGS_DIR / "distill_qwen3.yaml"}

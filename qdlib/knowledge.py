@@ -30,7 +30,9 @@ from pathlib import Path
 import torch
 
 from . import paths
+from .errors import ConfigError, MissingFileError, QdError
 from .io import atomic_dir, write_json_atomic
+from .models import is_bundled, model_name
 from .progress import progress_bar
 from .sampling import run_layers
 
@@ -43,8 +45,6 @@ ITEM_KEYS = {"id", "question", "reference_answer", "train_paraphrases", "eval_pa
 
 def builtin_items_path(teacher=None) -> Path:
     """The built-in item file for a teacher: Python questions for the bundled one, AI/ML Q&A otherwise."""
-    from .models import is_bundled
-
     name = getattr(getattr(teacher, "config", None), "_name_or_path", "") if teacher is not None else ""
     bundled = not name or is_bundled(name)  # no recorded name: an in-memory model, treat like the bundled one
     return paths.DATA_DIR / ("knowledge_tiny.yaml" if bundled else "knowledge_qwen3.yaml")
@@ -56,20 +56,20 @@ def load_items(path: str | os.PathLike | None = None, teacher=None) -> list[dict
 
     path = Path(path) if path else builtin_items_path(teacher)
     if not path.is_file():
-        raise FileNotFoundError(f"knowledge item file {path} does not exist")
+        raise MissingFileError(f"knowledge item file {path} does not exist")
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     items = data.get("items") if isinstance(data, dict) else None
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: expected a top-level 'items:' list of knowledge items")
+        raise ConfigError(f"{path}: expected a top-level 'items:' list of knowledge items")
     seen = set()
     for i, it in enumerate(items):
         if not isinstance(it, dict) or "question" not in it or "id" not in it:
-            raise ValueError(f"{path}: item {i} needs at least 'id' and 'question'")
+            raise ConfigError(f"{path}: item {i} needs at least 'id' and 'question'")
         unknown = set(it) - ITEM_KEYS
         if unknown:
-            raise ValueError(f"{path}: item {it['id']!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)}")
+            raise ConfigError(f"{path}: item {it['id']!r} has unknown key(s) {sorted(unknown)}; allowed: {sorted(ITEM_KEYS)}")
         if it["id"] in seen:
-            raise ValueError(f"{path}: duplicate item id {it['id']!r}")
+            raise ConfigError(f"{path}: duplicate item id {it['id']!r}")
         seen.add(it["id"])
         it.setdefault("reference_answer", "")
         it.setdefault("train_paraphrases", [])
@@ -166,7 +166,7 @@ class KnowledgeCache:
         return path
 
 
-class KnowledgeCacheError(ValueError):
+class KnowledgeCacheError(QdError, ValueError):
     """A knowledge cache is missing, corrupt, or was built for another teacher."""
 
 
@@ -217,8 +217,6 @@ def check_cache_matches(cache: KnowledgeCache, teacher) -> None:
         diffs.append(f"hidden size {cache.hidden_size} vs {teacher.config.hidden_size}")
     if cache.layer >= teacher.config.num_hidden_layers:
         diffs.append(f"layer {cache.layer} does not exist in a {teacher.config.num_hidden_layers}-layer teacher")
-    from .models import model_name
-
     name = model_name(teacher)
     what = "; ".join(diffs) or "same shapes, different weights"
     raise KnowledgeCacheError(
@@ -247,14 +245,12 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
         layer: teacher decoder layer whose output is kept (default: the last, after the final norm's input).
         answer_tokens: length of the teacher's greedy answer stored after each question.
     """
-    from .models import model_name
-
     if items is None or isinstance(items, (str, os.PathLike)):
         items = load_items(items, teacher)
     L = teacher.config.num_hidden_layers
     layer = L - 1 if layer is None else layer
     if not isinstance(layer, int) or not 0 <= layer < L:
-        raise ValueError(f"layer={layer!r} is not a decoder layer of this teacher; allowed: 0..{L - 1}")
+        raise ConfigError(f"layer={layer!r} is not a decoder layer of this teacher; allowed: 0..{L - 1}")
     rows, qlens, out_items = [], [], []
     for it in progress_bar(items, desc="knowledge cache", enabled=progress):
         answer = teacher_answer(teacher, tokenizer, it["question"], answer_tokens)

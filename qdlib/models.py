@@ -13,6 +13,11 @@ Which teacher:
 - anything else: a local folder or a hub id such as ``"Qwen/Qwen3-0.6B"``,
   loaded with transformers' Auto classes.
 
+Without network (``HF_HUB_OFFLINE`` set, or the hub unreachable on one quick
+check) a hub id is looked up only in the local Hugging Face cache, so it fails
+within seconds instead of retrying for a minute. Loading prints no progress
+bars unless ``progress=True``.
+
 Device: ``"cpu"`` unless asked; ``"auto"`` picks cuda, then mps, then cpu.
 dtype: ``None`` means float32 on CPU (transformers 5 would otherwise keep the
 stored bf16) and the stored dtype on an accelerator.
@@ -20,19 +25,21 @@ stored bf16) and the stored dtype on an accelerator.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 
 from . import paths
+from .errors import ConfigError, QdError
 
 TINY = "tiny"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class TeacherLoadError(RuntimeError):
+class TeacherLoadError(QdError, RuntimeError):
     """A teacher could not be loaded; the message says why and what to do."""
 
 
@@ -64,7 +71,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'") from exc
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'") from exc
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
@@ -75,7 +82,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype in DTYPES:
         return DTYPES[dtype]
-    raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)} or a torch.dtype")
+    raise ConfigError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)} or a torch.dtype")
 
 
 def teacher_path(name: str | None = None) -> str:
@@ -86,13 +93,75 @@ def teacher_path(name: str | None = None) -> str:
     return name
 
 
-def load_teacher(name: str | None = None, device: str | torch.device | None = None, dtype=None):
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``), read now rather than at import, asks for no network."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick request to the hub's endpoint (``HF_ENDPOINT``; proxies honoured), no retries."""
+    import httpx  # huggingface_hub's own HTTP client
+
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+    try:
+        httpx.head(endpoint, timeout=timeout)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache already holds ``repo_id``'s config."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+@contextlib.contextmanager
+def quiet_loading(progress: bool = False):
+    """No transformers progress bars ("Loading weights") or warnings while loading, unless ``progress``.
+
+    The previous settings are restored afterwards, so loading changes no global setting.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if progress:
+        yield
+        return
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _hub_error(name: str, why: str) -> TeacherLoadError:
+    return TeacherLoadError(
+        f"could not load {name!r} from the Hugging Face hub ({why}). "
+        f"Without network access, download the model elsewhere and point at the folder, e.g. "
+        f"QD_MODEL=/path/to/Qwen3-0.6B or load_teacher('/path/to/Qwen3-0.6B'). "
+        f"The bundled teacher works offline: load_teacher('tiny') or unset QD_MODEL.")
+
+
+def load_teacher(name: str | None = None, device: str | torch.device | None = None, dtype=None, *,
+                 progress: bool = False):
     """Return ``(model, tokenizer)`` for a teacher, the model in eval mode.
 
     See the module docstring for how ``name``, ``device`` and ``dtype`` are
     chosen. A hub id that cannot be downloaded raises :class:`TeacherLoadError`
     saying what failed, how to use a local folder, and that ``"tiny"`` works
-    offline.
+    offline. Without network (``HF_HUB_OFFLINE`` set, or the hub unreachable on one
+    quick check) only the local Hugging Face cache is tried, so this fails in
+    seconds rather than after a minute of retries. ``progress=True`` shows
+    transformers' loading bars.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,18 +182,20 @@ def load_teacher(name: str | None = None, device: str | torch.device | None = No
     if looks_local and not (local / "config.json").is_file():
         raise TeacherLoadError(f"{local} is not a model folder (no config.json there)")
     kwargs = {"dtype": dt} if dt is not None else {}
+    local_only = {}
+    if not looks_local and (hub_offline() or not hub_reachable()):
+        if not in_hub_cache(where):  # no network and nothing cached: say so now, without retries
+            why = "HF_HUB_OFFLINE is set" if hub_offline() else "the hub is not reachable from here"
+            raise _hub_error(name, f"{why}, and the model is not in the local Hugging Face cache")
+        local_only = {"local_files_only": True}  # cached: load it without asking the network
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        with quiet_loading(progress):
+            tokenizer = AutoTokenizer.from_pretrained(where, **local_only)
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs, **local_only)
     except (OSError, ValueError) as exc:
         if looks_local:
             raise TeacherLoadError(f"could not load the model folder {local}: {exc}") from exc
-        raise TeacherLoadError(
-            f"could not load {name!r} from the Hugging Face hub ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
-            f"Without network access, download the model elsewhere and point at the folder, e.g. "
-            f"QD_MODEL=/path/to/Qwen3-0.6B or load_teacher('/path/to/Qwen3-0.6B'). "
-            f"The bundled teacher works offline: load_teacher('tiny') or unset QD_MODEL."
-        ) from exc
+        raise _hub_error(name, f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     model.to(dev)
     model.eval()
     if tokenizer.pad_token_id is None:
@@ -141,40 +212,3 @@ def model_name(model) -> str:
     except OSError:
         pass
     return src or type(model).__name__
-
-
-class DraftLoadError(RuntimeError):
-    """No draft could be loaded (missing folder, or no reference draft for this teacher)."""
-
-
-def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None, dtype=None):
-    """The draft model alone, in eval mode (float32 on CPU), with its knowledge cache attached.
-
-    No name gives the course's reference draft (``outputs/reference_draft``) when the
-    default teacher is the bundled one; a folder written by ``qd distill --export`` (or
-    any ``save_pretrained`` folder of a :class:`qdlib.DraftForCausalLM`) loads that draft.
-    A ``knowledge_cache/`` subfolder is attached with ``set_knowledge``, so
-    ``draft(input_ids=...)``, ``generate``, ``assistant_model=draft`` and
-    ``speculative_generate(teacher, draft, ids)`` all work as they are.
-    """
-    from . import paths
-    from .draft import DraftForCausalLM
-    from .knowledge import load_knowledge_cache
-
-    if name_or_path is None:
-        teacher = default_teacher_name()
-        if not is_bundled(teacher):
-            raise DraftLoadError(
-                f"no reference draft exists for the teacher {teacher!r} (QD_MODEL): the course ships one only for the "
-                f"bundled teacher. Distil one with `qd distill --config qwen3 --export <folder>` and pass that folder "
-                f"to load_draft, or unset QD_MODEL")
-        name_or_path = paths.DRAFT_DIR
-    folder = Path(name_or_path)
-    if not (folder / "config.json").is_file():
-        raise DraftLoadError(f"{folder} is not a draft folder (no config.json); expected the output of "
-                             f"`qd distill --export` or DraftForCausalLM.save_pretrained")
-    dev = resolve_device(device)
-    draft = DraftForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, dev) or torch.float32).to(dev).eval()
-    if (folder / "knowledge_cache").is_dir() and draft.config.knowledge_enhancement.get("enabled"):
-        draft.set_knowledge(load_knowledge_cache(folder / "knowledge_cache"))
-    return draft

@@ -26,18 +26,21 @@ from typing import Sequence
 
 import torch
 
+from .errors import ConfigError
+
 STRATEGIES = ("uniform", "geometric", "logarithmic", "importance")
+EARLY_EXIT = "first-k"  # the early-exit baseline (the first k layers, as LayerSkip): a draft, not a sampling strategy
 GEOMETRIC_RATIO = 1.5  # each gap 1.5x the previous one
 LOG_BASE = 10.0  # logarithmic positions follow log10(1 + 9 t)
 
 
 def _check(num_layers: int, k: int) -> None:
     if not isinstance(num_layers, int) or num_layers < 2:
-        raise ValueError(f"num_layers must be an integer >= 2, got {num_layers!r}")
+        raise ConfigError(f"num_layers must be an integer >= 2, got {num_layers!r}")
     if not isinstance(k, int) or k < 2:
-        raise ValueError(f"k must be an integer >= 2 (the first and last layer are always kept), got {k!r}")
+        raise ConfigError(f"k must be an integer >= 2 (the first and last layer are always kept), got {k!r}")
     if k > num_layers:
-        raise ValueError(f"k={k} is more than the teacher's {num_layers} layers; allowed: 2 <= k <= {num_layers}")
+        raise ConfigError(f"k={k} is more than the teacher's {num_layers} layers; allowed: 2 <= k <= {num_layers}")
 
 
 def _round_half_up(x: float) -> int:
@@ -108,9 +111,9 @@ def sample_layers(num_layers: int, k: int, strategy: str = "uniform", *, scores:
     """
     _check(num_layers, k)
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown strategy {strategy!r}; allowed: {', '.join(STRATEGIES)}")
     if strategy != "importance" and scores is not None:
-        raise ValueError(f"scores are only used by the 'importance' strategy, not {strategy!r}")
+        raise ConfigError(f"scores are only used by the 'importance' strategy, not {strategy!r}")
     if strategy == "uniform":
         return _distinct(uniform_positions(num_layers, k), num_layers)
     if strategy == "geometric":
@@ -119,14 +122,25 @@ def sample_layers(num_layers: int, k: int, strategy: str = "uniform", *, scores:
         return _distinct(logarithmic_positions(num_layers, k), num_layers)
     # importance
     if scores is None:
-        raise ValueError("strategy 'importance' needs scores=[one per layer]; compute them with qdlib.layer_importance")
+        raise ConfigError("strategy 'importance' needs scores=[one per layer]; compute them with qdlib.layer_importance")
     scores = [float(s) for s in scores]
     if len(scores) != num_layers:
-        raise ValueError(f"importance needs {num_layers} scores (one per layer), got {len(scores)}")
+        raise ConfigError(f"importance needs {num_layers} scores (one per layer), got {len(scores)}")
     if any(math.isnan(s) for s in scores):
-        raise ValueError("importance scores contain NaN")
+        raise ConfigError("importance scores contain NaN")
     middle = sorted(range(1, num_layers - 1), key=lambda i: (-scores[i], i))[: k - 2]
     return sorted([0, num_layers - 1] + middle)
+
+
+def first_k_layers(num_layers: int, k: int) -> list[int]:
+    """The layers of the early-exit baseline :data:`EARLY_EXIT` (as LayerSkip): ``[0, 1, ..., k-1]``.
+
+    >>> first_k_layers(28, 3)
+    [0, 1, 2]
+    """
+    if not 1 <= k <= num_layers:
+        raise ValueError(f"k={k} must be in 1..{num_layers}")
+    return list(range(k))
 
 
 # --------------------------------------------------------------------------- running a subset of layers
@@ -177,7 +191,7 @@ def layer_importance(teacher, tokenizer, texts: Sequence[str], *, max_tokens: in
     nats; higher = more important). Costs one forward pass per layer.
     """
     if not texts:
-        raise ValueError("layer_importance needs at least one calibration text")
+        raise ConfigError("layer_importance needs at least one calibration text")
     L = teacher.config.num_hidden_layers
     device = next(teacher.parameters()).device
     batches = [tokenizer(t, return_tensors="pt", truncation=True, max_length=max_tokens).input_ids.to(device)

@@ -1,9 +1,45 @@
+"""The ``qd`` command: it works, and every way it can fail ends in one clear line before any model loads."""
+
+import argparse
+import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
+from qdlib import cli
 from qdlib.cli import build_parser, main
+
+# settings that make `qd distill` take seconds: no teacher-generated rows, a little text, tiny evaluation
+FAST_DISTILL = [f"--set=training.{kv}" for kv in (
+    "generated_sequences=0", "generated_share=0", "item_share=0", "max_text_tokens=5000", "eval_prompts=1",
+    "eval_new_tokens=4", "eval_text_windows=1", "max_seq_length=32", "mixed_precision=no",
+    "knowledge_answer_tokens=4", "num_epochs=1", "steps_per_epoch=2", "batch_size=2")]
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail the test if a command loads the teacher (the checks must come first).
+
+    The stages import ``load_teacher`` at their top, so each module's own name is replaced; they
+    are imported first, so that none binds the refusing stand-in for the tests that follow.
+    """
+    import qdlib.models
+    import qdlib.tour
+    import qdlib.trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the options were checked")
+
+    for module in (qdlib.models, qdlib.tour, qdlib.trainer):
+        monkeypatch.setattr(module, "load_teacher", refuse)
 
 
 def test_generate_runs_on_bundled_teacher(capsys):
@@ -13,26 +49,147 @@ def test_generate_runs_on_bundled_teacher(capsys):
     assert "8 new tokens" in out.err
 
 
-def test_generate_with_unreachable_hub_id_fails_clearly(capsys, monkeypatch):
+def test_help_imports_neither_torch_nor_transformers():
+    # `qd --help` must answer at once: the CLI and the lazy package import no heavy module at import time
+    code = ("import sys\nfrom qdlib.cli import main\nfor argv in (['--help'], ['distill', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = lambda: sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'accelerate'})\n"
+            "print(heavy())\nimport qdlib\nqdlib.sample_layers(28, 6)\nprint(heavy())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "train-teacher" in r.stdout and "SECTION.KEY=VALUE" in r.stdout
+    assert lines[-2] == "[]"  # after both help texts: nothing heavy imported
+    assert lines[-1] == "['torch']"  # ... and the probe does see torch once a name that needs it is used
+
+
+def test_the_clis_strategy_names_are_the_librarys():
+    from qdlib.distill import STRATEGY_NAMES
+    from qdlib.sampling import EARLY_EXIT
+
+    assert cli.STRATEGIES == list(STRATEGY_NAMES) and EARLY_EXIT in cli.STRATEGIES
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(action.option_strings)}" for name, sub in subparsers.choices.items()
+               for action in sub._actions
+               if action.option_strings and not isinstance(action, argparse._HelpAction) and not action.help]
+    assert missing == []
+    assert set(subparsers.choices) == {"generate", "train-teacher", "compare-layers", "build-cache", "distill",
+                                       "student", "bench", "tour"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--max-new-tokens", "-5"], "argument --max-new-tokens: -5 is out of range; allowed: an integer >= 1"),
+    (["generate", "--temperature", "hot"], "argument --temperature: 'hot' is not a number"),
+    (["generate", "--device", "gpu0"], "argument --device: unknown device 'gpu0'; allowed: cpu, cuda, cuda:N, mps or auto"),
+    (["bench", "--gamma", "0"], "argument --gamma: 0 is out of range; allowed: an integer >= 1"),
+    (["bench", "--gammas", "2", "-1"], "argument --gammas: -1 is out of range"),
+    (["compare-layers", "--k", "1"], "argument --k: 1 is out of range; allowed: an integer >= 2"),
+    (["distill", "--batch-size", "0"], "argument --batch-size: 0 is out of range"),
+    (["distill", "--export", "a", "--export-only", "b"], "not allowed with argument --export"),
+    (["fly"], "argument COMMAND: invalid choice: 'fly'"),
+])
+def test_bad_options_end_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare-layers", "--k", "6", "40"], "error: --k 40 is more than the teacher's 28 layers; allowed: 2..28"),
+    (["build-cache", "--layer", "28"], "error: --layer 28 is not a layer of the teacher; allowed: 0..27"),
+    (["build-cache", "--items", "/no/such/items.yaml"], "error: --items /no/such/items.yaml: no such file"),
+    (["bench", "--methods", "spec", "warp"], "error: unknown bench method(s) ['warp']"),
+    (["bench", "--draft", "/no/such/draft"], "error: /no/such/draft is not a draft folder"),
+    (["distill", "--config", "/no/such.yaml"], "error: config file /no/such.yaml does not exist"),
+    (["distill", "--run-dir", "/no/such/run", "--export-only", "/no/out"], "error: /no/such/run/best holds no trained draft"),
+    (["train-teacher", "--export", "--run-dir", "/no/such/run"], "error: /no/such/run holds no trained teacher"),
+    (["compare-layers", "--seq-len", "5000"], "error: --seq-len 5000 is longer than the teacher's 1024 positions"),
+    (["distill", "--set", "training.learning_rate=5", "--set", "draft_model.num_sampled_layers=40"],
+     "2 problems: training.learning_rate=5 is out of range; allowed: a number in (0, 1]; "
+     "draft_model.num_sampled_layers=40 is out of range; allowed: an integer in 2..28"),
+    (["distill", "--no-knowledge", "--set", "training.train_params=fusion"], "needs knowledge_enhancement.enabled: true"),
+])
+def test_bad_values_fail_before_any_model_loads(capsys, no_model_loads, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_missing_gpu_is_refused_before_loading(capsys, no_model_loads):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["generate", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "error: --device cuda: this machine has 0 CUDA device(s); use cpu or auto\n"
+
+
+@pytest.fixture
+def hub_cache(monkeypatch, tmp_path):
+    """An empty Hugging Face cache (a developer's real cache may hold Qwen3-0.6B) and an endpoint that refuses at once."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    return tmp_path / "hub"
+
+
+def test_generate_with_unreachable_hub_id_fails_clearly(capsys, monkeypatch, hub_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["generate", "--model", "Qwen/Qwen3-0.6B"]) == 2
-    assert "bundled teacher works offline" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HF_HUB_OFFLINE is set" in err and "bundled teacher works offline" in err
+
+
+def test_hub_id_without_network_fails_at_once(capsys, monkeypatch, hub_cache):
+    # no HF_HUB_OFFLINE: one quick check of the endpoint, not a minute of retries
+    monkeypatch.setenv("QD_MODEL", "Qwen/Qwen3-0.6B")
+    t0 = time.perf_counter()
+    assert main(["generate"]) == 2
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the hub is not reachable from here" in err and "Retrying" not in err
+    assert seconds < 20  # before: 52-57 s of retries
+
+
+def test_a_cached_hub_model_loads_without_network(capsys, hub_cache):
+    from qdlib import paths
+
+    snapshot = hub_cache / "models--qd--tiny-teacher" / "snapshots" / "abc123"  # the cache's own layout
+    snapshot.mkdir(parents=True)
+    (hub_cache / "models--qd--tiny-teacher" / "refs").mkdir()
+    (hub_cache / "models--qd--tiny-teacher" / "refs" / "main").write_text("abc123")
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (snapshot / name).symlink_to(paths.TEACHER_DIR / name)
+    assert main(["generate", "--model", "qd/tiny-teacher", "--max-new-tokens", "4"]) == 0
+    assert "4 new tokens" in capsys.readouterr().err
+
+
+def test_loading_is_quiet_unless_asked(tmp_path):
+    # a plain Python session (no test environment) sees no "Loading weights" bar unless progress=True
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS",
+                                                          "TRANSFORMERS_VERBOSITY")}
+    code = ("import sys, qdlib\nqdlib.load_teacher('tiny')\nqdlib.load_draft()\nprint('MARK', file=sys.stderr)\n"
+            "qdlib.load_teacher('tiny', progress=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    quiet, loud = r.stderr.split("MARK")
+    assert "Loading weights" not in quiet
+    assert "Loading weights" in loud  # the probe can see the bar
 
 
 def test_compare_layers_prints_table(capsys):
     assert main(["compare-layers", "--k", "6", "--strategies", "uniform", "first-k", "--windows", "4"]) == 0
     out = capsys.readouterr().out
     assert "uniform" in out and "[0, 5, 11, 16, 22, 27]" in out and "first-k" in out
-
-
-def test_console_script_entry_point():
-    r = subprocess.run([sys.executable, "-m", "qdlib.cli", "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "generate" in r.stdout and "train-teacher" in r.stdout
-
-
-def test_unknown_command_is_rejected():
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["fly"])
 
 
 def test_build_cache_command(tmp_path, capsys):
@@ -44,15 +201,97 @@ def test_build_cache_command(tmp_path, capsys):
     assert cache.num_items == 15 and cache.layer == 27
 
 
-def test_distill_rejects_a_bad_config(tmp_path, capsys):
-    from qdlib.cli import main
+def test_distill_honours_device_and_set(monkeypatch, tmp_path):
+    seen = {}
 
+    def fake_distill(cfg, run_dir, teacher_name=None):
+        seen.update(cpu=os.environ.get("ACCELERATE_USE_CPU"), lr=cfg.training.learning_rate, run_dir=run_dir,
+                    epochs=cfg.training.num_epochs, enabled=cfg.knowledge_enhancement.enabled)
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr("qdlib.trainer.distill", fake_distill)
+    argv = ["distill", "--device", "cpu", "--run-dir", str(tmp_path / "r"), "--set", "training.learning_rate=1e-3",
+            "--set", "training.num_epochs=5", "--num-epochs", "2", "--no-knowledge"]
+    assert main(argv) == 0
+    assert seen == {"cpu": "true", "lr": 0.001, "run_dir": tmp_path / "r", "epochs": 2, "enabled": False}
+    assert "ACCELERATE_USE_CPU" not in os.environ  # restored afterwards
+
+
+def test_ctrl_c_ends_in_one_line(capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("qdlib.models.load_teacher", interrupted)
+    assert main(["generate"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted: nothing was written"
+
+
+def test_ctrl_c_while_preparing_distillation_data_leaves_no_half_made_run(capsys, monkeypatch, tmp_path):
+    import qdlib.trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qdlib.trainer, "build_distill_data", interrupted)
+    run = tmp_path / "run"
+    assert main(["distill", "--no-knowledge", "--run-dir", str(run), *FAST_DISTILL]) == 130
+    assert last_line(capsys.readouterr().err) == "interrupted: nothing was written; rerun the same command to start"
+    assert not run.exists()  # no empty run folder
+    # with knowledge: the finished knowledge cache is kept (whole), and the message says so
+    assert main(["distill", "--run-dir", str(run), *FAST_DISTILL]) == 130
+    assert last_line(capsys.readouterr().err) == (
+        f"interrupted: the knowledge cache in {run} is kept; rerun the same command to continue from there")
+    assert sorted(p.name for p in run.iterdir()) == ["knowledge_cache"]
+
+
+def test_ctrl_c_while_training_says_where_to_resume_and_resuming_works(capsys, monkeypatch, tmp_path):
+    import qdlib.trainer
+
+    real_loss, calls = qdlib.trainer.distill_loss, []
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # during the second step
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(qdlib.trainer, "distill_loss", loss_then_ctrl_c)
+    run = tmp_path / "run"
+    argv = ["distill", "--no-knowledge", "--run-dir", str(run), *FAST_DISTILL]
+    assert main(argv) == 130
+    assert last_line(capsys.readouterr().err) == (
+        f"interrupted at step 1 of 2; rerun the same call to resume from {run / 'last.pt'}")
+    assert main(argv) == 0  # the same command resumes and finishes
+    assert "resuming from step 1 of 2" in capsys.readouterr().out
+    steps = [json.loads(line).get("step") for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps[:2] == [1, 2]  # no step done twice
+
+
+def test_distill_rejects_a_bad_config(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("training:\n  learning_rate: 5\n")
+    bad.write_text("training:\n  learning_rate: 5\n  lerning_rate: 0.1\nknowledge_enhancement:\n  enabeld: true\n")
     assert main(["distill", "--config", str(bad), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "training.learning_rate=5" in err and "allowed: a number in (0, 1]" in err
-    typo = tmp_path / "typo.yaml"
-    typo.write_text("training:\n  lerning_rate: 0.1\n")
-    assert main(["distill", "--config", str(typo)]) == 2
-    assert "unknown key(s) ['lerning_rate']" in capsys.readouterr().err
+    assert err.count("\n") == 1 and "3 problems" in err
+    assert "training.learning_rate=5 is out of range; allowed: a number in (0, 1]" in err
+    assert "['lerning_rate'] (did you mean 'learning_rate'?)" in err and "['enabeld']" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_distill_list_keys_shows_the_configs_values(capsys, no_model_loads):
+    assert main(["distill", "--config", "tiny", "--list-keys", "--set", "training.seed=7"]) == 0
+    out = capsys.readouterr().out
+    assert "training.learning_rate = 0.002  # a number in (0, 1]; AdamW's peak learning rate" in out  # tiny's value
+    assert "training.seed = 7  # an integer >= 0;" in out  # after --set
+    assert "knowledge_enhancement.fusion_gate = \"channel\"  # channel, scalar;" in out
+
+
+def test_library_errors_share_one_base():
+    from qdlib import DraftLoadError, KnowledgeCacheError, QdError, TeacherLoadError
+    from qdlib.trainer import TrainingStopped
+
+    for cls, builtin in ((TeacherLoadError, RuntimeError), (DraftLoadError, RuntimeError),
+                         (KnowledgeCacheError, ValueError), (TrainingStopped, RuntimeError)):
+        assert issubclass(cls, QdError) and issubclass(cls, builtin)  # old `except ValueError` callers still work
+    assert TrainingStopped.exit_code == 3 and cli.INTERRUPTED == 130

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qdlib.teacher as teacher_mod
+from qdlib.errors import ConfigError
 from qdlib.io import torch_load_safe
 from qdlib.teacher import TeacherTrainConfig, train_teacher, train_tokenizer
 
@@ -52,7 +53,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     train_teacher(tiny_cfg(steps=1), tmp_path, log=lambda *_: None)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ConfigError, match="different configuration"):  # a QdError: one line from `qd`
         train_teacher(tiny_cfg(steps=2, lr=1e-4), tmp_path, log=lambda *_: None)
 
 
