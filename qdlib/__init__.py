@@ -13,10 +13,10 @@ Importing qdlib loads no model and changes no global setting, except that the
 draft's config class is registered with transformers' Auto classes.
 """
 
-from .draft import DraftConfig, DraftForCausalLM, build_draft, first_k_layers
+from .draft import DraftConfig, DraftForCausalLM, DraftLoadError, build_draft, load_draft
 from .knowledge import KnowledgeCache, KnowledgeCacheError, build_knowledge_cache, load_knowledge_cache
-from .models import DraftLoadError, TeacherLoadError, load_draft, load_teacher
-from .sampling import layer_importance, sample_layers
+from .models import TeacherLoadError, load_teacher
+from .sampling import first_k_layers, layer_importance, sample_layers
 from .speculative import SpecStats, generate_plain, speculative_generate
 
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """Every way to decode with the teacher, measured side by side in one run (``qd bench``, notebook 06).
 
     >>> from qdlib import load_teacher, load_draft                       # doctest: +SKIP
-    >>> from qdlib.bench import BenchConfig, run_bench, report_markdown   # doctest: +SKIP
+    >>> from qdlib.bench import BenchConfig, run_bench                  # doctest: +SKIP
+    >>> from qdlib.report import report_markdown, write_report           # doctest: +SKIP
     >>> teacher, tok = load_teacher(); draft = load_draft()              # doctest: +SKIP
     >>> report = run_bench(teacher, tok, draft, BenchConfig(n_prompts=4)) # doctest: +SKIP
     >>> print(report_markdown(report))                                    # doctest: +SKIP
@@ -44,8 +45,16 @@ from typing import Callable
 
 import torch
 
+from . import __version__, paths
+from .corpus import heldout_prompts, heldout_texts
+from .draft import build_draft
+from .hardware import cpu_name
+from .knowledge import load_items
 from .metrics import distribution_metrics, expected_speedup, expected_tokens_per_call
+from .models import model_name
 from .progress import progress_bar
+from .retrieval import NgramDrafter
+from .sampling import first_k_layers, sample_layers
 from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
 
 # name -> (label, group, needs). Groups order the table; needs says what the method uses.
@@ -139,9 +148,6 @@ class BenchConfig:
 
 def bench_prompts(teacher, tokenizer, cfg: BenchConfig) -> dict[str, list[list[int]]]:
     """Token ids per kind: held-out code prompts, and the knowledge items' evaluation paraphrases."""
-    from .knowledge import load_items
-    from .teacher import heldout_prompts, heldout_texts
-
     out = {}
     if "code" in cfg.kinds:
         code = heldout_prompts(tokenizer, heldout_texts(), n_prompts=cfg.n_prompts, prompt_tokens=cfg.prompt_tokens,
@@ -164,8 +170,6 @@ def knowledge_datastore(draft, teacher, tokenizer) -> list[list[int]]:
     cache = getattr(draft, "knowledge", None)
     if cache is not None:
         return [ids[m].tolist() for ids, m in zip(cache.input_ids, cache.mask)]
-    from .knowledge import load_items
-
     return [tokenizer(it["question"] + it.get("reference_answer", ""), add_special_tokens=False)["input_ids"]
             for it in load_items(None, teacher)]
 
@@ -266,9 +270,6 @@ def ablation_drafts(teacher, draft, names) -> dict:
 
     ``"untrained_uniform"``: uniformly sampled teacher layers; ``"early_exit"``: the first k layers.
     """
-    from .draft import build_draft, first_k_layers
-    from .sampling import sample_layers
-
     L, k = teacher.config.num_hidden_layers, draft.config.num_hidden_layers
     out = {}
     if "untrained_uniform" in names:
@@ -284,8 +285,6 @@ def make_methods(teacher, tokenizer, draft, cfg: BenchConfig, extra_drafts: dict
     ``extra_drafts``: the ablation drafts (:func:`ablation_drafts`); methods whose draft is missing are left out.
     """
     from transformers import GenerationConfig
-
-    from .retrieval import NgramDrafter
 
     extra = dict(extra_drafts or {})
     names = cfg.method_names
@@ -386,19 +385,100 @@ def environment() -> dict:
     """CPU, threads and library versions, for the report."""
     import transformers
 
-    from . import __version__
-    from .teacher import _cpu_name
-
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "qdlib": __version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _repeat_jobs(methods: dict, jobs: list, prompts: list, cfg: BenchConfig, bar) -> dict:
+    """Every job ``(mode, temperature, method)`` on ``prompts``: untimed warm-up, then ``cfg.repeats`` timed rounds.
+
+    Returns ``{(mode, method): [runs of repeat 1, runs of repeat 2, ...]}``. Each repeat runs all jobs one
+    after the other, so slow drift of the machine hits all alike.
+    """
+    for _mode, t, name in jobs:  # warm-up, untimed
+        for p in prompts[: cfg.warmup]:
+            methods[name](p, t, torch.Generator().manual_seed(cfg.seed))
+    per = {(mode, name): [] for mode, _, name in jobs}
+    for _ in range(cfg.repeats):
+        for mode, t, name in jobs:
+            g = torch.Generator().manual_seed(cfg.seed)
+            runs = []
+            for p in prompts:
+                runs.append(methods[name](p, t, g))
+                bar.update()
+            per[(mode, name)].append(runs)
+    return per
+
+
+def _measure_rows(methods: dict, prompts: dict, cfg: BenchConfig, modes: list, jobs: list, bar) -> tuple[list, dict]:
+    """The table rows (one per kind, mode and method) and the teacher's greedy outputs per kind (the reference)."""
+    rows, refs = [], {}
+    for kind, kind_prompts in prompts.items():
+        refs[kind] = [methods["teacher_generate"](p, 0.0, None).out for p in kind_prompts]  # the greedy reference
+        per = _repeat_jobs(methods, jobs, kind_prompts, cfg, bar)
+        base = {m: _summarise(per[(m, "teacher_generate")], None)["tokens_per_s"] for m, _ in modes}
+        for mode, _, name in jobs:
+            row = {"method": name, "label": METHODS[name][0], "group": METHODS[name][1], "kind": kind, "mode": mode,
+                   **_summarise(per[(mode, name)], refs[kind] if mode == "greedy" else None)}
+            row["speedup"] = row["tokens_per_s"] / base[mode]
+            rows.append(row)
+    return rows, refs
+
+
+def measure_costs(teacher, draft, extra: dict, cfg: BenchConfig) -> dict:
+    """Step costs in teacher steps: ``c`` per draft (one draft step over one teacher step) and ``verify_cost[g]``."""
+    ctx = cfg.prompt_tokens + cfg.max_new_tokens // 2
+    t_step = step_time(teacher, ctx)
+    costs = {"teacher_step_ms": 1e3 * t_step, "c": {}}
+    for name, d in {"spec": draft, **extra}.items():
+        costs["c"][name] = step_time(d, ctx) / t_step
+    if draft.knowledge is not None:  # the same draft without its cross-attention to the cache
+        attached = draft.knowledge
+        try:
+            costs["c"]["spec_no_cache"] = step_time(draft.set_knowledge(None), ctx) / t_step
+        finally:
+            draft.set_knowledge(attached)
+    costs["verify_cost"] = {str(g): step_time(teacher, ctx, tokens=g + 1) / t_step for g in sorted(set(cfg.gammas) | {cfg.gamma})}
+    return costs
+
+
+def _gamma_sweep(teacher, tokenizer, draft, cfg: BenchConfig, prompts: list, refs: list, alpha: float, costs: dict,
+                 bar) -> list[dict]:
+    """Speculative decoding at every gamma of ``cfg.gammas`` on ``prompts``: measured speed-ups and the theory's."""
+    sweep_methods = make_methods(teacher, tokenizer, draft, dataclasses.replace(cfg, methods=("teacher_plain",)))
+    for gm in cfg.gammas:
+        sweep_methods[f"gamma{gm}"] = make_methods(
+            teacher, tokenizer, draft, dataclasses.replace(cfg, gamma=gm, methods=("spec",)))["spec"]
+    per = {n: [] for n in sweep_methods}
+    for _ in range(cfg.repeats):
+        for n, fn in sweep_methods.items():
+            runs = []
+            for p in prompts:
+                runs.append(fn(p, 0.0, None))
+                bar.update()
+            per[n].append(runs)
+    s_gen = _summarise(per["teacher_generate"], None)["tokens_per_s"]
+    s_plain = _summarise(per["teacher_plain"], None)["tokens_per_s"]
+    sweep = []
+    for gm in cfg.gammas:
+        r = _summarise(per[f"gamma{gm}"], refs[: len(prompts)])
+        sweep.append({"gamma": gm, "speedup_vs_generate": r["tokens_per_s"] / s_gen,
+                      "speedup_vs_plain": r["tokens_per_s"] / s_plain,
+                      "tokens_per_target_call": r["tokens_per_target_call"], "acceptance": r["acceptance"],
+                      "identical": r["identical"], "prompts": r["prompts"],
+                      "theory_tokens_per_call": expected_tokens_per_call(alpha, gm),
+                      "theory_speedup_vs_plain": expected_speedup(alpha, gm, costs["c"]["spec"],
+                                                                  costs["verify_cost"][str(gm)])})
+    return sweep
+
+
 def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, progress: bool = True,
               extra_drafts: dict | None = None, log=print) -> dict:
-    """Measure every method of ``cfg`` on the same prompts; returns the report (a JSON-able dict)."""
-    from .models import model_name
+    """Measure every method of ``cfg`` on the same prompts; returns the report (a JSON-able dict).
 
+    Write it with :func:`qdlib.report.write_report`, read it with :func:`qdlib.report.report_markdown`.
+    """
     cfg = (cfg or BenchConfig()).validate()
     teacher.eval()
     draft.eval()
@@ -412,75 +492,16 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
     bar = progress_bar(total=n_calls + sweep_calls, desc="bench", unit="call", enabled=progress)
 
     t_start = time.perf_counter()
-    rows = []
-    refs = {}
-    for kind, kind_prompts in prompts.items():
-        ref_runs = [methods["teacher_generate"](p, 0.0, None) for p in kind_prompts]  # the greedy reference
-        refs[kind] = [r.out for r in ref_runs]
-        for _mode, t, name in jobs:  # warm-up, untimed
-            for p in kind_prompts[: cfg.warmup]:
-                methods[name](p, t, torch.Generator().manual_seed(cfg.seed))
-        per = {(mode, name): [] for mode, _, name in jobs}
-        for _ in range(cfg.repeats):
-            for mode, t, name in jobs:
-                g = torch.Generator().manual_seed(cfg.seed)
-                runs = []
-                for p in kind_prompts:
-                    runs.append(methods[name](p, t, g))
-                    bar.update()
-                per[(mode, name)].append(runs)
-        base = {m: _summarise(per[(m, "teacher_generate")], None)["tokens_per_s"] for m, _ in modes}
-        for mode, _, name in jobs:
-            row = {"method": name, "label": METHODS[name][0], "group": METHODS[name][1], "kind": kind, "mode": mode,
-                   **_summarise(per[(mode, name)], refs[kind] if mode == "greedy" else None)}
-            row["speedup"] = row["tokens_per_s"] / base[mode]
-            rows.append(row)
-
-    # ---- costs and the teacher-forced acceptance behind the theory
-    ctx = cfg.prompt_tokens + cfg.max_new_tokens // 2
-    t_step = step_time(teacher, ctx)
-    costs = {"teacher_step_ms": 1e3 * t_step, "c": {}}
-    for name, d in {"spec": draft, **extra}.items():
-        costs["c"][name] = step_time(d, ctx) / t_step
-    if draft.knowledge is not None:  # the same draft without its cross-attention to the cache
-        attached = draft.knowledge
-        try:
-            costs["c"]["spec_no_cache"] = step_time(draft.set_knowledge(None), ctx) / t_step
-        finally:
-            draft.set_knowledge(attached)
-    costs["verify_cost"] = {str(g): step_time(teacher, ctx, tokens=g + 1) / t_step for g in sorted(set(cfg.gammas) | {cfg.gamma})}
-    alpha = {}
-    for kind, kind_prompts in prompts.items():
-        alpha[kind] = teacher_forced_alpha(teacher, draft, refs[kind], [len(p) for p in kind_prompts])
-
-    # ---- gamma sweep (code prompts): measured speed-ups over the teacher, theory over the plain loop
+    rows, refs = _measure_rows(methods, prompts, cfg, modes, jobs, bar)
+    # the costs and the teacher-forced acceptance behind the theory
+    costs = measure_costs(teacher, draft, extra, cfg)
+    alpha = {kind: teacher_forced_alpha(teacher, draft, refs[kind], [len(p) for p in kind_prompts])
+             for kind, kind_prompts in prompts.items()}
+    # the gamma sweep (code prompts): measured speed-ups over the teacher, theory over the plain loop
     sweep = []
     if cfg.sweep_prompts and "code" in prompts:
-        sp = prompts["code"][: cfg.sweep_prompts]
-        sweep_methods = make_methods(teacher, tokenizer, draft, dataclasses.replace(cfg, methods=("teacher_plain",)))
-        for gm in cfg.gammas:
-            sweep_methods[f"gamma{gm}"] = make_methods(
-                teacher, tokenizer, draft, dataclasses.replace(cfg, gamma=gm, methods=("spec",)))["spec"]
-        per = {n: [] for n in sweep_methods}
-        for _ in range(cfg.repeats):
-            for n, fn in sweep_methods.items():
-                runs = []
-                for p in sp:
-                    runs.append(fn(p, 0.0, None))
-                    bar.update()
-                per[n].append(runs)
-        s_gen = _summarise(per["teacher_generate"], None)["tokens_per_s"]
-        s_plain = _summarise(per["teacher_plain"], None)["tokens_per_s"]
-        a = alpha["code"]["agreement"]
-        for gm in cfg.gammas:
-            r = _summarise(per[f"gamma{gm}"], refs["code"][: len(sp)])
-            sweep.append({"gamma": gm, "speedup_vs_generate": r["tokens_per_s"] / s_gen,
-                          "speedup_vs_plain": r["tokens_per_s"] / s_plain,
-                          "tokens_per_target_call": r["tokens_per_target_call"], "acceptance": r["acceptance"],
-                          "identical": r["identical"], "prompts": r["prompts"],
-                          "theory_tokens_per_call": expected_tokens_per_call(a, gm),
-                          "theory_speedup_vs_plain": expected_speedup(a, gm, costs["c"]["spec"],
-                                                                      costs["verify_cost"][str(gm)])})
+        sweep = _gamma_sweep(teacher, tokenizer, draft, cfg, prompts["code"][: cfg.sweep_prompts], refs["code"],
+                             alpha["code"]["agreement"], costs, bar)
     bar.close()
     return {
         "config": dataclasses.asdict(cfg),
@@ -497,7 +518,7 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
     }
 
 
-# ----------------------------------------------------------------------------- reporting
+# ----------------------------------------------------------------------------- what the report records
 
 
 def draft_card(draft) -> dict | None:
@@ -515,8 +536,6 @@ def draft_card(draft) -> dict | None:
 
 def _display_path(path: str | None) -> str | None:
     """A folder inside the repository as a relative path (no machine-specific prefix in reports)."""
-    from . import paths
-
     if not path:
         return None
     try:
@@ -525,151 +544,3 @@ def _display_path(path: str | None) -> str | None:
         return str(path)
 
 
-def headline(report: dict, kind: str = "code") -> dict:
-    """The performance bar's numbers: qdlib speculative vs the teacher's generate and vs matched assisted generation."""
-    rows = {(r["method"], r["mode"]): r for r in report["rows"] if r["kind"] == kind}
-    spec, assisted = rows.get(("spec", "greedy")), rows.get(("assisted_matched", "greedy"))
-    out = {"kind": kind}
-    if spec:
-        out.update(speedup=spec["speedup"], identical=spec["identical"], prompts=spec["prompts"])
-        out["bar_2x"] = spec["speedup"] >= 2.0 and spec["identical"] == spec["prompts"]
-    if spec and assisted:
-        out["over_assisted_matched"] = spec["tokens_per_s"] / assisted["tokens_per_s"]
-    return out
-
-
-def _fmt(v, digits=2):
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def report_markdown(report: dict) -> str:
-    """The report as Markdown tables (one per prompt kind and mode), with costs and the sweep."""
-    env = report["environment"]
-    card = report["draft"].get("card")
-    trained = f" ({card['steps']} training steps, test agreement {card['agreement']:.3f})" if card else ""
-    lines = [f"# qd bench: {report['teacher']} teacher, draft layers {report['draft']['layers']}{trained}", "",
-             f"{env['cpu']}, {env['torch_threads']} torch threads; Python {env['python']}, torch {env['torch']}, "
-             f"transformers {env['transformers']}, qdlib {env['qdlib']}. "
-             f"{report['config']['max_new_tokens']} new tokens per prompt, gamma {report['config']['gamma']}, "
-             f"median of {report['config']['repeats']} repeats; run took {report['seconds']:.0f} s.", ""]
-    c = report["costs"]
-    for kind in KINDS:
-        for mode in ("greedy", "sampling"):
-            rows = [r for r in report["rows"] if r["kind"] == kind and r["mode"] == mode]
-            if not rows:
-                continue
-            what = "held-out code" if kind == "code" else "knowledge paraphrases"
-            lines += [f"## {what}, {mode}" + (f" (temperature {report['config']['temperature']})" if mode == "sampling" else ""),
-                      "", "| method | tokens/s | speed-up | acceptance | tokens/target call | c | identical |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
-            for r in rows:
-                cc = c["c"].get(DRAFT_OF.get(r["method"]))
-                ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "(sampled)"
-                lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {_fmt(r.get('acceptance'))} "
-                             f"| {_fmt(r['tokens_per_target_call'])} | {_fmt(cc)} | {ident} |")
-            a = report["alpha"].get(kind)
-            if a:
-                lines += ["", f"Teacher-forced agreement of the draft on these prompts: {a['agreement']:.3f} "
-                              f"(sum-min alpha {a['alpha']:.3f}, {a['positions']} positions). \"acceptance\" in the table "
-                              "is accepted over proposed draft tokens: a round stops at its first rejection, so it is "
-                              "lower than the per-token agreement."]
-            lines.append("")
-    lines += ["## Costs", "", f"One teacher step: {c['teacher_step_ms']:.2f} ms. Draft/teacher step ratio c: " +
-              ", ".join(f"{k} {v:.3f}" for k, v in c["c"].items()) + ". Verification of g+1 tokens, in teacher steps: " +
-              ", ".join(f"g={g}: {v:.2f}" for g, v in c["verify_cost"].items()) + ".", ""]
-    split = [r for r in report["rows"] if "time_split" in r and r["mode"] == "greedy" and r["kind"] == "code"]
-    if split:
-        lines += ["Where the time goes (held-out code, greedy):", "", "| method | draft | verify | other |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['label']} | {r['time_split']['draft']:.0%} | {r['time_split']['verify']:.0%} | "
-                  f"{r['time_split']['other']:.0%} |" for r in split]
-        lines.append("")
-    if report["sweep"]:
-        lines += [f"## Gamma sweep (held-out code, greedy, {report['config']['sweep_prompts']} prompts)", "",
-                  "Fewer prompts than the tables above, so its gamma-4 row need not match them. The theory columns use "
-                  "the micro-benchmark costs above (c and the verification costs); notebook 06 shows that the costs "
-                  "measured inside the loop are higher and bring the theory down to the measurement.", "",
-                  "| gamma | speed-up vs generate | vs plain loop | theory vs plain loop | tokens/call | theory tokens/call |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {s['gamma']} | {s['speedup_vs_generate']:.2f}x | {s['speedup_vs_plain']:.2f}x | "
-                  f"{s['theory_speedup_vs_plain']:.2f}x | {s['tokens_per_target_call']:.2f} | {s['theory_tokens_per_call']:.2f} |"
-                  for s in report["sweep"]]
-        lines.append("")
-    h = headline(report)
-    if "speedup" in h:
-        lines += [f"**Headline** (held-out code, greedy): qdlib speculative decoding is {h['speedup']:.2f}x the teacher's "
-                  f"own `generate`, output identical on {h['identical']}/{h['prompts']} prompts"
-                  + (f", {h['over_assisted_matched']:.2f}x transformers assisted generation with matched settings"
-                     if "over_assisted_matched" in h else "") + ".", ""]
-    return "\n".join(lines)
-
-
-def plot_report(report: dict):
-    """One figure: speed-ups per method and kind (left), the gamma sweep with theory (right)."""
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
-    greedy = [r for r in report["rows"] if r["mode"] == "greedy"]
-    names = list(dict.fromkeys(r["method"] for r in greedy))
-    kinds = [k for k in KINDS if any(r["kind"] == k for r in greedy)]
-    w = 0.8 / max(len(kinds), 1)
-    for j, kind in enumerate(kinds):
-        vals = {r["method"]: r for r in greedy if r["kind"] == kind}
-        ys = [vals[n]["speedup"] if n in vals else 0 for n in names]
-        bars = a.barh([i + j * w for i in range(len(names))], ys, height=w, label=kind)
-        for bar_, n in zip(bars, names):
-            r = vals.get(n)
-            if r and "identical" in r and r["identical"] != r["prompts"]:
-                a.text(bar_.get_width(), bar_.get_y() + w / 2, " output differs", va="center", fontsize=7)
-    a.set_yticks([i + w * (len(kinds) - 1) / 2 for i in range(len(names))], [METHODS[n][0] for n in names], fontsize=8)
-    a.axvline(1.0, color="grey", lw=0.8)
-    a.axvline(2.0, color="grey", lw=0.8, ls="--")
-    a.invert_yaxis()
-    a.set_xlabel("speed-up over the teacher's greedy generate")
-    a.legend(title="prompts")
-    if report["sweep"]:
-        s = report["sweep"]
-        gs = [x["gamma"] for x in s]
-        b.plot(gs, [x["theory_speedup_vs_plain"] for x in s], "-", label="theory (vs plain loop)")
-        b.plot(gs, [x["speedup_vs_plain"] for x in s], "o", label="measured vs plain loop")
-        b.plot(gs, [x["speedup_vs_generate"] for x in s], "s", label="measured vs generate")
-        b.set_xlabel("gamma (draft tokens per round)")
-        b.set_ylabel("speed-up")
-        b.set_title(f"alpha {report['alpha']['code']['agreement']:.2f}, c {report['costs']['c']['spec']:.2f}", fontsize=9)
-        b.legend(fontsize=8)
-    else:
-        b.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def write_report(report: dict, out_dir: str | os.PathLike) -> Path:
-    """Write ``report.json``, ``report.md`` and ``bench.png`` into ``out_dir`` (each atomically)."""
-    from .io import atomic_dir, write_json_atomic
-
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        write_json_atomic(tmp / "report.json", report)
-        (tmp / "report.md").write_text(report_markdown(report), encoding="utf-8")
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        fig = plot_report(report)
-        fig.savefig(tmp / "bench.png", dpi=110)
-        plt.close(fig)
-    return out_dir
-
-
-def load_report(path: str | os.PathLike) -> dict:
-    """Read a report written by :func:`write_report` (a folder or its ``report.json``)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "report.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no bench report at {path}; run `qd bench` first")
-    return json.loads(path.read_text(encoding="utf-8"))

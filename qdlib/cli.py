@@ -95,7 +95,7 @@ def cmd_train_teacher(args) -> int:
 def cmd_compare_layers(args) -> int:
     from .metrics import compare_strategies, format_table, text_windows
     from .sampling import layer_importance
-    from .teacher import heldout_texts
+    from .corpus import heldout_texts
 
     loaded = _load_teacher(args)
     if loaded is None:
@@ -188,7 +188,7 @@ def cmd_student(args) -> int:
 
 def _load_draft_for(args, teacher):
     """The draft for ``qd bench``: ``--draft`` or the reference draft; None after printing why not."""
-    from .models import DraftLoadError, load_draft
+    from .draft import DraftLoadError, load_draft
 
     try:
         return load_draft(args.draft, device=teacher.device)
@@ -199,7 +199,8 @@ def _load_draft_for(args, teacher):
 
 def cmd_bench(args) -> int:
     from . import paths
-    from .bench import BenchConfig, headline, report_markdown, run_bench, write_report
+    from .bench import BenchConfig, run_bench
+    from .report import headline, report_markdown, write_report
 
     try:
         cfg = BenchConfig(n_prompts=args.prompts, max_new_tokens=args.new_tokens, gamma=args.gamma,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import paths
 from .draft import knowledge_block
-from .sampling import STRATEGIES
+from .sampling import EARLY_EXIT, STRATEGIES
 
 # ----------------------------------------------------------------------------- losses
 
@@ -162,8 +162,8 @@ def _range(section: str, key: str, value, ok: bool, allowed: str):
 def validate(cfg: DistillConfig, num_layers: int | None = None) -> DistillConfig:
     """Check every value; raise ``ValueError`` naming the bad key, its value and what is allowed."""
     d, k, t = cfg.draft_model, cfg.knowledge_enhancement, cfg.training
-    _range("draft_model", "strategy", d.strategy, d.strategy in STRATEGIES + ("first-k",),
-           ", ".join(STRATEGIES + ("first-k",)))
+    _range("draft_model", "strategy", d.strategy, d.strategy in STRATEGIES + (EARLY_EXIT,),
+           ", ".join(STRATEGIES + (EARLY_EXIT,)))
     _range("draft_model", "num_sampled_layers", d.num_sampled_layers,
            isinstance(d.num_sampled_layers, int) and d.num_sampled_layers >= 2
            and (num_layers is None or d.num_sampled_layers <= num_layers),

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .corpus import corpus_files, heldout_prompts, pad_id, random_prompts, read_source
 from .progress import progress_bar
-from .teacher import corpus_files, heldout_prompts, random_prompts, read_source
 
 
 def training_stream(tokenizer, max_files: int | None = None, max_tokens: int | None = None,
@@ -53,7 +53,7 @@ def training_stream(tokenizer, max_files: int | None = None, max_tokens: int | N
 def continue_greedy(teacher, prompts: torch.Tensor, new_tokens: int, batch_size: int = 32, progress=None) -> torch.Tensor:
     """The teacher's greedy continuations of equal-length ``prompts`` ``(N, P)``: returns ``(N, P + new_tokens)``."""
     device = next(teacher.parameters()).device
-    pad = teacher.config.pad_token_id if teacher.config.pad_token_id is not None else 0
+    pad = pad_id(teacher.config)
     out = []
     for i in range(0, len(prompts), batch_size):
         x = prompts[i : i + batch_size].long().to(device)  # (b, P)
@@ -73,7 +73,7 @@ def continue_texts(teacher, tokenizer, texts: list[str], new_tokens: int, batch_
     ``new_tokens`` teacher tokens, without padding.
     """
     device = next(teacher.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     out = []
     for i in range(0, len(texts), batch_size):
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
@@ -132,13 +132,13 @@ def _pad_rows(rows: list[list[int]], starts: list[int], pad: int) -> EvalSet:
 
 def heldout_eval_set(teacher, tokenizer, texts: list[str], n_prompts: int = 50, prompt_tokens: int = 64,
                      new_tokens: int = 64, seed: int = 0) -> EvalSet:
-    """Held-out prompts (from :func:`qdlib.teacher.heldout_prompts`) and the teacher's greedy continuations."""
+    """Held-out prompts (from :func:`qdlib.corpus.heldout_prompts`) and the teacher's greedy continuations."""
     prompts = heldout_prompts(tokenizer, texts, n_prompts=n_prompts, prompt_tokens=prompt_tokens, seed=seed)
     if len(prompts) < n_prompts:
         raise ValueError(f"the held-out texts give only {len(prompts)} prompts of {prompt_tokens} tokens, "
                          f"{n_prompts} were asked for")
     seqs = continue_greedy(teacher, torch.tensor(prompts), new_tokens)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     es = _pad_rows(seqs.tolist(), [prompt_tokens] * len(seqs), pad)
     es.name = "heldout"
     return es
@@ -150,7 +150,7 @@ def paraphrase_eval_set(teacher, tokenizer, items: list[dict], new_tokens: int =
     if not texts:
         raise ValueError("the knowledge items have no eval_paraphrases to evaluate on")
     rows = continue_texts(teacher, tokenizer, texts, new_tokens)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     es = _pad_rows([r for r, _ in rows], [p for _, p in rows], pad)
     es.name = "paraphrase"
     return es
@@ -238,7 +238,7 @@ def build_distill_data(teacher, tokenizer, *, generated: int = 512, prompt_token
         gen = continue_greedy(teacher, prompts, seq_len + 1 - prompt_tokens, progress=bar.update).int()
         bar.close()
     item_rows = item_sequences(teacher, tokenizer, items, item_new_tokens) if items else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     return DistillData(text=text, generated=gen, items=item_rows, generated_share=generated_share if generated else 0.0,
                        item_share=item_share if item_rows else 0.0, pad_id=pad, seed=seed)
 

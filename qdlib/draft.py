@@ -24,6 +24,8 @@ knowledge cache after chosen draft layers; it is configured by the
 from __future__ import annotations
 
 import copy
+import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -34,8 +36,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm
 
-from .fusion import GATES, GatedFusion, Memory
-from .knowledge import teacher_fingerprint
+from . import paths
+from .fusion import GATES, GatedFusion, Memory, RMSNorm
+from .knowledge import load_knowledge_cache, teacher_fingerprint
+from .models import default_teacher_name, is_bundled, resolve_device, resolve_dtype
 
 KNOWLEDGE_DEFAULTS = {
     "enabled": False,  # add the knowledge path at all
@@ -84,25 +88,19 @@ def knowledge_block(block: dict | None, hidden_size: int, num_layers: int) -> di
     return out
 
 
-class FusedRMSNorm(Qwen3RMSNorm):
-    """Qwen3's RMSNorm as one fused ``torch.nn.functional.rms_norm`` call (float32 inputs).
+def _own_norms(module: nn.Module) -> None:
+    """Replace every ``Qwen3RMSNorm`` inside ``module`` by qdlib's one :class:`~qdlib.fusion.RMSNorm`.
 
-    Same weights, same result up to float rounding; one operator instead of six,
-    which matters on a CPU where a small draft's step time is mostly per-operator
-    overhead (notebook 06 profiles it). Other dtypes take Qwen3's own path.
+    Same parameter (``weight``, kept as it is), same formula; on float32 it is one fused
+    ``torch.nn.functional.rms_norm`` operator instead of six, which matters on a CPU where a
+    small draft's step time is mostly per-operator overhead (notebook 06 profiles it).
     """
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hidden_states.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return torch.nn.functional.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
-        return super().forward(hidden_states)
-
-
-def _fuse_norms(module: nn.Module) -> None:
-    """Turn every Qwen3RMSNorm inside ``module`` into a :class:`FusedRMSNorm` (weights untouched)."""
-    for m in module.modules():
-        if type(m) is Qwen3RMSNorm:
-            m.__class__ = FusedRMSNorm
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is Qwen3RMSNorm:
+                norm = RMSNorm(child.weight.shape[0], child.variance_epsilon)
+                norm.weight = child.weight
+                setattr(parent, name, norm)
 
 
 class DraftConfig(Qwen3Config):
@@ -139,7 +137,7 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: DraftConfig):
         super().__init__(config)
         self.model = Qwen3Model(config)
-        _fuse_norms(self.model)
+        _own_norms(self.model)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         kb = knowledge_block(config.knowledge_enhancement, config.hidden_size, config.num_hidden_layers)
         config.knowledge_enhancement = kb
@@ -155,8 +153,6 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        from .fusion import RMSNorm
-
         if isinstance(module, GatedFusion):
             nn.init.zeros_(module.gate)  # the gate starts exactly closed
         if isinstance(module, RMSNorm):
@@ -391,8 +387,37 @@ def build_draft(teacher, layers: Sequence[int], *, keep_ends: bool = True, knowl
     return draft
 
 
-def first_k_layers(num_layers: int, k: int) -> list[int]:
-    """The early-exit baseline's layers (as LayerSkip): ``[0, 1, ..., k-1]``."""
-    if not 1 <= k <= num_layers:
-        raise ValueError(f"k={k} must be in 1..{num_layers}")
-    return list(range(k))
+# ----------------------------------------------------------------------------- loading a trained draft
+
+
+class DraftLoadError(RuntimeError):
+    """No draft could be loaded (missing folder, or no reference draft for this teacher)."""
+
+
+def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None, dtype=None):
+    """The draft model alone, in eval mode (float32 on CPU), with its knowledge cache attached.
+
+    No name gives the course's reference draft (``outputs/reference_draft``) when the
+    default teacher is the bundled one; a folder written by ``qd distill --export`` (or
+    any ``save_pretrained`` folder of a :class:`qdlib.DraftForCausalLM`) loads that draft.
+    A ``knowledge_cache/`` subfolder is attached with ``set_knowledge``, so
+    ``draft(input_ids=...)``, ``generate``, ``assistant_model=draft`` and
+    ``speculative_generate(teacher, draft, ids)`` all work as they are.
+    """
+    if name_or_path is None:
+        teacher = default_teacher_name()
+        if not is_bundled(teacher):
+            raise DraftLoadError(
+                f"no reference draft exists for the teacher {teacher!r} (QD_MODEL): the course ships one only for the "
+                f"bundled teacher. Distil one with `qd distill --config qwen3 --export <folder>` and pass that folder "
+                f"to load_draft, or unset QD_MODEL")
+        name_or_path = paths.DRAFT_DIR
+    folder = Path(name_or_path)
+    if not (folder / "config.json").is_file():
+        raise DraftLoadError(f"{folder} is not a draft folder (no config.json); expected the output of "
+                             f"`qd distill --export` or DraftForCausalLM.save_pretrained")
+    dev = resolve_device(device)
+    draft = DraftForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, dev) or torch.float32).to(dev).eval()
+    if (folder / "knowledge_cache").is_dir() and draft.config.knowledge_enhancement.get("enabled"):
+        draft.set_knowledge(load_knowledge_cache(folder / "knowledge_cache"))
+    return draft

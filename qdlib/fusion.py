@@ -30,7 +30,11 @@ GATES = ("channel", "scalar")
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned scale, computed in float32 as Qwen3 does."""
+    """Root-mean-square norm with a learned scale, computed in float32 as Qwen3 does.
+
+    qdlib's one RMSNorm: the fusion layers use it, and the draft puts it in place of every
+    ``Qwen3RMSNorm`` of its decoder layers (same weight, same formula, one fused operator on float32).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -44,6 +48,9 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
 class Memory(NamedTuple):

@@ -77,12 +77,6 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically (load it back with :func:`torch_load_safe`)."""
     with atomic_path(path) as tmp:

@@ -31,6 +31,7 @@ import torch
 
 from . import paths
 from .io import atomic_dir, write_json_atomic
+from .models import is_bundled, model_name
 from .progress import progress_bar
 from .sampling import run_layers
 
@@ -43,8 +44,6 @@ ITEM_KEYS = {"id", "question", "reference_answer", "train_paraphrases", "eval_pa
 
 def builtin_items_path(teacher=None) -> Path:
     """The built-in item file for a teacher: Python questions for the bundled one, AI/ML Q&A otherwise."""
-    from .models import is_bundled
-
     name = getattr(getattr(teacher, "config", None), "_name_or_path", "") if teacher is not None else ""
     bundled = not name or is_bundled(name)  # no recorded name: an in-memory model, treat like the bundled one
     return paths.DATA_DIR / ("knowledge_tiny.yaml" if bundled else "knowledge_qwen3.yaml")
@@ -217,8 +216,6 @@ def check_cache_matches(cache: KnowledgeCache, teacher) -> None:
         diffs.append(f"hidden size {cache.hidden_size} vs {teacher.config.hidden_size}")
     if cache.layer >= teacher.config.num_hidden_layers:
         diffs.append(f"layer {cache.layer} does not exist in a {teacher.config.num_hidden_layers}-layer teacher")
-    from .models import model_name
-
     name = model_name(teacher)
     what = "; ".join(diffs) or "same shapes, different weights"
     raise KnowledgeCacheError(
@@ -247,8 +244,6 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
         layer: teacher decoder layer whose output is kept (default: the last, after the final norm's input).
         answer_tokens: length of the teacher's greedy answer stored after each question.
     """
-    from .models import model_name
-
     if items is None or isinstance(items, (str, os.PathLike)):
         items = load_items(items, teacher)
     L = teacher.config.num_hidden_layers

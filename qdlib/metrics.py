@@ -17,12 +17,11 @@ For teacher distribution p and draft distribution q at each position:
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 import torch
 
-from .sampling import run_layers, sample_layers
+from .sampling import EARLY_EXIT, STRATEGIES, first_k_layers, run_layers, sample_layers
 
 
 def distribution_sums(lp: torch.Tensor, lq: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
@@ -81,26 +80,16 @@ def subset_metrics(teacher, batches: torch.Tensor, layers: Sequence[int], p_logi
     return distribution_metrics(p_logits, q)
 
 
-@torch.no_grad()
-def draft_metrics(teacher, draft, batches: torch.Tensor, p_logits: torch.Tensor | None = None) -> dict:
-    """Metrics of any draft model against the teacher on ``batches`` ``(B, T)``."""
-    device = next(draft.parameters()).device
-    if p_logits is None:
-        p_logits = teacher_logits(teacher, batches)
-    q = draft(input_ids=batches.to(device)).logits
-    return distribution_metrics(p_logits, q)
-
-
 def strategy_layers(num_layers: int, k: int, strategy: str, scores=None) -> list[int]:
-    """Layers for a strategy name, including the ``"first-k"`` early-exit baseline."""
-    if strategy == "first-k":
-        return list(range(k))
+    """Layers for a strategy name, including the early-exit baseline :data:`~qdlib.sampling.EARLY_EXIT`."""
+    if strategy == EARLY_EXIT:
+        return first_k_layers(num_layers, k)
     return sample_layers(num_layers, k, strategy, scores=scores if strategy == "importance" else None)
 
 
 @torch.no_grad()
 def compare_strategies(teacher, batches: torch.Tensor, ks: Iterable[int] = (4, 6, 8),
-                       strategies: Sequence[str] = ("uniform", "geometric", "logarithmic", "importance", "first-k"),
+                       strategies: Sequence[str] = STRATEGIES + (EARLY_EXIT,),
                        importance_scores: Sequence[float] | None = None) -> list[dict]:
     """One row per (strategy, k): the kept layers and KL / agreement / alpha of the untrained draft."""
     L = teacher.config.num_hidden_layers
@@ -179,11 +168,6 @@ def expected_speedup(alpha: float, gamma: int, c: float, verify_cost: float = 1.
     2.401
     """
     return expected_tokens_per_call(alpha, gamma) / (gamma * c + verify_cost)
-
-
-def round_rows(rows: list[dict], digits: int = 3) -> list[dict]:
-    """Rows with floats rounded (for machine-independent notebook output)."""
-    return [{k: (round(v, digits) if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()} for r in rows]
 
 
 def running_mean(values: Sequence[float], k: int) -> list[float]:

@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 STRATEGIES = ("uniform", "geometric", "logarithmic", "importance")
+EARLY_EXIT = "first-k"  # the early-exit baseline (the first k layers, as LayerSkip): a draft, not a sampling strategy
 GEOMETRIC_RATIO = 1.5  # each gap 1.5x the previous one
 LOG_BASE = 10.0  # logarithmic positions follow log10(1 + 9 t)
 
@@ -127,6 +128,17 @@ def sample_layers(num_layers: int, k: int, strategy: str = "uniform", *, scores:
         raise ValueError("importance scores contain NaN")
     middle = sorted(range(1, num_layers - 1), key=lambda i: (-scores[i], i))[: k - 2]
     return sorted([0, num_layers - 1] + middle)
+
+
+def first_k_layers(num_layers: int, k: int) -> list[int]:
+    """The layers of the early-exit baseline :data:`EARLY_EXIT` (as LayerSkip): ``[0, 1, ..., k-1]``.
+
+    >>> first_k_layers(28, 3)
+    [0, 1, 2]
+    """
+    if not 1 <= k <= num_layers:
+        raise ValueError(f"k={k} must be in 1..{num_layers}")
+    return list(range(k))
 
 
 # --------------------------------------------------------------------------- running a subset of layers

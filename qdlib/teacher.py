@@ -1,34 +1,22 @@
-"""The bundled teacher: corpus manifest, tokenizer and training (`qd train-teacher`).
+"""The bundled teacher's training: ``qd train-teacher`` (training, unlikelihood polish, export, card).
 
 The course needs a 28-layer Qwen3-architecture teacher that runs offline, so it
-trains one itself on text every machine has: the ``.py`` sources of the running
-interpreter's standard library, mixed with the sources of ``torch`` and
-``transformers`` (installed wherever the course is). Notebook 00 introduces it.
+trains one itself on the corpus of :mod:`qdlib.corpus` (the ``.py`` sources of the
+standard library, torch and transformers). Notebook 00 introduces it.
 
     qd train-teacher                       # trains (resumable) into outputs/runs/teacher
     qd train-teacher --export              # writes outputs/teacher (bf16 safetensors, card)
 
-Python use:
-
-    >>> from qdlib.teacher import corpus_files
-    >>> files = corpus_files("stdlib")         # doctest: +SKIP
-    >>> files[0].split in ("train", "val")     # doctest: +SKIP
-    True
-
-The split is by file and deterministic (a hash of the relative path), and is
-recorded with sizes and sha256 sums in ``outputs/teacher/manifest.json``; the
-source files themselves are never copied into the repository.
+The corpus, its split, the tokenizer, the prompts and the held-out measures live in
+:mod:`qdlib.corpus`; the names notebooks import from here (``heldout_prompts``,
+``heldout_texts``, ``repeated_ngram_share``, ...) are re-exported from there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import math
 import os
-import platform
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,137 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from . import paths
+from .corpus import (SOURCES, CorpusFile, bits_per_byte, build_manifest, corpus_files,  # noqa: F401 (re-exported)
+                     greedy_repetition, heldout_files, heldout_prompts, heldout_texts, random_prompts, read_source,
+                     repeated_ngram_share, tokenize_corpus, train_tokenizer)
+from .hardware import cpu_name, cpu_supports_bf16
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
+from .metrics import running_mean
 from .progress import progress_bar
-
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-VAL_PERCENT = 4  # stdlib files whose path hash falls below this percentage are held out
-SOURCES = ("stdlib", "torch", "transformers")
-_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "testing"}
-
-
-@dataclass(frozen=True)
-class CorpusFile:
-    source: str  # "stdlib", "torch" or "transformers"
-    relpath: str  # path relative to the source root, with forward slashes
-    path: Path
-    split: str  # "train" or "val"
-
-
-def source_root(source: str) -> Path:
-    """Folder that holds one corpus source on this machine."""
-    if source == "stdlib":
-        return Path(sysconfig.get_paths()["stdlib"])
-    if source in ("torch", "transformers"):
-        mod = __import__(source)
-        return Path(mod.__file__).resolve().parent
-    raise ValueError(f"unknown corpus source {source!r}; allowed: {', '.join(SOURCES)}")
-
-
-def split_of(source: str, relpath: str) -> str:
-    """Deterministic split by file: a stable hash of the path, not of its content."""
-    if source != "stdlib":
-        return "train"  # only standard-library files are held out (the quality bars use them)
-    h = int(hashlib.sha1(relpath.encode()).hexdigest(), 16)
-    return "val" if h % 100 < VAL_PERCENT else "train"
-
-
-def corpus_files(source: str) -> list[CorpusFile]:
-    """All corpus files of one source, sorted, with test packages and idlelib left out."""
-    root = source_root(source)
-    out = []
-    for p in sorted(root.rglob("*.py")):
-        rel = p.relative_to(root)
-        if any(part in _SKIP_DIRS for part in rel.parts[:-1]) or rel.name.startswith("test_"):
-            continue
-        relpath = rel.as_posix()
-        out.append(CorpusFile(source, relpath, p, split_of(source, relpath)))
-    return out
-
-
-def read_source(path: Path) -> str | None:
-    """File text as UTF-8, or None for a file that is not valid UTF-8."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except (UnicodeDecodeError, OSError):
-        return None
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def build_manifest(sources=SOURCES) -> dict:
-    """The corpus manifest: every file with its source, split, size and sha256."""
-    import tokenizers
-    import transformers
-
-    files = []
-    for src in sources:
-        for f in corpus_files(src):
-            if read_source(f.path) is None:
-                continue
-            files.append([f.source, f.relpath, f.split, f.path.stat().st_size, sha256_file(f.path)])
-    return {
-        "format_version": 1,
-        "python_version": platform.python_version(),
-        "package_versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-        },
-        "split_rule": f"stdlib files with int(sha1(relpath), 16) % 100 < {VAL_PERCENT} are held out (val)",
-        "columns": ["source", "relpath", "split", "size", "sha256"],
-        "files": files,
-    }
-
-
-def heldout_files(manifest: dict) -> tuple[list[Path], list[str]]:
-    """Held-out stdlib files of this interpreter whose hashes match the manifest.
-
-    Returns ``(matching_paths, problems)``; tests skip with the problems as the
-    reason when this interpreter's standard library differs from the manifest's.
-    """
-    root = source_root("stdlib")
-    good, problems = [], []
-    for src, rel, split, size, sha in manifest["files"]:
-        if src != "stdlib" or split != "val":
-            continue
-        p = root / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif sha256_file(p) != sha:
-            problems.append(f"{rel}: content differs (Python {platform.python_version()} vs {manifest['python_version']})")
-        else:
-            good.append(p)
-    return good, problems
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def train_tokenizer(texts, vocab_size: int = 8192):
-    """Byte-level BPE with end-of-text and padding tokens, as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, bos_token=EOS_TOKEN,
-        model_max_length=1024, clean_up_tokenization_spaces=False,
-    )
-
+from .training import adamw, config_changes
 
 # --------------------------------------------------------------------------- model
 
@@ -192,132 +57,6 @@ def teacher_config(vocab_size: int = 8192, hidden: int = 192, layers: int = 28):
         pad_token_id=1,
         attn_implementation="sdpa",
     )
-
-
-# --------------------------------------------------------------------------- data
-
-
-def tokenize_corpus(tokenizer, files: list[CorpusFile]) -> torch.Tensor:
-    """Concatenate files as ``<eos> file <eos> file ...`` token ids (int16)."""
-    texts = [t for t in (read_source(f.path) for f in files) if t is not None]
-    ids = []
-    eos = tokenizer.eos_token_id
-    for i in range(0, len(texts), 64):
-        for enc in tokenizer(texts[i : i + 64], add_special_tokens=False)["input_ids"]:
-            ids.append(eos)
-            ids.extend(enc)
-    return torch.tensor(ids, dtype=torch.int16)
-
-
-def bits_per_byte(model, tokenizer, texts, *, context: int = 256, stride: int = 128, batch_size: int = 16) -> dict:
-    """Bits per UTF-8 byte of ``texts`` under ``model`` (sliding windows).
-
-    Each text is scored as ``<eos> text``; every token is predicted once, with at
-    least ``context - stride`` tokens of left context where the text allows.
-    Returns ``{"bpb", "nats_per_token", "tokens", "bytes"}``.
-    """
-    model_device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
-    windows = []  # (ids, n_scored)
-    n_bytes = 0
-    for text in texts:
-        n_bytes += len(text.encode("utf-8"))
-        ids = [eos] + tokenizer(text, add_special_tokens=False)["input_ids"]
-        n = len(ids)
-        start, scored_until = 0, 1
-        while scored_until < n:
-            end = min(start + context, n)
-            windows.append((ids[start:end], end - scored_until))
-            scored_until = end
-            start = max(0, end - (context - stride)) if end < n else end
-            start = min(start, max(0, n - context)) if end < n else start
-    total_nll, total_tok = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(windows), batch_size):
-            chunk = windows[i : i + batch_size]
-            width = max(len(w) for w, _ in chunk)
-            x = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, (w, _) in enumerate(chunk):
-                x[j, : len(w)] = torch.tensor(w)
-                mask[j, : len(w)] = 1
-            logits = model(input_ids=x.to(model_device), attention_mask=mask.to(model_device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (B, T-1, V)
-            nll = -logp.gather(-1, x[:, 1:].to(model_device).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-            for j, (w, n_scored) in enumerate(chunk):
-                L = len(w)
-                total_nll += nll[j, L - 1 - n_scored : L - 1].sum().item()
-                total_tok += n_scored
-    return {
-        "bpb": total_nll / math.log(2) / max(n_bytes, 1),
-        "nats_per_token": total_nll / max(total_tok, 1),
-        "tokens": total_tok,
-        "bytes": n_bytes,
-    }
-
-
-def repeated_ngram_share(ids, n: int = 4) -> float:
-    """Share of n-grams in ``ids`` that already occurred earlier in ``ids``.
-
-    >>> repeated_ngram_share([1, 2, 3, 4, 1, 2, 3, 4])
-    0.2
-    """
-    grams = [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
-    if not grams:
-        return 0.0
-    seen, rep = set(), 0
-    for g in grams:
-        rep += g in seen
-        seen.add(g)
-    return rep / len(grams)
-
-
-def heldout_prompts(tokenizer, texts, n_prompts: int = 50, prompt_tokens: int = 64, seed: int = 0) -> list[list[int]]:
-    """Deterministic prompts cut from held-out texts: ``prompt_tokens`` ids each.
-
-    Prompts start at line boundaries spread over the held-out files, so they are
-    ordinary code the teacher never trained on.
-    """
-    g = torch.Generator().manual_seed(seed)
-    per_text = max(1, math.ceil(n_prompts / max(len(texts), 1)))
-    prompts = []
-    for text in texts:
-        lines = text.splitlines(keepends=True)
-        starts = [i for i in range(len(lines)) if lines[i].strip()]
-        if not starts:
-            continue
-        picks = torch.randperm(len(starts), generator=g)[: per_text * 3].tolist()
-        got = 0
-        for k in picks:
-            ids = tokenizer("".join(lines[starts[k] :]), add_special_tokens=False)["input_ids"]
-            if len(ids) >= prompt_tokens + 128:
-                prompts.append(ids[:prompt_tokens])
-                got += 1
-            if got == per_text:
-                break
-    return prompts[:n_prompts]
-
-
-def greedy_repetition(model, prompts, new_tokens: int = 128, batch_size: int = 16) -> dict:
-    """Mean share of repeated 4-grams in greedy continuations of ``prompts``.
-
-    Prompts of the same length are continued together, ``batch_size`` at a time (no padding is
-    needed, so each row is its own greedy continuation up to float rounding).
-    """
-    device = next(model.parameters()).device
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    shares: list[float] = [0.0] * len(prompts)
-    for n, idx in by_len.items():
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s : s + batch_size]
-            x = torch.tensor([prompts[i] for i in chunk], device=device)  # (b, n)
-            out = model.generate(x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 attention_mask=torch.ones_like(x), pad_token_id=model.config.pad_token_id)
-            for j, i in enumerate(chunk):
-                shares[i] = repeated_ngram_share(out[j, n:].tolist())
-    return {"mean": sum(shares) / len(shares), "per_prompt": shares}
 
 
 # --------------------------------------------------------------------------- training
@@ -353,15 +92,6 @@ class TeacherTrainConfig:
     ul_batch: int = 8  # greedy continuations per step ...
     ul_prompt_tokens: int = 64  # ... of prompts cut from the training stdlib stream ...
     ul_new_tokens: int = 128  # ... continued this far
-
-
-def cpu_supports_bf16() -> bool:
-    """True where bf16 autocast is fast on this CPU (AVX512-BF16 / AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _sample_batch(data: dict[str, torch.Tensor], cfg: TeacherTrainConfig, step: int) -> torch.Tensor:
@@ -430,22 +160,15 @@ def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = N
     torch.manual_seed(cfg.seed)
     config = teacher_config(len(tokenizer), cfg.hidden)
     model = Qwen3ForCausalLM(config)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
-    )
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     sched = get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio)
     step, elapsed, tokens = 0, 0.0, 0
     ckpt = run_dir / "last.pt"
     if ckpt.exists():
         state = torch_load_safe(ckpt)
-        saved = {**dataclasses.asdict(TeacherTrainConfig()), **state["config"]}  # fields added later: defaults
-        saved = {k: v for k, v in saved.items() if k not in _RESUMABLE_CHANGES}
-        wanted = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE_CHANGES}
-        if saved != wanted:
-            diff = {k: (saved.get(k), wanted.get(k)) for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k)}
+        diff = config_changes(state["config"], dataclasses.asdict(cfg), dataclasses.asdict(TeacherTrainConfig()),
+                              may_change=_RESUMABLE_CHANGES)
+        if diff:
             raise ValueError(f"{ckpt} was made with a different configuration (saved, requested): {diff}; "
                              f"use another run folder or delete it")
         if state["config"]["steps"] != cfg.steps:
@@ -501,13 +224,6 @@ def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = N
                                "step": step, "elapsed": elapsed, "tokens": tokens, "config": dataclasses.asdict(cfg)}, ckpt)
     bar.close()
     return run_dir
-
-
-def random_prompts(stream: torch.Tensor, n: int, length: int, seed: int) -> torch.Tensor:
-    """``n`` windows of ``length`` ids from random places of ``stream`` (deterministic for ``seed``): ``(n, length)``."""
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(len(stream) - length, (n,), generator=g).tolist()
-    return torch.stack([stream[s : s + length].long() for s in starts])
 
 
 def _ul_prompts(stream: torch.Tensor, cfg: TeacherTrainConfig, step: int) -> torch.Tensor:
@@ -636,8 +352,6 @@ def _plot_loss(rows, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
     loss = [r["loss"] for r in rows]
-    from .metrics import running_mean
-
     smooth = running_mean(loss, 25)
     ax.plot(steps, smooth, label="train loss (running mean of 25 steps)")
     vs = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -658,7 +372,7 @@ def _plot_loss(rows, path):
 def _model_card(cfg, m, manifest) -> str:
     n_files = {s: sum(1 for f in manifest["files"] if f[0] == s and f[2] == "train") for s in SOURCES}
     n_val = sum(1 for f in manifest["files"] if f[2] == "val")
-    cpu = _cpu_name()
+    cpu = cpu_name()
     return f"""# qdlib bundled teacher
 
 A Qwen3-architecture causal LM with **28 decoder layers** (the depth of Qwen3-0.6B) and width {cfg.hidden},
@@ -707,28 +421,3 @@ def _polish_text(cfg, m) -> str:
             f"ordinary standard-library loss a penalty -log(1 - p) on the tokens of the model's own greedy continuations\n"
             f"({cfg.ul_batch} prompts of {cfg.ul_prompt_tokens} training tokens, {cfg.ul_new_tokens} new tokens) that repeat "
             f"a 4-gram, at a constant learning rate of {cfg.ul_lr}. It brings greedy looping down (see below).")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def heldout_texts(manifest_path=None) -> list[str]:
-    """Texts of the held-out standard-library files whose hashes match the committed manifest.
-
-    Falls back to every listed held-out file that exists when none match (another
-    Python version), so analyses still run; the quality tests skip instead.
-    """
-    manifest_path = manifest_path or paths.TEACHER_DIR / "manifest.json"
-    manifest = json.loads(Path(manifest_path).read_text())
-    good, _ = heldout_files(manifest)
-    if not good:
-        root = source_root("stdlib")
-        good = [root / f[1] for f in manifest["files"] if f[0] == "stdlib" and f[2] == "val" and (root / f[1]).is_file()]
-    return [t for t in (read_source(p) for p in good) if t]

@@ -20,6 +20,19 @@ import time
 
 import torch
 
+from . import paths, trainer
+from .bench import BenchConfig, run_bench
+from .corpus import heldout_prompts, heldout_texts
+from .costs import count_params
+from .distill import DEFAULT_CONFIGS, load_config
+from .draft import DraftLoadError, build_draft, load_draft
+from .knowledge import build_knowledge_cache, load_items, nearest_items
+from .models import TeacherLoadError, is_bundled, load_teacher, model_name
+from .report import report_markdown
+from .sampling import sample_layers
+from .speculative import hf_generate_kwargs, speculative_generate
+from .viz import layer_strip, render_trace_ansi
+
 
 def _say(title: str):
     print(f"\n\033[1m{title}\033[0m" if sys.stdout.isatty() else f"\n== {title}")
@@ -27,35 +40,20 @@ def _say(title: str):
 
 def _short_distil(teacher, tokenizer, run_dir, log=print):
     """A small distillation (the tour's ``--distill``): 40 steps on a reduced data mix, knowledge on."""
-    from .distill import DEFAULT_CONFIGS, load_config
-    from .models import is_bundled, model_name
-    from .trainer import distill, export_draft
-
     cfg = load_config(DEFAULT_CONFIGS["tiny" if is_bundled(model_name(teacher)) else "qwen3"])
     t = cfg.training
     t.num_epochs, t.steps_per_epoch, t.checkpoint_every = 1, 40, 20
     t.generated_sequences, t.max_text_tokens, t.item_share = 32, 200_000, 0.1
     t.eval_prompts, t.eval_new_tokens, t.eval_text_windows = 8, 32, 4
     t.batch_size = min(t.batch_size, 8)
-    distill(cfg, run_dir / "run", teacher=teacher, tokenizer=tokenizer, log=log)
-    export_draft(run_dir / "run", run_dir / "draft", teacher=teacher, tokenizer=tokenizer, cfg=cfg,
+    trainer.distill(cfg, run_dir / "run", teacher=teacher, tokenizer=tokenizer, log=log)
+    trainer.export_draft(run_dir / "run", run_dir / "draft", teacher=teacher, tokenizer=tokenizer, cfg=cfg,
                  n_prompts=8, title="qd tour draft (40 steps)", log=log)
     return run_dir / "draft"
 
 
 def tour(model: str | None = None, *, distill: bool = False, device=None) -> int:
     """Run the tour; returns a process exit code (0 when the speculative output equals the teacher's)."""
-    from . import paths
-    from .bench import BenchConfig, report_markdown, run_bench
-    from .costs import count_params
-    from .draft import build_draft
-    from .knowledge import build_knowledge_cache, load_items, nearest_items
-    from .models import DraftLoadError, TeacherLoadError, is_bundled, load_draft, load_teacher, model_name
-    from .sampling import sample_layers
-    from .speculative import hf_generate_kwargs, speculative_generate
-    from .teacher import heldout_prompts, heldout_texts
-    from .viz import layer_strip, render_trace_ansi
-
     t_start = time.perf_counter()
     run_dir = paths.runs_dir() / "tour"
     torch.manual_seed(0)

@@ -29,18 +29,27 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import paths
+from .corpus import heldout_texts, pad_id
 from .distill import DistillConfig, ce_loss, distill_loss, validate
 from .distill_data import DistillData, EvalSet, build_distill_data, heldout_eval_set, paraphrase_eval_set, perplexity
+from .draft import DraftForCausalLM, build_draft
+from .hardware import cpu_name, cpu_supports_bf16
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
-from .metrics import distribution_sums
+from .knowledge import build_knowledge_cache, check_cache_matches, load_items, load_knowledge_cache, teacher_fingerprint
+from .metrics import distribution_sums, running_mean, strategy_layers, text_windows
+from .models import load_teacher, model_name
 from .progress import progress_bar
+from .sampling import EARLY_EXIT, layer_importance
+from .training import adamw, config_changes
 
 EVAL_SEED_VALIDATION = 1  # prompts that pick the best checkpoint
 EVAL_SEED_TEST = 0  # prompts of the reported figures and the agreement bar (never used for selection)
@@ -102,8 +111,6 @@ def evaluate_draft(teacher, draft, sets: dict[str, EvalSet], cache=None) -> dict
 
 def text_eval_set(tokenizer, texts, seq_len: int = 128, n: int = 16) -> EvalSet:
     """Held-out text windows, every position scored (cross-entropy / perplexity on real text)."""
-    from .metrics import text_windows
-
     ids = text_windows(tokenizer, texts, seq_len=seq_len, n=n)
     return EvalSet(ids, torch.ones(ids.shape, dtype=torch.bool), "text")
 
@@ -111,8 +118,6 @@ def text_eval_set(tokenizer, texts, seq_len: int = 128, n: int = 16) -> EvalSet:
 def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, texts=None,
               new_tokens: int = 64, text_windows: int = 16) -> dict[str, EvalSet]:
     """Held-out prompts continued by the teacher (and the items' evaluation paraphrases, and held-out text)."""
-    from .teacher import heldout_texts
-
     texts = texts if texts is not None else heldout_texts()
     sets = {"heldout": heldout_eval_set(teacher, tokenizer, texts, n_prompts=n_prompts, seed=seed, new_tokens=new_tokens)}
     if items:
@@ -126,19 +131,14 @@ def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, text
 
 def draft_layers(cfg: DistillConfig, teacher, tokenizer=None) -> tuple[list[int], bool]:
     """The teacher layers the config asks for, and whether the ends must be kept."""
-    from .metrics import strategy_layers, text_windows
-
     d = cfg.draft_model
     L = teacher.config.num_hidden_layers
     if d.sampled_indices is not None:
         return list(d.sampled_indices), True
     scores = None
     if d.strategy == "importance":
-        from .sampling import layer_importance
-        from .teacher import heldout_texts
-
-        scores = layer_importance(teacher, text_windows(tokenizer, heldout_texts()[:4], seq_len=128, n=4))
-    return strategy_layers(L, d.num_sampled_layers, d.strategy, scores), d.strategy != "first-k"
+        scores = layer_importance(teacher, tokenizer, heldout_texts()[:4])  # 4 held-out files, as qd compare-layers
+    return strategy_layers(L, d.num_sampled_layers, d.strategy, scores), d.strategy != EARLY_EXIT
 
 
 def set_trainable(draft, which: str) -> list[str]:
@@ -162,8 +162,6 @@ def set_trainable(draft, which: str) -> list[str]:
 
 
 def _mixed_precision(choice: str) -> str:
-    from .teacher import cpu_supports_bf16
-
     if choice != "auto":
         return choice
     if torch.cuda.is_available():
@@ -183,32 +181,12 @@ def _config_key(cfg: DistillConfig) -> dict:
     return d
 
 
-def _same_config(saved: dict, cfg: DistillConfig) -> bool:
-    """Whether a checkpoint's config key matches ``cfg``.
-
-    A key the checkpoint lacks (one added to the config after it was written) counts as
-    its default value, so a run resumes when only such keys, left at their defaults, are new.
-    """
-    now = _config_key(cfg)
-    defaults = _config_key(DistillConfig())
-    saved = {sec: (dict(v) if isinstance(v, dict) else v) for sec, v in saved.items()}
-    for sec, v in now.items():
-        if isinstance(v, dict) and isinstance(saved.get(sec), dict):
-            for k in v.keys() - saved[sec].keys():
-                saved[sec][k] = defaults[sec][k]
-            for k in _BOOKKEEPING:
-                saved[sec].pop(k, None)
-    return saved == now
-
-
 def share_prepared(src, dst) -> Path:
     """Start run folder ``dst`` with the training data and knowledge cache that run ``src`` already built.
 
     ``distill`` reuses them when the data settings match (it checks a key and rebuilds otherwise),
     so runs that differ only in objective or schedule skip the teacher's generation (notebook 04).
     """
-    import shutil
-
     src, dst = Path(src), Path(dst)
     if not (src / "data.pt").exists():
         raise FileNotFoundError(f"{src} holds no training data (data.pt); run distill there first")
@@ -219,216 +197,309 @@ def share_prepared(src, dst) -> Path:
     return dst
 
 
-def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, teacher=None, tokenizer=None,
-            teacher_name: str | None = None, progress: bool = True, log=print, on_step=None) -> dict:
-    """Train (or resume) a draft as ``cfg`` says; returns a summary with the run folder and the history.
+@dataclass
+class TrainState:
+    """The counters of a distillation run; ``last.pt`` saves them with the weights."""
 
-    Args:
-        teacher, tokenizer: an already loaded teacher (notebooks); otherwise ``teacher_name``
-            (None: the default teacher, ``$QD_MODEL`` or the bundled one) is loaded on every process.
-        on_step: called as ``on_step(step)`` after every optimizer step (tests use it to interrupt).
-    """
+    step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    bad_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    elapsed: float = 0.0  # training seconds (evaluation and checkpoints excluded)
+    tokens: int = 0  # scored tokens, over all processes
+    best: float = -1.0  # best validation agreement so far (-1: no evaluation yet)
+
+
+@dataclass
+class _Run:
+    """Everything one distillation run trains with, prepared once by :func:`_prepare_run`."""
+
+    cfg: DistillConfig
+    acc: object  # the accelerate.Accelerator
+    teacher: object
+    tokenizer: object
+    draft: object  # the unwrapped draft (what is saved and evaluated)
+    model: object  # the draft as prepared by Accelerate (what is trained)
+    opt: torch.optim.Optimizer
+    sched: object
+    params: list
+    data: DistillData
+    cache: object  # the knowledge cache, or None
+    items: list
+    layers: list[int]
+    trainable: list[str]
+    name: str
+    fingerprint: str
+    run_dir: Path
+    steps_per_epoch: int
+    total: int
+    say: object
+    val_sets: dict | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def ckpt(self) -> Path:
+        return self.run_dir / "last.pt"
+
+
+def _accelerator(t):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a fresh state per run (notebooks and tests call this more than once)
+    return Accelerator(mixed_precision=_mixed_precision(t.mixed_precision),
+                       gradient_accumulation_steps=t.gradient_accumulation_steps)
+
+
+def _prepare_data(cfg: DistillConfig, teacher, tokenizer, items, fp: str, run_dir: Path, progress: bool, say) -> None:
+    """Build the knowledge cache and the training data in ``run_dir`` unless they are there (main process only)."""
+    t = cfg.training
+    cache_dir, data_path = run_dir / "knowledge_cache", run_dir / "data.pt"
+    if cfg.knowledge_enhancement.enabled and not (cache_dir / "cache.safetensors").exists():
+        say("building the knowledge cache ...")
+        build_knowledge_cache(teacher, tokenizer, items, answer_tokens=t.knowledge_answer_tokens,
+                              progress=progress).save(cache_dir)
+    data_key = json.dumps({k: getattr(t, k) for k in ("generated_sequences", "max_seq_length", "generated_share",
+                                                      "item_share", "max_text_tokens", "seed", "item_new_tokens")} | {"teacher": fp})
+    if not data_path.exists() or torch_load_safe(data_path).get("key") != data_key:
+        say("preparing the training data (the teacher continues training prompts) ...")
+        data = build_distill_data(
+            teacher, tokenizer, generated=t.generated_sequences, seq_len=t.max_seq_length,
+            items=items if t.item_share > 0 else None, item_new_tokens=t.item_new_tokens,
+            generated_share=t.generated_share,
+            item_share=t.item_share, max_text_tokens=t.max_text_tokens, seed=t.seed, progress=progress)
+        torch_save_atomic(data.state_dict() | {"key": data_key}, data_path)
+
+
+def _prepare_run(cfg: DistillConfig, run_dir, teacher, tokenizer, teacher_name, progress: bool, log) -> _Run:
+    """The accelerator, the teacher, the draft with its knowledge cache, the data, the optimiser and the schedule."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from .draft import build_draft
-    from .knowledge import build_knowledge_cache, check_cache_matches, load_items, load_knowledge_cache, teacher_fingerprint
-    from .models import load_teacher, model_name
-
     t = cfg.training
-    AcceleratorState._reset_state()  # a fresh state per run (notebooks and tests call this more than once)
-    acc = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision),
-                      gradient_accumulation_steps=t.gradient_accumulation_steps)
-    main = acc.is_main_process
-    say = log if main else (lambda *_: None)
+    acc = _accelerator(t)
+    say = log if acc.is_main_process else (lambda *_: None)
     if teacher is None:
         teacher, tokenizer = load_teacher(teacher_name, device=acc.device)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the teacher")
     teacher.eval().requires_grad_(False)
     validate(cfg, teacher.config.num_hidden_layers)
-    name = model_name(teacher)
     fp = teacher_fingerprint(teacher)
     run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "distill" / "run"
-    if main:
+    if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-
-    # ---- the draft, its knowledge cache, the data (built once by the main process, then read by all)
+    # the draft, its knowledge cache, the data (built once by the main process, then read by all)
     layers, keep_ends = draft_layers(cfg, teacher, tokenizer)
     torch.manual_seed(t.seed)
     draft = build_draft(teacher, layers, keep_ends=keep_ends, knowledge_enhancement=cfg.knowledge_block())
     draft.float()
-    knowledge_on = cfg.knowledge_enhancement.enabled
     items = load_items(None, teacher)  # item rows are trained on (shared by the no-knowledge ablation); eval paraphrases scored
-    cache = None
-    cache_dir = run_dir / "knowledge_cache"
-    data_path = run_dir / "data.pt"
-    if main:
-        if knowledge_on and not (cache_dir / "cache.safetensors").exists():
-            say("building the knowledge cache ...")
-            build_knowledge_cache(teacher, tokenizer, items, answer_tokens=t.knowledge_answer_tokens,
-                                  progress=progress).save(cache_dir)
-        data_key = json.dumps({k: getattr(t, k) for k in ("generated_sequences", "max_seq_length", "generated_share",
-                                                          "item_share", "max_text_tokens", "seed", "item_new_tokens")} | {"teacher": fp})
-        if not data_path.exists() or torch_load_safe(data_path).get("key") != data_key:
-            say("preparing the training data (the teacher continues training prompts) ...")
-            data = build_distill_data(
-                teacher, tokenizer, generated=t.generated_sequences, seq_len=t.max_seq_length,
-                items=items if t.item_share > 0 else None, item_new_tokens=t.item_new_tokens,
-                generated_share=t.generated_share,
-                item_share=t.item_share, max_text_tokens=t.max_text_tokens, seed=t.seed, progress=progress)
-            torch_save_atomic(data.state_dict() | {"key": data_key}, data_path)
+    if acc.is_main_process:
+        _prepare_data(cfg, teacher, tokenizer, items, fp, run_dir, progress, say)
     acc.wait_for_everyone()
-    data = DistillData.from_state_dict(torch_load_safe(data_path))
-    if knowledge_on:
-        cache = load_knowledge_cache(cache_dir)
+    data = DistillData.from_state_dict(torch_load_safe(run_dir / "data.pt"))
+    cache = None
+    if cfg.knowledge_enhancement.enabled:
+        cache = load_knowledge_cache(run_dir / "knowledge_cache")
         check_cache_matches(cache, teacher)
         draft.set_knowledge(cache)
     trainable = set_trainable(draft, t.train_params)
     params = [p for p in draft.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=t.learning_rate, betas=(0.9, 0.95))
+    opt = adamw(params, t.learning_rate, t.weight_decay)
     steps_per_epoch = t.steps_per_epoch or max(1, len(data.text) // (t.max_seq_length * t.batch_size *
                                                                      t.gradient_accumulation_steps * acc.num_processes))
     total = steps_per_epoch * t.num_epochs
     sched = get_cosine_schedule_with_warmup(opt, int(t.warmup_ratio * total), total)
+    return _Run(cfg=cfg, acc=acc, teacher=teacher, tokenizer=tokenizer, draft=draft, model=draft, opt=opt, sched=sched,
+                params=params, data=data, cache=cache, items=items, layers=layers, trainable=trainable,
+                name=model_name(teacher), fingerprint=fp, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
+                total=total, say=say)
 
-    # ---- resume
-    step, bad_steps, elapsed, tokens = 0, 0, 0.0, 0
-    ckpt = run_dir / "last.pt"
-    best_json = run_dir / "best" / "eval.json"
-    best = json.loads(best_json.read_text())["validation_agreement"] if best_json.exists() else -1.0
-    if ckpt.exists():
-        state = torch_load_safe(ckpt)
-        if not _same_config(state["config_key"], cfg) or state["teacher_fingerprint"] != fp:
-            raise ValueError(f"{ckpt} belongs to another configuration or teacher; use another run folder or delete it")
-        draft.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, bad_steps, elapsed, tokens = state["step"], state["bad_steps"], state["elapsed"], state["tokens"]
-        say(f"resuming from step {step} of {total}")
-        if main and state.get("total_steps", total) != total:  # num_epochs changed: the cosine is re-stretched
-            say(f"the schedule now ends at step {total} instead of {state['total_steps']}")
-            append_jsonl(run_dir / "log.jsonl", {"step": step, "event": "schedule", "total_steps": total,
-                                                 "previous_total_steps": state["total_steps"]})
-    model, opt = acc.prepare(draft, opt)
-    unwrapped = acc.unwrap_model(model)
 
-    val_sets = None
-    if main:
-        val_sets = eval_sets(teacher, tokenizer, n_prompts=t.eval_prompts, seed=EVAL_SEED_VALIDATION, items=items,
-                             new_tokens=t.eval_new_tokens, text_windows=t.eval_text_windows)
+def _resume(run: _Run) -> TrainState:
+    """The counters to start from: those of ``last.pt`` (weights, optimiser and schedule restored), else zeros."""
+    best_json = run.run_dir / "best" / "eval.json"
+    state = TrainState(best=json.loads(best_json.read_text())["validation_agreement"] if best_json.exists() else -1.0)
+    if not run.ckpt.exists():
+        return state
+    saved = torch_load_safe(run.ckpt)
+    diff = config_changes(saved["config_key"], dataclasses.asdict(run.cfg), dataclasses.asdict(DistillConfig()),
+                          may_change=[f"training.{k}" for k in _BOOKKEEPING])
+    if diff or saved["teacher_fingerprint"] != run.fingerprint:
+        what = (f"another configuration (saved, requested): {diff}" if diff else
+                f"another teacher (fingerprint {saved['teacher_fingerprint']}, this one {run.fingerprint})")
+        raise ValueError(f"{run.ckpt} belongs to {what}; use another run folder or delete it")
+    run.draft.load_state_dict(saved["model"])
+    run.opt.load_state_dict(saved["optimizer"])
+    run.sched.load_state_dict(saved["scheduler"])
+    state.step, state.bad_steps, state.elapsed, state.tokens = (saved["step"], saved["bad_steps"], saved["elapsed"],
+                                                                saved["tokens"])
+    run.say(f"resuming from step {state.step} of {run.total}")
+    if run.main and saved.get("total_steps", run.total) != run.total:  # num_epochs changed: the cosine is re-stretched
+        run.say(f"the schedule now ends at step {run.total} instead of {saved['total_steps']}")
+        append_jsonl(run.run_dir / "log.jsonl", {"step": state.step, "event": "schedule", "total_steps": run.total,
+                                                 "previous_total_steps": saved["total_steps"]})
+    return state
 
-    def save_last():
-        if main:
-            torch_save_atomic({"model": unwrapped.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "step": step, "bad_steps": bad_steps,
-                               "elapsed": elapsed, "tokens": tokens, "total_steps": total, "config_key": _config_key(cfg),
-                               "teacher_fingerprint": fp}, ckpt)
-        acc.wait_for_everyone()
 
-    def end_of_epoch():
-        nonlocal best
-        if main:
-            ev = evaluate_draft(teacher, unwrapped, val_sets, cache)
-            agree = ev["heldout"]["agreement"]
-            rec = {"step": step, "epoch": step // steps_per_epoch, "eval": ev, "elapsed_s": round(elapsed, 1)}
-            append_jsonl(run_dir / "log.jsonl", rec)
-            say(f"epoch {step // steps_per_epoch}: validation agreement {agree:.3f}, alpha {ev['heldout']['alpha']:.3f}, "
+def _save_last(run: _Run, state: TrainState) -> None:
+    """Write ``last.pt`` (weights, optimiser, schedule, counters) atomically; every process waits for it."""
+    if run.main:
+        torch_save_atomic({"model": run.draft.state_dict(), "optimizer": run.opt.state_dict(),
+                           "scheduler": run.sched.state_dict(), "step": state.step, "bad_steps": state.bad_steps,
+                           "elapsed": state.elapsed, "tokens": state.tokens, "total_steps": run.total,
+                           "config_key": _config_key(run.cfg), "teacher_fingerprint": run.fingerprint}, run.ckpt)
+    run.acc.wait_for_everyone()
+
+
+def _micro_batch(run: _Run, state: TrainState, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs, targets and scored-position mask of one micro-batch (on-policy rows replaced first when configured)."""
+    t, acc = run.cfg.training, run.acc
+    ids, valid = run.data.batch(state.step * t.gradient_accumulation_steps + micro, t.batch_size, t.max_seq_length,
+                                offset=acc.process_index, stride=acc.num_processes)
+    if t.on_policy_share > 0:
+        ids, valid = _on_policy_rows(run.draft, ids, valid, t, state.step * 100 + micro)
+    return ids[:, :-1].to(acc.device), ids[:, 1:].to(acc.device), valid.to(acc.device)  # (B, T) each
+
+
+def _loss(run: _Run, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The configured objective on one micro-batch: distillation from the teacher's logits, or plain CE."""
+    t = run.cfg.training
+    with torch.no_grad(), run.acc.autocast():
+        p = run.teacher(input_ids=x, use_cache=False).logits  # (B, T, V)
+    q = run.model(input_ids=x, use_cache=False).logits  # (B, T, V)
+    if t.use_knowledge_distillation:
+        return distill_loss(q, p, y, m, kl_weight=t.kl_divergence_weight, temperature=t.temperature, objective=t.objective)
+    return ce_loss(q, y, m)
+
+
+def _train_step(run: _Run, state: TrainState) -> tuple[bool, float, float]:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches, with the NaN guard.
+
+    A step whose loss (on any process) or gradient norm is not finite is skipped: no update, counted
+    in ``state.bad_steps``. The schedule advances either way, so a resumed run lines up.
+    Returns ``(skipped, loss, grad_norm)``.
+    """
+    t, acc = run.cfg.training, run.acc
+    skipped, loss_sum = False, 0.0
+    for micro in range(t.gradient_accumulation_steps):
+        x, y, m = _micro_batch(run, state, micro)
+        with acc.accumulate(run.model):
+            loss = _loss(run, x, y, m)
+            bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=acc.device), "sum")
+            if bad.item() > 0:
+                skipped = True
+            else:
+                acc.backward(loss)
+                loss_sum += loss.item() / t.gradient_accumulation_steps
+            state.tokens += int(m.sum()) * acc.num_processes
+    gnorm = float("nan")
+    if not skipped:
+        gnorm = float(acc.clip_grad_norm_(run.params, t.max_grad_norm))
+        skipped = not math.isfinite(gnorm)
+    if skipped:
+        state.bad_steps += 1
+        run.say(f"step {state.step + 1}: non-finite loss or gradient, step skipped ({state.bad_steps} so far)")
+    else:
+        run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped first step would make torch warn about the call order
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        run.sched.step()  # a skipped step still advances the schedule, so resumed runs line up
+    state.step += 1
+    return skipped, loss_sum, gnorm
+
+
+def _end_of_epoch(run: _Run, state: TrainState) -> None:
+    """Evaluate on the validation sets, replace ``best/`` when the agreement improved, save ``last.pt``."""
+    if run.main:
+        ev = evaluate_draft(run.teacher, run.draft, run.val_sets, run.cache)
+        agree = ev["heldout"]["agreement"]
+        epoch = state.step // run.steps_per_epoch
+        append_jsonl(run.run_dir / "log.jsonl", {"step": state.step, "epoch": epoch, "eval": ev,
+                                                 "elapsed_s": round(state.elapsed, 1)})
+        run.say(f"epoch {epoch}: validation agreement {agree:.3f}, alpha {ev['heldout']['alpha']:.3f}, "
                 f"KL {ev['heldout']['kl']:.3f}")
-            if agree > best:
-                with atomic_dir(run_dir / "best") as tmp:
-                    unwrapped.save_pretrained(tmp)
-                    if cache is not None:
-                        cache.save(tmp / "knowledge_cache")
-                    write_json_atomic(tmp / "eval.json", {"validation_agreement": agree, "step": step, "eval": ev,
-                                                          "teacher": name, "layers": layers})
-                best = agree
-        save_last()
+        if agree > state.best:
+            with atomic_dir(run.run_dir / "best") as tmp:
+                run.draft.save_pretrained(tmp)
+                if run.cache is not None:
+                    run.cache.save(tmp / "knowledge_cache")
+                write_json_atomic(tmp / "eval.json", {"validation_agreement": agree, "step": state.step, "eval": ev,
+                                                      "teacher": run.name, "layers": run.layers})
+            state.best = agree
+    _save_last(run, state)
 
-    model.train()
-    mp = acc.mixed_precision
-    say(f"distilling a draft of layers {layers} from {name}: {total} steps x {t.batch_size} rows x "
-        f"{t.gradient_accumulation_steps} accumulation x {acc.num_processes} process(es), mixed precision {mp}, "
-        f"training {len(trainable)} tensors")
-    bar = progress_bar(total=total, initial=step, desc="distill", unit="step", enabled=progress and main)
+
+def _after_step(run: _Run, state: TrainState, skipped: bool, loss: float, gnorm: float) -> None:
+    """Log the step; stop on too many bad steps; evaluate at an epoch's end, else checkpoint when due."""
+    t = run.cfg.training
+    if run.main:
+        append_jsonl(run.run_dir / "log.jsonl", {"step": state.step, "loss": None if skipped else round(loss, 5),
+                                                 "lr": run.sched.get_last_lr()[0], "grad_norm": round(gnorm, 4),
+                                                 "skipped": skipped, "tokens": state.tokens,
+                                                 "elapsed_s": round(state.elapsed, 1)})
+    if state.bad_steps > t.max_bad_steps:
+        _save_last(run, state)
+        raise TrainingStopped(f"{state.bad_steps} steps had a non-finite loss or gradient (max_bad_steps="
+                              f"{t.max_bad_steps}); lower training.learning_rate or check the data. "
+                              f"The last good weights are in {run.ckpt}")
+    if state.step % run.steps_per_epoch == 0:
+        _end_of_epoch(run, state)
+    elif state.step % t.checkpoint_every == 0:
+        _save_last(run, state)
+
+
+def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, teacher=None, tokenizer=None,
+            teacher_name: str | None = None, progress: bool = True, log=print, on_step=None) -> dict:
+    """Train (or resume) a draft as ``cfg`` says; returns a summary with the run folder and the history.
+
+    The named steps, in order: :func:`_prepare_run` (accelerator, teacher, draft, cache and data, optimiser),
+    :func:`_resume` (``last.pt``, if any), then per optimizer step :func:`_train_step` (micro-batches and the
+    NaN guard) and :func:`_after_step` (the log; :func:`_end_of_epoch` or a checkpoint when due). The
+    counters live in one :class:`TrainState`.
+
+    Args:
+        teacher, tokenizer: an already loaded teacher (notebooks); otherwise ``teacher_name``
+            (None: the default teacher, ``$QD_MODEL`` or the bundled one) is loaded on every process.
+        on_step: called as ``on_step(step)`` after every optimizer step (tests use it to interrupt).
+    """
+    run = _prepare_run(cfg, run_dir, teacher, tokenizer, teacher_name, progress, log)
+    state = _resume(run)
+    run.model, run.opt = run.acc.prepare(run.draft, run.opt)
+    run.draft = run.acc.unwrap_model(run.model)
+    t = cfg.training
+    if run.main:
+        run.val_sets = eval_sets(run.teacher, run.tokenizer, n_prompts=t.eval_prompts, seed=EVAL_SEED_VALIDATION,
+                                 items=run.items, new_tokens=t.eval_new_tokens, text_windows=t.eval_text_windows)
+    run.model.train()
+    run.say(f"distilling a draft of layers {run.layers} from {run.name}: {run.total} steps x {t.batch_size} rows x "
+            f"{t.gradient_accumulation_steps} accumulation x {run.acc.num_processes} process(es), mixed precision "
+            f"{run.acc.mixed_precision}, training {len(run.trainable)} tensors")
+    bar = progress_bar(total=run.total, initial=state.step, desc="distill", unit="step", enabled=progress and run.main)
     t_last = time.time()
     try:
-        while step < total:
-            window_bad, loss_sum = False, 0.0
-            for micro in range(t.gradient_accumulation_steps):
-                ids, valid = data.batch(step * t.gradient_accumulation_steps + micro, t.batch_size, t.max_seq_length,
-                                        offset=acc.process_index, stride=acc.num_processes)
-                if t.on_policy_share > 0:
-                    ids, valid = _on_policy_rows(unwrapped, ids, valid, t, step * 100 + micro)
-                x, y, m = ids[:, :-1].to(acc.device), ids[:, 1:].to(acc.device), valid.to(acc.device)
-                with acc.accumulate(model):
-                    with torch.no_grad(), acc.autocast():
-                        p = teacher(input_ids=x, use_cache=False).logits  # (B, T, V)
-                    q = model(input_ids=x, use_cache=False).logits  # (B, T, V)
-                    if t.use_knowledge_distillation:
-                        loss = distill_loss(q, p, y, m, kl_weight=t.kl_divergence_weight, temperature=t.temperature,
-                                            objective=t.objective)
-                    else:
-                        loss = ce_loss(q, y, m)
-                    bad = acc.reduce(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=acc.device), "sum")
-                    if bad.item() > 0:
-                        window_bad = True
-                    else:
-                        acc.backward(loss)
-                        loss_sum += loss.item() / t.gradient_accumulation_steps
-                    tokens += int(m.sum()) * acc.num_processes
-            gnorm = float("nan")
-            if not window_bad:
-                gnorm = float(acc.clip_grad_norm_(params, t.max_grad_norm))
-                window_bad = not math.isfinite(gnorm)
-            if window_bad:
-                bad_steps += 1
-                say(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} so far)")
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # a skipped first step would make torch warn about the call order
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-                sched.step()  # a skipped step still advances the schedule, so resumed runs line up
-            step += 1
-            now = time.time()
-            elapsed += now - t_last
-            t_last = now
-            if main:
-                append_jsonl(run_dir / "log.jsonl", {"step": step, "loss": None if window_bad else round(loss_sum, 5),
-                                                     "lr": sched.get_last_lr()[0], "grad_norm": round(gnorm, 4),
-                                                     "skipped": window_bad, "tokens": tokens, "elapsed_s": round(elapsed, 1)})
-            bar.set_postfix(loss="nan" if window_bad else f"{loss_sum:.3f}", best=f"{max(best, 0):.3f}")
+        while state.step < run.total:
+            skipped, loss, gnorm = _train_step(run, state)
+            state.elapsed += time.time() - t_last
+            bar.set_postfix(loss="nan" if skipped else f"{loss:.3f}", best=f"{max(state.best, 0):.3f}")
             bar.update(1)
-            if bad_steps > t.max_bad_steps:
-                save_last()
-                raise TrainingStopped(f"{bad_steps} steps had a non-finite loss or gradient (max_bad_steps="
-                                      f"{t.max_bad_steps}); lower training.learning_rate or check the data. "
-                                      f"The last good weights are in {ckpt}")
-            if step % steps_per_epoch == 0:
-                end_of_epoch()
-            elif step % t.checkpoint_every == 0:
-                save_last()
+            _after_step(run, state, skipped, loss, gnorm)
             t_last = time.time()  # evaluation and checkpoint time is not training time
             if on_step is not None:
-                on_step(step)
+                on_step(state.step)
     except KeyboardInterrupt:
         bar.close()
-        save_last()
-        say(f"interrupted at step {step}; rerun the same call to resume from {ckpt}")
+        _save_last(run, state)
+        run.say(f"interrupted at step {state.step}; rerun the same call to resume from {run.ckpt}")
         raise
     bar.close()
-    if step % steps_per_epoch != 0:  # a run that stopped between epochs (cannot happen with whole epochs)
-        end_of_epoch()
-    history = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()] if main else []
-    acc.wait_for_everyone()
-    return {"run_dir": run_dir, "best_dir": run_dir / "best", "best_validation_agreement": best, "steps": step,
-            "bad_steps": bad_steps, "tokens": tokens, "elapsed_s": elapsed, "layers": layers, "history": history,
-            "model": unwrapped}
+    history = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()] if run.main else []
+    run.acc.wait_for_everyone()
+    return {"run_dir": run.run_dir, "best_dir": run.run_dir / "best", "best_validation_agreement": state.best,
+            "steps": state.step, "bad_steps": state.bad_steps, "tokens": state.tokens, "elapsed_s": state.elapsed,
+            "layers": run.layers, "history": history, "model": run.draft}
 
 
 @torch.no_grad()
@@ -442,7 +513,7 @@ def _on_policy_rows(draft, ids: torch.Tensor, valid: torch.Tensor, t, seed: int,
     torch.manual_seed(seed)
     prompts = ids[:n, :prompt_tokens].to(draft.device)
     new = ids.shape[1] - prompt_tokens
-    pad = draft.config.pad_token_id if draft.config.pad_token_id is not None else 0
+    pad = pad_id(draft.config)
     gen = draft.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
                          do_sample=True, temperature=1.0, top_k=0, pad_token_id=pad).cpu()
     draft.train(was)
@@ -514,8 +585,6 @@ def plot_curves(run_dir, path=None):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     steps = [r["step"] for r in train if r["loss"] is not None]
     loss = [r["loss"] for r in train if r["loss"] is not None]
-    from .metrics import running_mean
-
     smooth = running_mean(loss, 20)
     a.plot(steps, smooth)
     a.set_xlabel("step")
@@ -548,14 +617,8 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
     (test prompts: seed 0, never used to pick the checkpoint), a card and the curves as PNG.
     The figures are measured on the weights as shipped (bf16 rounded, computed in float32).
     """
-    import shutil
-
     import matplotlib.pyplot as plt
 
-    from .draft import DraftForCausalLM
-    from .knowledge import load_items, load_knowledge_cache
-    from .models import load_teacher, model_name
-    from .teacher import _cpu_name
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     best = run_dir / "best"
@@ -585,7 +648,7 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
         "tokens_seen": train[-1]["tokens"] if train else 0,
         "train_wall_time_s": train[-1]["elapsed_s"] if train else 0.0,
         "skipped_steps": sum(1 for r in train if r.get("skipped")),
-        "hardware": f"{_cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "hardware": f"{cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "config": dataclasses.asdict(cfg) if cfg is not None else None,
         "schedule_restarts": schedule_restarts(train),
         "fusion_gate_max": max((g.gate.detach().float().tanh().abs().max().item() for g in draft.fusion.values()), default=None),

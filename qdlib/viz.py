@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .metrics import expected_speedup, expected_tokens_per_call, strategy_layers
+from .sampling import EARLY_EXIT
+
 KEPT, DROPPED = "■", "□"
 
 
@@ -21,8 +24,6 @@ def layer_strip(num_layers: int, layers: Sequence[int]) -> str:
 
 def describe_sampling(num_layers: int, k: int, strategy: str, scores=None) -> str:
     """The text the layer explorer shows: the strip and the kept indices, or the error."""
-    from .metrics import strategy_layers
-
     try:
         layers = strategy_layers(num_layers, k, strategy, scores)
     except ValueError as exc:
@@ -35,7 +36,7 @@ def layer_explorer(num_layers: int = 28, scores=None):
     """An ipywidgets explorer (strategy, k) that shows :func:`describe_sampling`."""
     import ipywidgets as w
 
-    strategies = ["uniform", "geometric", "logarithmic", "first-k"] + (["importance"] if scores is not None else [])
+    strategies = ["uniform", "geometric", "logarithmic", EARLY_EXIT] + (["importance"] if scores is not None else [])
     out = w.Output()
     strat = w.Dropdown(options=strategies, value="uniform", description="strategy")
     k = w.IntSlider(value=6, min=2, max=num_layers, description="k")
@@ -172,8 +173,6 @@ def describe_speedup(alpha: float, c: float, gamma: int, verify_cost: float = 1.
     >>> describe_speedup(0.8, 0.1, 4)
     'alpha 0.80, c 0.10, gamma 4, verify 1.00: 3.36 tokens/call, predicted speed-up 2.40x'
     """
-    from .metrics import expected_speedup, expected_tokens_per_call
-
     return (f"alpha {alpha:.2f}, c {c:.2f}, gamma {gamma}, verify {verify_cost:.2f}: "
             f"{expected_tokens_per_call(alpha, gamma):.2f} tokens/call, "
             f"predicted speed-up {expected_speedup(alpha, gamma, c, verify_cost):.2f}x")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from qdlib import build_draft, paths, sample_layers
-from qdlib.bench import (METHODS, BenchConfig, CallCounter, headline, load_report, report_markdown, run_bench,
-                         teacher_forced_alpha, write_report)
+from qdlib.bench import METHODS, BenchConfig, CallCounter, run_bench, teacher_forced_alpha
+from qdlib.report import headline, load_report, report_markdown, write_report
 from qdlib.retrieval import NgramDrafter
 from qdlib.speculative import speculative_generate
 

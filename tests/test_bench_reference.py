@@ -3,7 +3,7 @@
 import pytest
 
 from qdlib import paths
-from qdlib.bench import METHODS, headline, load_report, report_markdown
+from qdlib.report import METHODS, headline, load_report, report_markdown
 
 pytestmark = pytest.mark.skipif(not (paths.BENCH_DIR / "report.json").exists(), reason="no committed bench report")
 

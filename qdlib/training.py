@@ -1,0 +1,61 @@
+"""Pieces that both training loops share: the optimiser set-up and the resume check.
+
+``qd train-teacher`` (:mod:`qdlib.teacher`) and ``qd distill`` (:mod:`qdlib.trainer`)
+both train with AdamW, weight decay on matrices only, and both resume from a
+checkpoint only when the settings that shape the weights are unchanged:
+
+    >>> config_changes({"lr": 1e-3, "steps": 10}, {"lr": 3e-3, "steps": 20}, {"lr": 1e-3, "steps": 10},
+    ...                may_change=("steps",))
+    {'lr': (0.001, 0.003)}
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+BETAS = (0.9, 0.95)
+
+
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with ``weight_decay`` on matrices and embeddings (``dim >= 2``), none on norms and biases.
+
+    >>> opt = adamw(torch.nn.Linear(3, 2).parameters(), lr=1e-3, weight_decay=0.1)
+    >>> [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups]
+    [(1, 0.1), (1, 0.0)]
+    """
+    params = list(params)
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=BETAS)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, wanted: dict, defaults: dict, may_change: Iterable[str] = ()) -> dict:
+    """Settings that differ between a checkpoint's config and the requested one: ``{key: (saved, wanted)}``.
+
+    Sections (nested dicts) are compared key by key, named ``"section.key"``. A key the
+    checkpoint lacks (one added to the config after it was written) counts as its default,
+    so a run resumes when only such keys, left at their defaults, are new. Keys in
+    ``may_change`` (epochs, evaluation, bookkeeping) are ignored. Empty: the run may resume.
+
+    >>> config_changes({"t": {"lr": 1.0}}, {"t": {"lr": 1.0, "new": 0}}, {"t": {"lr": 0.5, "new": 0}})
+    {}
+    >>> config_changes({"t": {"lr": 1.0}}, {"t": {"lr": 1.0, "new": 5}}, {"t": {"lr": 0.5, "new": 0}})
+    {'t.new': (0, 5)}
+    """
+    skip = set(may_change)
+    old = {k: v for k, v in {**_flat(defaults), **_flat(saved)}.items() if k not in skip}
+    new = {k: v for k, v in _flat(wanted).items() if k not in skip}
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
