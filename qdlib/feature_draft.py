@@ -266,6 +266,12 @@ def save_feature_draft(draft: FeatureDraft, path: str | os.PathLike, dtype=torch
     return path
 
 
+def is_feature_draft_folder(path: str | os.PathLike) -> bool:
+    """True for a folder written by :func:`save_feature_draft`."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT
+
+
 def load_feature_draft(path: str | os.PathLike, device=None, dtype=torch.float32) -> FeatureDraft:
     """Load a draft written by :func:`save_feature_draft` (safetensors only: nothing is unpickled)."""
     from safetensors.torch import load_file

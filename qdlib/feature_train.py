@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,17 @@ import torch.nn.functional as F
 
 from . import paths
 from .distill_data import EvalSet, continue_greedy, heldout_eval_set, training_stream
-from .feature_draft import FeatureDraft, build_feature_draft, save_feature_draft, teacher_features
+from .feature_draft import FeatureDraft, build_feature_draft, load_feature_draft, save_feature_draft, teacher_features
+from .heldout_code import heldout_code_prompts
 from .io import append_jsonl, torch_load_safe, torch_save_atomic, write_json_atomic
-from .teacher import cpu_supports_bf16, heldout_texts, random_prompts
+from .corpus import heldout_prompts, heldout_texts, random_prompts
+from .hardware import cpu_supports_bf16
+from .models import load_teacher
+from .speculative import speculative_generate
+from .timing import feature_step_time, step_time
 
 EVAL_SEED_VALIDATION = 1  # the same split of roles as the trainer: seed 1 selects, seed 0 reports
+EVAL_SEED_TEST = 0
 
 
 @dataclass
@@ -222,8 +229,6 @@ def _resume(run_dir: Path, cfg: FeatureTrainConfig, draft, opt, log) -> _RunStat
 def train_feature_draft(cfg: FeatureTrainConfig, run_dir: str | os.PathLike | None = None, teacher=None,
                         tokenizer=None, log=print) -> Path:
     """Train (or resume) a feature-fed draft in ``run_dir``; returns the run folder (best draft in ``best/``)."""
-    from .models import load_teacher
-
     run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "fast_draft"
     run_dir.mkdir(parents=True, exist_ok=True)
     if teacher is None:
@@ -278,3 +283,106 @@ def _evaluate_and_keep(teacher, draft, val: EvalSet, st: _RunState, run_dir: Pat
         st.best = agree
         info = {"validation_agreement": agree, "step": st.step, **ev, "train_time_s": round(st.train_time, 1)}
         save_feature_draft(draft, run_dir / "best", dtype=torch.float32, extra={"eval.json": info})
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def _tune_gamma(teacher, draft, prompts: list[list[int]], gammas=(1, 2, 3, 4, 5, 6), new_tokens: int = 64) -> dict:
+    """Measured tokens/s of speculative decoding at each gamma on ``prompts`` (validation prompts, never the test
+    sets), interleaved and repeated twice; returns ``{gamma: tokens/s}``."""
+    speed = {g: [] for g in gammas}
+    for _ in range(2):
+        for g in gammas:
+            t0, n = time.perf_counter(), 0
+            for p in prompts:
+                out, st = speculative_generate(teacher, draft, torch.tensor([p]), gamma=g, max_new_tokens=new_tokens)
+                n += st.new_tokens
+            speed[g].append(n / (time.perf_counter() - t0))
+    return {g: max(v) for g, v in speed.items()}
+
+
+def export_fast_draft(run_dir: str | os.PathLike, out_dir: str | os.PathLike, teacher=None, tokenizer=None,
+                      log=print) -> Path:
+    """Measure the run's best draft and write it (bf16 safetensors, tuned gamma, card) to ``out_dir``.
+
+    Every figure on the card is measured here from the exported weights: test agreement on the standard
+    library's test prompts and on the unfamiliar third-party code, the step cost c, and the gamma that was
+    fastest on the validation prompts.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if teacher is None:
+        teacher, tokenizer = load_teacher("tiny")
+    best = load_feature_draft(run_dir / "best")
+    info = json.loads((run_dir / "best" / "eval.json").read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:  # measure what is shipped: the bf16 weights, loaded back
+        save_feature_draft(best, tmp)
+        draft = load_feature_draft(tmp)
+    val_prompts = heldout_prompts(tokenizer, heldout_texts(), n_prompts=6, prompt_tokens=64, seed=EVAL_SEED_VALIDATION)
+    speeds = _tune_gamma(teacher, draft, val_prompts)
+    draft.config.gamma = max(speeds, key=speeds.get)
+    sets = {"stdlib_test": heldout_eval_set(teacher, tokenizer, heldout_texts(), n_prompts=50, seed=EVAL_SEED_TEST),
+            "unfamiliar": unfamiliar_eval_set(teacher, tokenizer)}
+    agreement = {k: feature_agreement(teacher, draft, es) for k, es in sets.items()}
+    c = feature_step_time(draft) / step_time(teacher)
+    metrics = {"agreement": agreement, "c": c, "gamma": draft.config.gamma, "gamma_speeds_validation": speeds,
+               "steps": info["step"], "validation_agreement": info["validation_agreement"],
+               "train_time_s": info["train_time_s"], "config": cfg, "num_layers": draft.config.num_layers}
+    card = _fast_card(metrics)
+    save_feature_draft(draft, out_dir, extra={"metrics.json": metrics})
+    (out_dir / "README.md").write_text(card, encoding="utf-8")  # the folder is complete; the card is regenerable
+    log(card)
+    return out_dir
+
+
+def unfamiliar_eval_set(teacher, tokenizer, n_prompts: int = 48, new_tokens: int = 64) -> EvalSet:
+    """Third-party code (:mod:`qdlib.heldout_code`) continued greedily by the teacher."""
+    prompts = heldout_code_prompts(tokenizer, n_prompts, 64)
+    seqs = continue_greedy(teacher, torch.tensor(prompts), new_tokens)
+    mask = torch.zeros(seqs.shape, dtype=torch.bool)
+    mask[:, 63:-1] = True  # predictions of the generated tokens
+    return EvalSet(seqs.long(), mask, "unfamiliar")
+
+
+def _fast_card(m: dict) -> str:
+    a, cfg = m["agreement"], m["config"]
+    rows = "\n".join(f"| {k.replace('_', ' ')} | {v['depth1']:.3f} | {v['depth2']:.3f} | {v['positions']} |"
+                     for k, v in a.items())
+    speeds = ", ".join(f"{g}: {s:.1f}" for g, s in m["gamma_speeds_validation"].items())
+    return f"""# The fast draft (feature-fed, {m['num_layers']} decoder layer)
+
+A draft that reads the teacher (EAGLE, Li et al. 2024): at each position it takes the teacher's last hidden
+state before the token and the token's embedding, runs them through {m['num_layers']} Qwen3 decoder layer
+(initialised from the teacher's last layer) and predicts the teacher's next hidden state, which the teacher's own
+head turns into a distribution. Load it with `qdlib.load_draft("fast")`; decode with
+`qdlib.speculative_generate(teacher, draft, input_ids)` (it carries its tuned gamma). It cannot serve as
+transformers' `assistant_model` (generate() does not pass the teacher's hidden states to an assistant).
+
+## Training
+- {m['steps']} steps of {cfg['batch_rows']} x {cfg['seq_len']} tokens ({m['steps'] * cfg['batch_rows'] * cfg['seq_len'] / 1e6:.1f}M
+  token positions), {m['train_time_s'] / 60:.0f} min of training on the CPU (the machine was shared with other work).
+- Data: windows of the teacher's own training mix (source weights {cfg['source_weights']}, at most
+  {cfg['max_tokens_per_source']} tokens per source) and, for {cfg['generated_share']:.0%} of rows, the teacher's
+  greedy continuations of {cfg['generated']} training prompts. No held-out standard-library file and no third-party
+  package of `qdlib.heldout_code` was used.
+- Loss: KL(teacher || draft) + {cfg['feature_weight']} x smooth-L1 on the predicted features, at depth 1 (teacher
+  features) and depth 2 (the draft's own predicted features, weight {cfg['unroll_weight']}). AdamW, lr {cfg['lr']},
+  {cfg['warmup_steps']} warm-up steps then cosine to {cfg['min_lr_ratio']:.0%}.
+- Best checkpoint by validation agreement (mean of depths 1 and 2 on held-out standard-library prompts, seed 1):
+  {m['validation_agreement']:.3f}.
+
+## Measured (from the exported bf16 weights)
+
+Teacher-forced top-1 agreement with the teacher's greedy continuations. Depth 1: the draft reads the teacher's
+true feature (its first proposal of a round); depth 2: it reads its own predicted feature (its second proposal).
+
+| prompts | depth 1 | depth 2 | positions |
+|---|---:|---:|---:|
+{rows}
+
+- Step cost c (one draft step over one teacher step, micro-benchmark): {m['c']:.3f}.
+- Tuned gamma {m['gamma']} (fastest on 6 validation prompts; tokens/s by gamma: {speeds}).
+- Speed-ups over the teacher's `generate` and over `generate_plain` are measured by `qd bench`
+  (`outputs/bench_reference/report.md`).
+"""

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from . import paths
+from .corpus import heldout_prompts
 
 # runtime dependencies of this project (through jupyterlab, torch, matplotlib ...), never trained on
 PACKAGES = ("jinja2", "networkx", "tornado", "pyparsing", "dateutil", "fontTools", "pygments", "IPython")
@@ -69,8 +70,6 @@ def build_manifest() -> dict:
 
 def heldout_code_prompts(tokenizer, n_prompts: int = 48, prompt_tokens: int = 64, seed: int = 0) -> list[list[int]]:
     """``n_prompts`` prompts of ``prompt_tokens`` ids, one per file in the manifest's (interleaved) order."""
-    from .teacher import heldout_prompts
-
     texts, problems = heldout_code_texts()
     if problems:
         raise FileNotFoundError(f"the held-out code differs on this machine: {problems[0]} (and {len(problems) - 1} "
