@@ -48,6 +48,7 @@ import torch
 from . import __version__, paths
 from .corpus import heldout_prompts, heldout_texts
 from .draft import build_draft
+from .heldout_code import heldout_code_prompts
 from .hardware import cpu_name
 from .knowledge import load_items
 from .metrics import distribution_metrics, expected_speedup, expected_tokens_per_call
@@ -56,6 +57,7 @@ from .progress import progress_bar
 from .retrieval import NgramDrafter
 from .sampling import first_k_layers, sample_layers
 from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
+from .timing import feature_step_time, step_time  # noqa: F401 (step_time: part of bench's public names)
 
 # name -> (label, group, needs). Groups order the table; needs says what the method uses.
 METHODS: dict[str, tuple[str, str]] = {
@@ -70,12 +72,15 @@ METHODS: dict[str, tuple[str, str]] = {
     "retrieval": ("n-gram lookup in the knowledge items (REST-style)", "lookup"),
     "untrained_uniform": ("qdlib speculative, untrained uniform draft", "ablation"),
     "early_exit": ("qdlib speculative, untrained first-k-layers draft", "ablation"),
+    "fast": ("qdlib speculative, fast draft (feature-fed)", "qdlib"),
 }
 # the draft behind each drafting method, as named in the report's costs["c"] (baselines and lookups have none)
 DRAFT_OF = {"spec": "spec", "spec_no_cache": "spec_no_cache", "spec_dynamic": "spec", "assisted_default": "spec",
-            "assisted_matched": "spec", "untrained_uniform": "untrained_uniform", "early_exit": "early_exit"}
-SAMPLING_METHODS = ("teacher_generate", "spec", "assisted_matched")
-KINDS = ("code", "paraphrase")
+            "assisted_matched": "spec", "untrained_uniform": "untrained_uniform", "early_exit": "early_exit",
+            "fast": "fast"}
+SAMPLING_METHODS = ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "fast")
+# held-out standard-library code, third-party code no training used (qdlib.heldout_code), knowledge paraphrases
+KINDS = ("code", "unfamiliar", "paraphrase")
 
 
 @dataclass
@@ -155,6 +160,8 @@ def bench_prompts(teacher, tokenizer, cfg: BenchConfig) -> dict[str, list[list[i
         if len(code) < cfg.n_prompts:
             raise ValueError(f"the held-out texts give only {len(code)} prompts of {cfg.prompt_tokens} tokens")
         out["code"] = code
+    if "unfamiliar" in cfg.kinds:
+        out["unfamiliar"] = heldout_code_prompts(tokenizer, cfg.n_prompts, cfg.prompt_tokens, seed=cfg.seed)
     if "paraphrase" in cfg.kinds:
         texts = [p for it in load_items(None, teacher) for p in it["eval_paraphrases"]]
         out["paraphrase"] = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[: cfg.n_prompts]]
@@ -203,26 +210,6 @@ class CallCounter:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-
-
-@torch.no_grad()
-def step_time(model, context: int = 96, tokens: int = 1, n: int = 30) -> float:
-    """Median seconds of one cached forward over ``tokens`` new tokens after ``context`` cached ones."""
-    from transformers import DynamicCache
-
-    dev = next(model.parameters()).device
-    g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(3, model.config.vocab_size, (1, context), generator=g).to(dev)
-    new = torch.randint(3, model.config.vocab_size, (1, tokens), generator=g).to(dev)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
-    times = []
-    for _ in range(n + 2):
-        t0 = time.perf_counter()
-        model(input_ids=new, cache=cache, use_cache=True, logits_to_keep=tokens)
-        times.append(time.perf_counter() - t0)
-        cache.crop(-tokens)
-    return statistics.median(times[2:])
 
 
 @torch.no_grad()
@@ -323,6 +310,7 @@ def make_methods(teacher, tokenizer, draft, cfg: BenchConfig, extra_drafts: dict
             if cache != "keep":
                 model.set_knowledge(cache)
             try:
+                # the fast draft decodes with its own tuned gamma (None: from its config)
                 out, stats = speculative_generate(teacher, model, torch.tensor([ids]), gamma=kw.get("gamma", cfg.gamma),
                                                   max_new_tokens=budget, temperature=temperature, generator=generator,
                                                   confidence_threshold=kw.get("confidence_threshold"))
@@ -349,6 +337,7 @@ def make_methods(teacher, tokenizer, draft, cfg: BenchConfig, extra_drafts: dict
         "retrieval": spec(lookup) if lookup is not None else None,
         "untrained_uniform": spec(extra["untrained_uniform"]) if "untrained_uniform" in extra else None,
         "early_exit": spec(extra["early_exit"]) if "early_exit" in extra else None,
+        "fast": spec(extra["fast"], gamma=None) if "fast" in extra else None,
     }
     if attached is None:  # without a cache there is nothing to detach
         table["spec_no_cache"] = None
@@ -418,10 +407,13 @@ def _measure_rows(methods: dict, prompts: dict, cfg: BenchConfig, modes: list, j
         refs[kind] = [methods["teacher_generate"](p, 0.0, None).out for p in kind_prompts]  # the greedy reference
         per = _repeat_jobs(methods, jobs, kind_prompts, cfg, bar)
         base = {m: _summarise(per[(m, "teacher_generate")], None)["tokens_per_s"] for m, _ in modes}
+        plain = {m: _summarise(per[(m, "teacher_plain")], None)["tokens_per_s"] for m, _ in modes if (m, "teacher_plain") in per}
         for mode, _, name in jobs:
             row = {"method": name, "label": METHODS[name][0], "group": METHODS[name][1], "kind": kind, "mode": mode,
                    **_summarise(per[(mode, name)], refs[kind] if mode == "greedy" else None)}
-            row["speedup"] = row["tokens_per_s"] / base[mode]
+            row["speedup"] = row["tokens_per_s"] / base[mode]  # over the teacher's own generate ...
+            if mode in plain:  # ... and over the same engine without a draft: the gain that is speculation's
+                row["speedup_vs_plain"] = row["tokens_per_s"] / plain[mode]
             rows.append(row)
     return rows, refs
 
@@ -432,7 +424,8 @@ def measure_costs(teacher, draft, extra: dict, cfg: BenchConfig) -> dict:
     t_step = step_time(teacher, ctx)
     costs = {"teacher_step_ms": 1e3 * t_step, "c": {}}
     for name, d in {"spec": draft, **extra}.items():
-        costs["c"][name] = step_time(d, ctx) / t_step
+        costs["c"][name] = (feature_step_time(d, ctx) if getattr(d, "needs_target_features", False)
+                            else step_time(d, ctx)) / t_step
     if draft.knowledge is not None:  # the same draft without its cross-attention to the cache
         attached = draft.knowledge
         try:
@@ -474,8 +467,11 @@ def _gamma_sweep(teacher, tokenizer, draft, cfg: BenchConfig, prompts: list, ref
 
 
 def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, progress: bool = True,
-              extra_drafts: dict | None = None, log=print) -> dict:
+              extra_drafts: dict | None = None, fast_draft=None, log=print) -> dict:
     """Measure every method of ``cfg`` on the same prompts; returns the report (a JSON-able dict).
+
+    ``fast_draft`` (a feature-fed draft, :func:`qdlib.load_draft("fast") <qdlib.draft.load_draft>`) adds the
+    ``"fast"`` rows; without it they are left out.
 
     Write it with :func:`qdlib.report.write_report`, read it with :func:`qdlib.report.report_markdown`.
     """
@@ -484,6 +480,8 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
     draft.eval()
     prompts = bench_prompts(teacher, tokenizer, cfg)
     extra = extra_drafts if extra_drafts is not None else ablation_drafts(teacher, draft, cfg.method_names)
+    if fast_draft is not None and "fast" in cfg.method_names:
+        extra = {**extra, "fast": fast_draft.eval()}
     methods = make_methods(teacher, tokenizer, draft, cfg, extra)
     modes = [("greedy", 0.0)] + ([("sampling", cfg.temperature)] if cfg.temperature > 0 else [])
     jobs = [(mode, t, name) for mode, t in modes for name in methods if mode == "greedy" or name in SAMPLING_METHODS]
@@ -509,6 +507,8 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
         "teacher": model_name(teacher),
         "draft": {"layers": draft.config.kept_layers, "knowledge": draft.knowledge is not None,
                   "path": _display_path(getattr(draft.config, "_name_or_path", None)), "card": draft_card(draft)},
+        "fast_draft": None if fast_draft is None else {k: getattr(fast_draft.config, k) for k in
+                                                       ("num_layers", "gamma", "draft_vocab", "init_layers")},
         "prompts": {k: len(v) for k, v in prompts.items()},
         "rows": rows,
         "costs": costs,

@@ -33,9 +33,11 @@ from .errors import ConfigError
 from .progress import progress_bar
 
 
-def training_stream(tokenizer, max_files: int | None = None, max_tokens: int | None = None) -> torch.Tensor:
-    """The standard library's training files (never the held-out ones), tokenized and joined by end-of-text: ``(N,)``."""
-    files = [f for f in corpus_files("stdlib") if f.split == "train"][:max_files]
+def training_stream(tokenizer, max_files: int | None = None, max_tokens: int | None = None,
+                    source: str = "stdlib") -> torch.Tensor:
+    """One corpus source's training files (for the standard library never the held-out ones), tokenized and
+    joined by end-of-text: ``(N,)``. ``source`` is one of the teacher's sources (stdlib, torch, transformers)."""
+    files = [f for f in corpus_files(source) if f.split == "train"][:max_files]
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for f in files:

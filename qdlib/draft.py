@@ -39,6 +39,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm
 
 from . import paths
 from .errors import ConfigError, QdError
+from .feature_draft import is_feature_draft_folder, load_feature_draft
 from .fusion import GATES, GatedFusion, Memory, RMSNorm
 from .knowledge import load_knowledge_cache, teacher_fingerprint
 from .models import default_teacher_name, is_bundled, quiet_loading, resolve_device, resolve_dtype
@@ -411,7 +412,17 @@ def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torc
     ``draft(input_ids=...)``, ``generate``, ``assistant_model=draft`` and
     ``speculative_generate(teacher, draft, ids)`` all work as they are. Loading is quiet
     unless ``progress=True``.
+
+    ``"fast"`` gives the course's fast draft (``outputs/fast_draft``), a feature-fed draft
+    (:mod:`qdlib.feature_draft`) that reads the teacher's hidden states: it works with
+    ``speculative_generate(teacher, draft, ids)`` (with its own tuned gamma), not as an
+    ``assistant_model``. Any folder written by :func:`qdlib.feature_draft.save_feature_draft` loads the same way.
     """
+    if name_or_path == "fast":
+        if not is_bundled(default_teacher_name()):
+            raise DraftLoadError("the fast draft was trained for the bundled teacher; with QD_MODEL set, train one "
+                                 "for your teacher (qdlib.feature_train) and pass its folder")
+        name_or_path = paths.FAST_DRAFT_DIR
     if name_or_path is None:
         teacher = default_teacher_name()
         if not is_bundled(teacher):
@@ -425,6 +436,8 @@ def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torc
         raise DraftLoadError(f"{folder} is not a draft folder (no config.json); expected the output of "
                              f"`qd distill --export` or DraftForCausalLM.save_pretrained")
     dev = resolve_device(device)
+    if is_feature_draft_folder(folder):
+        return load_feature_draft(folder, device=dev, dtype=resolve_dtype(dtype, dev) or torch.float32)
     with quiet_loading(progress):  # no "Loading weights" bar unless asked
         draft = DraftForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, dev) or torch.float32).to(dev).eval()
     if (folder / "knowledge_cache").is_dir() and draft.config.knowledge_enhancement.get("enabled"):

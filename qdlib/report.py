@@ -58,15 +58,16 @@ def report_markdown(report: dict) -> str:
             rows = [r for r in report["rows"] if r["kind"] == kind and r["mode"] == mode]
             if not rows:
                 continue
-            what = "held-out code" if kind == "code" else "knowledge paraphrases"
+            what = {"code": "held-out code", "unfamiliar": "unfamiliar third-party code"}.get(kind, "knowledge paraphrases")
             lines += [f"## {what}, {mode}" + (f" (temperature {report['config']['temperature']})" if mode == "sampling" else ""),
-                      "", "| method | tokens/s | speed-up | acceptance | tokens/target call | c | identical |",
-                      "|---|---:|---:|---:|---:|---:|---:|"]
+                      "", "| method | tokens/s | speed-up | vs plain loop | acceptance | tokens/target call | c | identical |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
             for r in rows:
                 cc = c["c"].get(DRAFT_OF.get(r["method"]))
                 ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "(sampled)"
-                lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {_fmt(r.get('acceptance'))} "
-                             f"| {_fmt(r['tokens_per_target_call'])} | {_fmt(cc)} | {ident} |")
+                vs_plain = f"{r['speedup_vs_plain']:.2f}x" if "speedup_vs_plain" in r else "-"
+                lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {vs_plain} "
+                             f"| {_fmt(r.get('acceptance'))} | {_fmt(r['tokens_per_target_call'])} | {_fmt(cc)} | {ident} |")
             a = report["alpha"].get(kind)
             if a:
                 lines += ["", f"Teacher-forced agreement of the draft on these prompts: {a['agreement']:.3f} "

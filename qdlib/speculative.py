@@ -28,63 +28,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-# ----------------------------------------------------------------------------- distributions
-
-
-def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Turn logits ``(..., V)`` into probabilities after temperature, top-k and top-p (float32).
-
-    The same function is applied to the target's and the draft's logits, so the
-    accepted tokens follow the target's *processed* distribution.
-
-    >>> process_logits(torch.tensor([2.0, 1.0, 0.0]), top_k=1).tolist()
-    [1.0, 0.0, 0.0]
-    """
-    logits = logits.float() / max(temperature, 1e-8)
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        # drop a token when the tokens before it already reach top_p (the top token is always kept)
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
-
-
-def accept_or_resample(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, u: torch.Tensor,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The speculative-sampling rule, vectorised over a leading batch of draws.
-
-    Args:
-        p, q: target and draft probabilities ``(N, V)``, or ``(1, V)`` shared by all draws;
-        x: proposals drawn from q ``(N,)``; u: uniform numbers in [0, 1) ``(N,)``.
-    Returns:
-        ``(accepted (N,) bool, token (N,))``: the proposal where accepted, else a
-        draw from norm(max(0, p - q)).
-    """
-    N = x.shape[0]
-    px = p.expand(N, -1).gather(-1, x[:, None]).squeeze(-1)  # (N,)
-    qx = q.expand(N, -1).gather(-1, x[:, None]).squeeze(-1)  # (N,)
-    accepted = u * qx < px  # u < p/q without dividing by zero (qx > 0 for a drawn x)
-    residual = (p - q).clamp(min=0)  # (N or 1, V)
-    mass = residual.sum(-1, keepdim=True)  # (N or 1, 1)
-    # where p == q the residual is empty; rejection then has probability 0, any fallback is fine
-    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
-    if residual.shape[0] == 1:  # one shared residual: draw all N redraws from it at once
-        resampled = torch.multinomial(residual[0], N, replacement=True, generator=generator)  # (N,)
-    else:
-        resampled = torch.multinomial(residual, 1, generator=generator).squeeze(-1)  # (N,)
-    return accepted, torch.where(accepted, x, resampled)
-
+from .decoding import Settings, accept_or_resample, accept_round, process_logits  # noqa: F401 (public names)
+from .drafters import Drafter, as_drafter, rollback
 
 # ----------------------------------------------------------------------------- statistics
+
+
+class Round(NamedTuple):
+    """One draft-then-verify round: what was proposed, how many were kept, and the target's token after them
+    (its correction, or the bonus token when all were kept; None when EOS or the budget ended the round first)."""
+
+    proposals: list
+    n_accepted: int
+    next_token: int | None
 
 
 @dataclass
@@ -104,10 +64,7 @@ class SpecStats:
             is the acceptance rate at depth j. ``sum(proposed_at) <= proposed``.
         rounds: draft-then-verify rounds.
         time_draft, time_verify, time_total: seconds spent proposing, verifying, in all.
-        trace: one ``(proposals, n_accepted, next_token)`` tuple per round, for the
-            token-by-token view (``next_token`` is the target's correction, or the
-            bonus token when all proposals were accepted; None when EOS or the
-            budget ended the round first).
+        trace: one :class:`Round` per round, for the token-by-token view.
     """
 
     new_tokens: int = 0
@@ -170,11 +127,12 @@ def _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, 
     if ctx is not None and input_ids.shape[1] + max_new_tokens > ctx:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {ctx} tokens")
-    if draft is not None and not isinstance(draft, torch.nn.Module):
-        if not callable(getattr(draft, "propose", None)):
-            raise TypeError(f"draft must be a causal LM or a drafter with a propose(context, k) method "
-                            f"(e.g. qdlib.NgramDrafter), got {type(draft).__name__}")
-    elif draft is not None:
+    if draft is not None and getattr(draft, "needs_target_features", False):
+        tv, dv, th, dh = target.config.vocab_size, draft.vocab_size, target.config.hidden_size, draft.fc.in_features // 2
+        if (tv, th) != (dv, dh):
+            raise ValueError(f"the feature-fed draft was built for vocabulary {dv} and hidden size {dh}, the target "
+                             f"has {tv} and {th}: build or load the draft for this teacher")
+    elif draft is not None and isinstance(draft, torch.nn.Module):
         tv, dv = target.config.vocab_size, draft.config.vocab_size
         if tv != dv:
             raise ValueError(f"draft vocabulary ({dv}) differs from the target's ({tv}); the draft must use the "
@@ -196,24 +154,44 @@ def _eos_set(model, eos_token_id) -> set[int]:
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id}
 
 
-def _rollback(cache, keep: int) -> None:
-    """Cut a KV cache back to its first ``keep`` positions (transformers 5: crop takes a negative count)."""
-    extra = cache.get_seq_length() - keep
-    if extra > 0:
-        cache.crop(-extra)
-
-
-def _pick(probs_or_logits: torch.Tensor, greedy: bool, generator) -> int:
-    if greedy:
-        return int(probs_or_logits.argmax(-1))
-    return int(torch.multinomial(probs_or_logits, 1, generator=generator))
+_rollback = rollback  # the name the tests use
 
 
 # ----------------------------------------------------------------------------- decoding
 
 
+class _Target:
+    """The target's forward passes, with its KV cache; returns logits and, for drafters that read it, features."""
+
+    def __init__(self, model, want_features: bool):
+        from transformers import DynamicCache
+
+        self.model, self.want_features = model, want_features
+        self.cache = DynamicCache(config=model.config)
+        self.device = model.device
+
+    def __call__(self, tokens: list[int], keep: int):
+        """Logits ``(keep, V)`` of the last ``keep`` positions, and features ``(len(tokens), H)`` or None."""
+        ids = torch.tensor([tokens], device=self.device)
+        if not self.want_features:
+            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
+            return out.logits[0], None
+        h = self.model.model(input_ids=ids, cache=self.cache, use_cache=True).last_hidden_state[0]  # (T, H)
+        return self.model.lm_head(h[-keep:]), h
+
+
+def _draft_defaults(draft, gamma, confidence_threshold):
+    """Explicit arguments win; else the draft's own tuned settings (when its config carries them); else gamma 4."""
+    cfg = getattr(draft, "config", None)
+    if gamma is None:
+        gamma = getattr(cfg, "gamma", None) or 4
+    if confidence_threshold is None:
+        confidence_threshold = getattr(cfg, "confidence_threshold", None)
+    return gamma, confidence_threshold
+
+
 @torch.no_grad()
-def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int = 4, max_new_tokens: int = 64,
+def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int | None = None, max_new_tokens: int = 64,
                          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
                          generator: torch.Generator | None = None, confidence_threshold: float | None = None):
     """Generate with ``draft`` proposing and ``target`` verifying; returns ``(output_ids, SpecStats)``.
@@ -224,133 +202,91 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int =
     means the target's end-of-text token; generation stops right after it or at
     ``max_new_tokens``. ``confidence_threshold`` (going beyond fixed gamma) stops
     a round's drafting early once the draft's top probability falls below it.
-    The draft uses whatever knowledge cache is attached to it.
+    ``gamma`` and ``confidence_threshold`` left as None take the draft's own tuned
+    settings where its config carries them (gamma 4 otherwise).
 
-    ``draft`` may also be a model-free drafter with ``propose(context, k) -> list``
-    (:class:`qdlib.NgramDrafter`): its proposals are deterministic, so q is one-hot
-    and the same acceptance rule applies; a round with no proposal is a plain
-    target step.
+    ``draft`` is anything :func:`qdlib.drafters.as_drafter` accepts: a draft model (it
+    uses whatever knowledge cache is attached to it), a feature-fed draft, a
+    :class:`~qdlib.drafters.Drafter`, or a model-free drafter with
+    ``propose(context, k)`` such as :class:`qdlib.NgramDrafter`.
     """
-    from transformers import DynamicCache
-
+    gamma, confidence_threshold = _draft_defaults(draft, gamma, confidence_threshold)
     _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, gamma, draft)
     if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
         raise ValueError(f"confidence_threshold={confidence_threshold} must be in [0, 1]")
-    greedy = temperature == 0
+    s = Settings(temperature, top_k, top_p, generator)
+    drafter = as_drafter(draft, s, confidence_threshold=confidence_threshold, vocab_size=target.config.vocab_size,
+                         max_len=getattr(target.config, "max_position_embeddings", None))
+    calls_before = drafter.calls
     eos = _eos_set(target, eos_token_id)
-    is_model = isinstance(draft, torch.nn.Module)
-    dev_t = target.device
-    dev_d = draft.device if is_model else dev_t
-    V = target.config.vocab_size
     stats = SpecStats(proposed_at=[0] * gamma, accepted_at=[0] * gamma)
     t_start = time.perf_counter()
     seq = input_ids[0].tolist()
     n_prompt = len(seq)
+    verify = _Target(target, drafter.needs_features)
 
-    # Prefill both caches with all prompt tokens but the last: each cache always holds seq[:-1] or less.
-    t_cache = DynamicCache(config=target.config)
-    d_cache = DynamicCache(config=draft.config) if is_model else None
+    # Prefill: the target's cache (and the drafter's) hold all prompt tokens but the last, always seq[:-1] or less.
+    t0 = time.perf_counter()
+    feats = None
     if n_prompt > 1:
-        t0 = time.perf_counter()
-        target(input_ids=input_ids[:, :-1].to(dev_t), cache=t_cache, use_cache=True, logits_to_keep=1)
-        stats.time_verify += time.perf_counter() - t0
+        _, feats = verify(seq[:-1], 1)
         stats.target_calls += 1
         stats.prefill_calls += 1
-        if is_model:
-            t0 = time.perf_counter()
-            draft(input_ids=input_ids[:, :-1].to(dev_d), cache=d_cache, use_cache=True, logits_to_keep=1)
-            stats.time_draft += time.perf_counter() - t0
-            stats.draft_calls += 1
-
-    def dist(logits):  # (V,) -> probabilities, or the logits themselves when greedy
-        return logits if greedy else process_logits(logits, temperature, top_k, top_p)
+    stats.time_verify += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    drafter.begin(seq, feats)
+    stats.time_draft += time.perf_counter() - t0
 
     while len(seq) - n_prompt < max_new_tokens:
         remaining = max_new_tokens - (len(seq) - n_prompt)
-        g = min(gamma, remaining)  # never propose past the budget
-        # 1. draft proposes g tokens (feeding whatever its cache lacks, then one token at a time)
+        # 1. the drafter proposes up to g tokens (never past the budget)
         t0 = time.perf_counter()
-        proposals, qs = [], []
-        if is_model:
-            feed = seq[d_cache.get_seq_length():]
-            for j in range(g):
-                logits = draft(input_ids=torch.tensor([feed], device=dev_d), cache=d_cache, use_cache=True,
-                               logits_to_keep=1).logits[0, -1]
-                stats.draft_calls += 1
-                q = dist(logits)
-                x = _pick(q, greedy, generator)
-                proposals.append(x)
-                qs.append(q)
-                feed = [x]
-                if confidence_threshold is not None and j < g - 1:
-                    conf = (torch.softmax(logits.float(), -1) if greedy else q).max().item()
-                    if conf < confidence_threshold:
-                        break
-        else:  # a model-free drafter: deterministic proposals, so q is one-hot
-            proposals = [int(x) for x in draft.propose(seq, g)][:g]
-            if not greedy:
-                qs = [torch.nn.functional.one_hot(torch.tensor(x), V).float() for x in proposals]
-            stats.draft_calls += 1
+        prop = drafter.propose(seq, min(gamma, remaining))
         stats.time_draft += time.perf_counter() - t0
-        g = len(proposals)
-
-        # 2. target scores the last accepted token + all proposals in one pass
+        g = len(prop.tokens)
+        # 2. the target scores the last accepted token + all proposals in one pass
         t0 = time.perf_counter()
-        verify_in = seq[t_cache.get_seq_length():] + proposals
-        logits = target(input_ids=torch.tensor([verify_in], device=dev_t), cache=t_cache, use_cache=True,
-                        logits_to_keep=g + 1).logits[0]  # (g + 1, V)
+        logits, feats = verify(seq[verify.cache.get_seq_length():] + prop.tokens, g + 1)  # (g + 1, V)
         stats.target_calls += 1
         stats.time_verify += time.perf_counter() - t0
-
         # 3. accept a prefix of the proposals, then one token from the target
-        n = 0
-        next_token = None
-        target_top = logits.argmax(-1).tolist() if greedy else None  # one argmax for all g + 1 rows
-        for j in range(g):
-            stats.proposed_at[j] += 1
-            if greedy:
-                ok = proposals[j] == target_top[j]
-            else:
-                p = process_logits(logits[j], temperature, top_k, top_p)
-                x = torch.tensor([proposals[j]], device=p.device)
-                u = torch.rand(1, generator=generator).to(p.device)
-                ok_t, tok = accept_or_resample(p[None], qs[j].to(p.device)[None], x, u, generator)
-                ok = bool(ok_t)
-                if not ok:
-                    next_token = int(tok)
-            if not ok:
-                break
-            stats.accepted_at[j] += 1
-            n += 1
-        if next_token is None:  # greedy correction / bonus, or the sampled bonus after full acceptance
-            next_token = target_top[n] if greedy else _pick(dist(logits[n]), greedy, generator)
-        stats.proposed += g
-        stats.accepted += n
-        stats.rounds += 1
-        new = proposals[:n] + [next_token]
-
-        # stop at EOS and at the budget
-        for i, tok in enumerate(new):
-            if tok in eos:
-                new = new[: i + 1]
-                break
-        new = new[:remaining]
-        if len(new) == n + 1:
-            stats.trace.append((proposals, n, next_token))
-        else:  # cut short by EOS or the budget: only the kept draft tokens, no target token
-            stats.trace.append((proposals[: len(new)], len(new), None))
+        n, next_token = accept_round(prop.tokens, logits, prop.qs, s)
+        new = _record_round(stats, prop.tokens, n, next_token, eos, remaining)
         seq += new
-        # 4. roll both caches back to the accepted prefix (they must not hold more than seq[:-1])
-        _rollback(t_cache, len(seq) - 1)
-        if is_model:
-            _rollback(d_cache, len(seq) - 1)
+        # 4. roll both back to the accepted prefix (the target's cache must not hold more than seq[:-1])
+        rollback(verify.cache, len(seq) - 1)
+        t0 = time.perf_counter()
+        drafter.commit(seq, None if feats is None else feats[: len(new)])
+        stats.time_draft += time.perf_counter() - t0
         if new[-1] in eos:
             break
 
+    stats.draft_calls = drafter.calls - calls_before
     stats.new_tokens = len(seq) - n_prompt
     stats.time_total = time.perf_counter() - t_start
-    stats.proposed_at, stats.accepted_at = stats.proposed_at[:gamma], stats.accepted_at[:gamma]
     return torch.tensor([seq], device=input_ids.device), stats
+
+
+def _record_round(stats: SpecStats, proposals: list[int], n: int, next_token: int, eos: set, remaining: int) -> list[int]:
+    """Count the round in ``stats`` and return its new tokens, cut after an EOS and at the budget."""
+    g = len(proposals)
+    for j in range(min(n + 1, g)):  # positions the target judged: the kept ones and the first rejected
+        stats.proposed_at[j] += 1
+        stats.accepted_at[j] += j < n
+    stats.proposed += g
+    stats.accepted += n
+    stats.rounds += 1
+    new = proposals[:n] + [next_token]
+    for i, tok in enumerate(new):
+        if tok in eos:
+            new = new[: i + 1]
+            break
+    new = new[:remaining]
+    if len(new) == n + 1:
+        stats.trace.append(Round(proposals, n, next_token))
+    else:  # cut short by EOS or the budget: only the kept draft tokens, no target token
+        stats.trace.append(Round(proposals[: len(new)], len(new), None))
+    return new
 
 
 @torch.no_grad()
@@ -360,7 +296,7 @@ def generate_plain(target, input_ids: torch.Tensor, *, max_new_tokens: int = 64,
     from transformers import DynamicCache
 
     _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k)
-    greedy = temperature == 0
+    s = Settings(temperature, top_k, top_p, generator)
     eos = _eos_set(target, eos_token_id)
     stats = SpecStats()
     t_start = time.perf_counter()
@@ -374,7 +310,7 @@ def generate_plain(target, input_ids: torch.Tensor, *, max_new_tokens: int = 64,
                         logits_to_keep=1).logits[0, -1]
         stats.time_verify += time.perf_counter() - t0
         stats.target_calls += 1
-        tok = _pick(logits if greedy else process_logits(logits, temperature, top_k, top_p), greedy, generator)
+        tok = s.pick(s.dist(logits))
         seq.append(tok)
         feed = [tok]
         if tok in eos:

@@ -1,0 +1,194 @@
+"""Drafters: everything that proposes tokens for speculative decoding, behind one small interface.
+
+A drafter owns its own state (a KV cache, the teacher features it has read) and
+answers three calls from the decoding loop in :mod:`qdlib.speculative`:
+
+- ``begin(seq, features)``: a new generation starts from the prompt ``seq``;
+- ``propose(seq, k) -> Proposal``: up to ``k`` tokens to follow ``seq`` (and, when
+  sampling, the distribution each was drawn from);
+- ``commit(seq, features)``: the target verified a round and ``seq`` is now final;
+  roll back whatever was built on rejected proposals.
+
+``features`` are the teacher's last hidden states of the positions it has just
+processed (the prompt's, then the verified ones); only drafters with
+``needs_features = True`` receive them, so the others cost nothing extra.
+(transformers' ``CandidateGenerator`` plays the same role for ``generate``.)
+
+    >>> from qdlib.retrieval import NgramDrafter
+    >>> d = as_drafter(NgramDrafter([[1, 2, 3, 4]], max_n=2), Settings())
+    >>> d.begin([7, 2], None); d.propose([7, 2], 2).tokens
+    [3, 4]
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .decoding import Settings
+
+
+class Proposal(NamedTuple):
+    tokens: list[int]
+    qs: list[torch.Tensor] | None  # the draft's distribution for each token (sampling), else None
+
+
+class Drafter:
+    """The interface; subclasses override what they need. ``calls`` counts draft forward passes."""
+
+    needs_features = False
+
+    def __init__(self, settings: Settings):
+        self.s = settings
+        self.calls = 0
+
+    def begin(self, seq: list[int], features: torch.Tensor | None) -> None:
+        pass
+
+    def propose(self, seq: list[int], k: int) -> Proposal:
+        raise NotImplementedError
+
+    def commit(self, seq: list[int], features: torch.Tensor | None) -> None:
+        pass
+
+
+def rollback(cache, keep: int) -> None:
+    """Cut a transformers KV cache back to its first ``keep`` positions (transformers 5: crop takes a negative count)."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _confident(logits: torch.Tensor, q: torch.Tensor, s: Settings, threshold: float | None) -> bool:
+    if threshold is None:
+        return True
+    conf = (torch.softmax(logits.float(), -1) if s.greedy else q).max().item()
+    return conf >= threshold
+
+
+class ModelDrafter(Drafter):
+    """A causal LM (a layer-sampled draft, any small model): its own KV cache, prefill, confidence stop, rollback.
+
+    Its cache always holds ``seq[:-1]`` or less; each proposal feeds what the cache lacks, then one token at a time.
+    """
+
+    def __init__(self, model, settings: Settings, confidence_threshold: float | None = None):
+        super().__init__(settings)
+        self.model, self.threshold = model, confidence_threshold
+        self.device = model.device
+
+    def begin(self, seq, features):
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        if len(seq) > 1:
+            self.model(input_ids=torch.tensor([seq[:-1]], device=self.device), cache=self.cache, use_cache=True,
+                       logits_to_keep=1)
+            self.calls += 1
+
+    def propose(self, seq, k):
+        feed = seq[self.cache.get_seq_length():]
+        tokens, qs = [], []
+        for j in range(k):
+            logits = self.model(input_ids=torch.tensor([feed], device=self.device), cache=self.cache, use_cache=True,
+                                logits_to_keep=1).logits[0, -1]  # (V,)
+            self.calls += 1
+            q = self.s.dist(logits)
+            tokens.append(self.s.pick(q))
+            qs.append(q)
+            feed = tokens[-1:]
+            if j < k - 1 and not _confident(logits, q, self.s, self.threshold):
+                break
+        return Proposal(tokens, None if self.s.greedy else qs)
+
+    def commit(self, seq, features):
+        rollback(self.cache, len(seq) - 1)
+
+
+class LookupDrafter(Drafter):
+    """A model-free drafter (``propose(context, k) -> list``, e.g. :class:`qdlib.NgramDrafter`).
+
+    Its proposals are deterministic, so q is one-hot and the same acceptance rule keeps the target's
+    distribution; a round with no proposal is a plain target step.
+    """
+
+    def __init__(self, lookup, settings: Settings, vocab_size: int):
+        super().__init__(settings)
+        self.lookup, self.V = lookup, vocab_size
+
+    def propose(self, seq, k):
+        tokens = [int(x) for x in self.lookup.propose(seq, k)][:k]
+        self.calls += 1
+        qs = None if self.s.greedy else [torch.nn.functional.one_hot(torch.tensor(x), self.V).float() for x in tokens]
+        return Proposal(tokens, qs)
+
+
+class FeatureDrafter(Drafter):
+    """A feature-fed draft (:class:`qdlib.feature_draft.FeatureDraft`) reading the teacher's verified features.
+
+    Draft position ``i`` reads ``(f[i-1], x[i])``. Positions whose feature the teacher has computed are fed
+    once, all together, at the start of a round; the proposals after them read the draft's own predicted
+    features, and are dropped from its cache right after drafting (the teacher's true features replace
+    them in the next round).
+    """
+
+    needs_features = True
+
+    def __init__(self, draft, settings: Settings, confidence_threshold: float | None = None, max_len: int | None = None):
+        super().__init__(settings)
+        self.draft, self.threshold, self.max_len = draft, confidence_threshold, max_len
+
+    def begin(self, seq, features):
+        self.kv = self.draft.new_cache(self.max_len)
+        H = self.draft.fc.in_features // 2
+        self.feats = features if features is not None else torch.zeros(0, H, device=self.draft.device)  # (L-1, H)
+
+    def _pick(self, logits: torch.Tensor):
+        """(token id, q over the full vocabulary or None, confident?) from draft-vocabulary logits ``(Vd,)``."""
+        if self.s.greedy:
+            conf = self.threshold is None or torch.softmax(logits.float(), -1).max().item() >= self.threshold
+            return int(self.draft.vocab_ids[logits.argmax()]), None, conf
+        q = self.s.dist(self.draft.full_logits(logits))
+        return self.s.pick(q), q, self.threshold is None or q.max().item() >= self.threshold
+
+    def propose(self, seq, k):
+        done = self.kv.length  # draft positions 1..done read true features
+        if len(seq) - 1 <= done:  # nothing new to read (a one-token prompt): let the target step alone
+            return Proposal([], None if self.s.greedy else [])
+        dev = self.draft.device
+        f_in = self.feats[done : len(seq) - 1][None].to(dev)  # (1, n, H): f[i-1] for positions done+1 .. L-1
+        pred, logits = self.draft(f_in, torch.tensor([seq[done + 1 :]], device=dev), self.kv)
+        self.calls += 1
+        true_len = self.kv.length
+        tokens, qs = [], []
+        for j in range(k):
+            x, q, confident = self._pick(logits[0, -1])
+            tokens.append(x)
+            qs.append(q)
+            if j == k - 1 or not confident:
+                break
+            pred, logits = self.draft(pred[:, -1:], torch.tensor([[x]], device=dev), self.kv)  # own feature
+            self.calls += 1
+        self.kv.crop(true_len)
+        return Proposal(tokens, None if self.s.greedy else qs)
+
+    def commit(self, seq, features):
+        self.feats = torch.cat([self.feats, features.to(self.feats.device)])  # now f[0 .. len(seq)-2]
+
+
+def as_drafter(draft, settings: Settings, *, confidence_threshold: float | None = None, vocab_size: int | None = None,
+               max_len: int | None = None) -> Drafter:
+    """The right :class:`Drafter` for ``draft``: a drafter is returned as it is, a feature-fed draft, a causal LM,
+    or a model-free object with ``propose(context, k)``."""
+    if isinstance(draft, Drafter):
+        draft.s = settings  # propose with the same rule the loop accepts with
+        return draft
+    if getattr(draft, "needs_target_features", False):
+        return FeatureDrafter(draft, settings, confidence_threshold, max_len)
+    if isinstance(draft, torch.nn.Module):
+        return ModelDrafter(draft, settings, confidence_threshold)
+    if callable(getattr(draft, "propose", None)):
+        return LookupDrafter(draft, settings, vocab_size)
+    raise TypeError(f"draft must be a causal LM, a feature-fed draft, a Drafter, or an object with a "
+                    f"propose(context, k) method (e.g. qdlib.NgramDrafter), got {type(draft).__name__}")

@@ -1,0 +1,389 @@
+"""Training the feature-fed draft (notebook 07; ``qd train-fast``).
+
+The teacher is frozen; each step runs it once over a batch of windows to get its
+features ``f`` and distributions ``p``, then trains the draft to predict
+``f[i]`` and ``p[i]`` from ``(f[i-1], x[i])``:
+
+    loss = KL(p || q) + feature_weight * smooth_l1(f', f)
+
+and once more with the draft fed its *own* predicted features instead of the
+teacher's (``unroll`` depths, weighted ``unroll_weight``), because that is what it
+sees from its second proposal on ("training-time test", EAGLE-3).
+
+Data: windows of the teacher's own training mix (the standard library's training
+files, torch, transformers, weighted by ``source_weights``) and the teacher's
+greedy continuations of prompts cut from it. The held-out standard-library files
+and the unfamiliar third-party code (:mod:`qdlib.heldout_code`) are never trained on.
+
+Runs are resumable: ``last.pt`` (atomic) every ``ckpt_every`` steps; the best
+validation agreement is kept in ``best/`` and never replaced by a worse one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import paths
+from .distill_data import EvalSet, continue_greedy, heldout_eval_set, training_stream
+from .errors import ConfigError
+from .feature_draft import FeatureDraft, build_feature_draft, load_feature_draft, save_feature_draft, teacher_features
+from .heldout_code import heldout_code_prompts
+from .io import append_jsonl, torch_load_safe, torch_save_atomic, write_json_atomic
+from .corpus import heldout_prompts, heldout_texts, random_prompts
+from .hardware import cpu_supports_bf16
+from .models import load_teacher
+from .speculative import speculative_generate
+from .timing import feature_step_time, step_time
+
+EVAL_SEED_VALIDATION = 1  # the same split of roles as the trainer: seed 1 selects, seed 0 reports
+EVAL_SEED_TEST = 0
+
+
+@dataclass
+class FeatureTrainConfig:
+    num_layers: int = 1
+    steps: int = 3000
+    batch_rows: int = 16
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    feature_weight: float = 0.1
+    unroll: int = 2  # 1 = teacher features only; 2 = also one depth on the draft's own features
+    unroll_weight: float = 0.5
+    source_weights: dict = field(default_factory=lambda: {"stdlib": 0.5, "torch": 0.25, "transformers": 0.25})
+    max_tokens_per_source: int | None = 6_000_000
+    generated: int = 768  # teacher greedy continuations of training prompts ...
+    generated_share: float = 0.25  # ... and the share of rows taken from them
+    prompt_tokens: int = 32
+    eval_every: int = 250
+    eval_prompts: int = 24
+    ckpt_every: int = 50
+    seed: int = 0
+    bf16: bool | None = None
+    max_files: int | None = None  # tests: only the first files of each source
+
+    def __post_init__(self):
+        bad = {k: v for k, v in self.source_weights.items() if k not in ("stdlib", "torch", "transformers") or v < 0}
+        if bad or not self.source_weights or sum(self.source_weights.values()) <= 0:
+            raise ConfigError(f"source_weights={self.source_weights!r}: keys among stdlib, torch, transformers, "
+                             f"non-negative weights with a positive sum")
+        for k in ("steps", "batch_rows", "seq_len", "num_layers", "unroll", "eval_every", "ckpt_every"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{k}={v!r} must be an integer >= 1")
+        if not 0 <= self.generated_share < 1:
+            raise ConfigError(f"generated_share={self.generated_share} must be in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class MixData:
+    """Token streams per source plus teacher continuations; ``batch(step)`` is deterministic in ``step``."""
+
+    streams: dict
+    weights: dict
+    generated: torch.Tensor  # (G, L) teacher continuations
+    generated_share: float
+    seed: int = 0
+
+    def batch(self, step: int, rows: int, seq_len: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        names = [s for s in self.streams if self.weights.get(s, 0) > 0]
+        w = torch.tensor([float(self.weights[s]) for s in names])
+        out = torch.empty(rows, seq_len + 1, dtype=torch.long)
+        for r in range(rows):
+            if len(self.generated) and torch.rand((), generator=g).item() < self.generated_share:
+                row = self.generated[int(torch.randint(len(self.generated), (), generator=g))]
+                out[r] = row[: seq_len + 1].long()
+                continue
+            s = self.streams[names[int(torch.multinomial(w, 1, generator=g))]]
+            start = int(torch.randint(len(s) - seq_len - 1, (), generator=g))
+            out[r] = s[start : start + seq_len + 1].long()
+        return out  # (rows, T+1)
+
+
+def prepare_data(teacher, tokenizer, cfg: FeatureTrainConfig, run_dir: Path, log=print) -> MixData:
+    """Tokenize each source and let the teacher continue prompts, once; cached (atomically) in ``run_dir``."""
+    streams = {}
+    for src, w in cfg.source_weights.items():
+        if w <= 0:
+            continue
+        p = run_dir / f"tokens_{src}.pt"
+        if not p.exists():
+            log(f"tokenizing {src} ...")
+            torch_save_atomic(training_stream(tokenizer, cfg.max_files, cfg.max_tokens_per_source, source=src), p)
+        streams[src] = torch_load_safe(p)
+    p = run_dir / "generated.pt"
+    if not p.exists():
+        log(f"teacher continuations of {cfg.generated} prompts ...")
+        gen = torch.zeros(0, cfg.seq_len + 1, dtype=torch.int32)
+        if cfg.generated:
+            base = streams.get("stdlib", next(iter(streams.values())))
+            prompts = random_prompts(base, cfg.generated, cfg.prompt_tokens, cfg.seed + 4242)
+            gen = continue_greedy(teacher, prompts, cfg.seq_len + 1 - cfg.prompt_tokens).int()
+        torch_save_atomic(gen, p)
+    return MixData(streams, dict(cfg.source_weights), torch_load_safe(p), cfg.generated_share, cfg.seed)
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+
+def feature_loss(teacher, draft: FeatureDraft, ids: torch.Tensor, cfg: FeatureTrainConfig, bf16: bool = False):
+    """The training loss on a batch ``ids`` ``(B, T+1)``; returns ``(loss, {"agreement": depth-1 top-1 match})``."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        f = teacher_features(teacher, ids).float()  # (B, T+1, H): f[:, i] predicts x[i+1]
+        lp = torch.log_softmax(teacher.lm_head(f[:, 1:]).float(), -1)  # (B, T, V)
+    target = f[:, 1:]  # (B, T, H): what the draft should predict at positions 1..T
+    feats = f[:, :-1]  # (B, T, H): the feature before each input token
+    loss, stats = 0.0, {}
+    for depth in range(cfg.unroll):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred, logits = draft(feats, ids[:, 1:])  # (B, T, H), (B, T, Vd)
+        lq = torch.log_softmax(draft.full_logits(logits.float()), -1)  # (B, T, V)
+        kl = (lp.exp() * (lp - lq.clamp(min=-1e4))).sum(-1).mean()
+        fl = F.smooth_l1_loss(pred.float(), target)
+        w = 1.0 if depth == 0 else cfg.unroll_weight
+        loss = loss + w * (kl + cfg.feature_weight * fl)
+        with torch.no_grad():
+            stats[f"kl{depth + 1}"] = kl.item()
+            stats[f"agreement{depth + 1}"] = (lq.argmax(-1) == lp.argmax(-1)).float().mean().item()
+        feats = torch.cat([f[:, :1], pred[:, :-1].float()], dim=1)  # next depth reads its own predictions
+    return loss, stats
+
+
+@torch.no_grad()
+def feature_agreement(teacher, draft: FeatureDraft, es: EvalSet, chunk: int = 8) -> dict:
+    """Teacher-forced top-1 agreement with the teacher's greedy continuations in ``es``.
+
+    ``depth1``: the draft reads the teacher's true feature before each token (its first proposal of a round);
+    ``depth2``: it reads its own prediction there instead (its second proposal).
+    """
+    hits = {"depth1": 0.0, "depth2": 0.0}
+    n = 0
+    for i in range(0, len(es.ids), chunk):
+        x = es.ids[i : i + chunk].to(draft.device)  # (b, T)
+        m = es.mask[i : i + chunk, 1:-1].to(draft.device)  # (b, T-2): predictions of tokens 2..T-1
+        f = teacher_features(teacher, x).float()  # (b, T, H)
+        pred, logits = draft(f[:, :-1], x[:, 1:])  # (b, T-1, ...): position k+1 predicts x[k+2]
+        tgt = x[:, 2:]  # (b, T-2)
+        top = draft.vocab_ids[logits[:, :-1].argmax(-1)]
+        hits["depth1"] += ((top == tgt) & m).sum().item()
+        feats2 = torch.cat([f[:, :1], pred[:, :-1]], dim=1)
+        _, logits2 = draft(feats2, x[:, 1:])
+        hits["depth2"] += ((draft.vocab_ids[logits2[:, :-1].argmax(-1)] == tgt) & m).sum().item()
+        n += m.sum().item()
+    return {k: v / max(n, 1) for k, v in hits.items()} | {"positions": int(n)}
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _lr(cfg: FeatureTrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+@dataclass
+class _RunState:
+    step: int = 0
+    best: float = -1.0
+    train_time: float = 0.0
+
+
+def _resume(run_dir: Path, cfg: FeatureTrainConfig, draft, opt, log) -> _RunState:
+    st = _RunState()
+    best_json = run_dir / "best" / "eval.json"
+    if best_json.exists():
+        st.best = json.loads(best_json.read_text())["validation_agreement"]
+    last = run_dir / "last.pt"
+    if last.exists():
+        ck = torch_load_safe(last)
+        saved = ck["config"]
+        changed = {k for k in saved if k not in ("steps", "eval_every", "ckpt_every") and saved[k] != dataclasses.asdict(cfg).get(k)}
+        if changed:
+            raise ConfigError(f"{run_dir} was started with other settings ({', '.join(sorted(changed))}); "
+                             f"use another run folder or the same settings")
+        draft.load_state_dict(ck["draft"])
+        opt.load_state_dict(ck["optim"])
+        st.step, st.train_time = ck["step"], ck["train_time"]
+        log(f"resumed at step {st.step}")
+    return st
+
+
+def train_feature_draft(cfg: FeatureTrainConfig, run_dir: str | os.PathLike | None = None, teacher=None,
+                        tokenizer=None, log=print) -> Path:
+    """Train (or resume) a feature-fed draft in ``run_dir``; returns the run folder (best draft in ``best/``)."""
+    run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "fast_draft"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if teacher is None:
+        teacher, tokenizer = load_teacher("tiny")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    bf16 = cpu_supports_bf16() if cfg.bf16 is None else cfg.bf16
+    torch.manual_seed(cfg.seed)
+    write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
+    data = prepare_data(teacher, tokenizer, cfg, run_dir, log)
+    val = heldout_eval_set(teacher, tokenizer, heldout_texts(), n_prompts=cfg.eval_prompts, seed=EVAL_SEED_VALIDATION)
+    draft = build_feature_draft(teacher, cfg.num_layers).float().train()
+    opt = torch.optim.AdamW(draft.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    st = _resume(run_dir, cfg, draft, opt, log)
+    try:
+        while st.step < cfg.steps:
+            t0 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = _lr(cfg, st.step)
+            loss, stats = feature_loss(teacher, draft, data.batch(st.step, cfg.batch_rows, cfg.seq_len), cfg, bf16)
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                log(f"step {st.step}: non-finite loss, batch skipped")
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(draft.trainable_parameters(), cfg.grad_clip)
+                opt.step()
+            st.step += 1
+            st.train_time += time.perf_counter() - t0
+            append_jsonl(run_dir / "log.jsonl", {"step": st.step, "loss": loss.item(), "lr": _lr(cfg, st.step - 1),
+                                                 **stats, "time": round(st.train_time, 1)})
+            if st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:
+                torch_save_atomic({"draft": draft.state_dict(), "optim": opt.state_dict(), "step": st.step,
+                                   "train_time": st.train_time, "config": dataclasses.asdict(cfg)}, run_dir / "last.pt")
+            if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
+                _evaluate_and_keep(teacher, draft, val, st, run_dir, log)
+    except KeyboardInterrupt:
+        log(f"interrupted at step {st.step}; the last checkpoint is kept, rerun the same command to resume")
+        raise
+    return run_dir
+
+
+def _evaluate_and_keep(teacher, draft, val: EvalSet, st: _RunState, run_dir: Path, log) -> None:
+    draft.eval()
+    ev = feature_agreement(teacher, draft, val)
+    draft.train()
+    agree = (ev["depth1"] + ev["depth2"]) / 2  # both proposals of a round matter
+    append_jsonl(run_dir / "eval.jsonl", {"step": st.step, **ev, "time": round(st.train_time, 1)})
+    log(f"step {st.step}: validation agreement depth 1 {ev['depth1']:.3f}, depth 2 {ev['depth2']:.3f} "
+        f"({st.train_time / 60:.1f} min)")
+    if agree > st.best:
+        st.best = agree
+        info = {"validation_agreement": agree, "step": st.step, **ev, "train_time_s": round(st.train_time, 1)}
+        save_feature_draft(draft, run_dir / "best", dtype=torch.float32, extra={"eval.json": info})
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def _tune_gamma(teacher, draft, prompts: list[list[int]], gammas=(1, 2, 3, 4, 5, 6), new_tokens: int = 64) -> dict:
+    """Measured tokens/s of speculative decoding at each gamma on ``prompts`` (validation prompts, never the test
+    sets), interleaved and repeated twice; returns ``{gamma: tokens/s}``."""
+    speed = {g: [] for g in gammas}
+    for _ in range(2):
+        for g in gammas:
+            t0, n = time.perf_counter(), 0
+            for p in prompts:
+                out, st = speculative_generate(teacher, draft, torch.tensor([p]), gamma=g, max_new_tokens=new_tokens)
+                n += st.new_tokens
+            speed[g].append(n / (time.perf_counter() - t0))
+    return {g: max(v) for g, v in speed.items()}
+
+
+def export_fast_draft(run_dir: str | os.PathLike, out_dir: str | os.PathLike, teacher=None, tokenizer=None,
+                      log=print) -> Path:
+    """Measure the run's best draft and write it (bf16 safetensors, tuned gamma, card) to ``out_dir``.
+
+    Every figure on the card is measured here from the exported weights: test agreement on the standard
+    library's test prompts and on the unfamiliar third-party code, the step cost c, and the gamma that was
+    fastest on the validation prompts.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if teacher is None:
+        teacher, tokenizer = load_teacher("tiny")
+    best = load_feature_draft(run_dir / "best")
+    info = json.loads((run_dir / "best" / "eval.json").read_text())
+    cfg = json.loads((run_dir / "config.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:  # measure what is shipped: the bf16 weights, loaded back
+        save_feature_draft(best, tmp)
+        draft = load_feature_draft(tmp)
+    val_prompts = heldout_prompts(tokenizer, heldout_texts(), n_prompts=6, prompt_tokens=64, seed=EVAL_SEED_VALIDATION)
+    speeds = _tune_gamma(teacher, draft, val_prompts)
+    draft.config.gamma = max(speeds, key=speeds.get)
+    sets = {"stdlib_test": heldout_eval_set(teacher, tokenizer, heldout_texts(), n_prompts=50, seed=EVAL_SEED_TEST),
+            "unfamiliar": unfamiliar_eval_set(teacher, tokenizer)}
+    agreement = {k: feature_agreement(teacher, draft, es) for k, es in sets.items()}
+    c = feature_step_time(draft) / step_time(teacher)
+    metrics = {"agreement": agreement, "c": c, "gamma": draft.config.gamma, "gamma_speeds_validation": speeds,
+               "steps": info["step"], "validation_agreement": info["validation_agreement"],
+               "train_time_s": info["train_time_s"], "config": cfg, "num_layers": draft.config.num_layers}
+    card = _fast_card(metrics)
+    save_feature_draft(draft, out_dir, extra={"metrics.json": metrics})
+    (out_dir / "README.md").write_text(card, encoding="utf-8")  # the folder is complete; the card is regenerable
+    log(card)
+    return out_dir
+
+
+def unfamiliar_eval_set(teacher, tokenizer, n_prompts: int = 48, new_tokens: int = 64) -> EvalSet:
+    """Third-party code (:mod:`qdlib.heldout_code`) continued greedily by the teacher."""
+    prompts = heldout_code_prompts(tokenizer, n_prompts, 64)
+    seqs = continue_greedy(teacher, torch.tensor(prompts), new_tokens)
+    mask = torch.zeros(seqs.shape, dtype=torch.bool)
+    mask[:, 63:-1] = True  # predictions of the generated tokens
+    return EvalSet(seqs.long(), mask, "unfamiliar")
+
+
+def _fast_card(m: dict) -> str:
+    a, cfg = m["agreement"], m["config"]
+    rows = "\n".join(f"| {k.replace('_', ' ')} | {v['depth1']:.3f} | {v['depth2']:.3f} | {v['positions']} |"
+                     for k, v in a.items())
+    speeds = ", ".join(f"{g}: {s:.1f}" for g, s in m["gamma_speeds_validation"].items())
+    return f"""# The fast draft (feature-fed, {m['num_layers']} decoder layer)
+
+A draft that reads the teacher (EAGLE, Li et al. 2024): at each position it takes the teacher's last hidden
+state before the token and the token's embedding, runs them through {m['num_layers']} Qwen3 decoder layer
+(initialised from the teacher's last layer) and predicts the teacher's next hidden state, which the teacher's own
+head turns into a distribution. Load it with `qdlib.load_draft("fast")`; decode with
+`qdlib.speculative_generate(teacher, draft, input_ids)` (it carries its tuned gamma). It cannot serve as
+transformers' `assistant_model` (generate() does not pass the teacher's hidden states to an assistant).
+
+## Training
+- {m['steps']} steps of {cfg['batch_rows']} x {cfg['seq_len']} tokens ({m['steps'] * cfg['batch_rows'] * cfg['seq_len'] / 1e6:.1f}M
+  token positions), {m['train_time_s'] / 60:.0f} min of training on the CPU (the machine was shared with other work).
+- Data: windows of the teacher's own training mix (source weights {cfg['source_weights']}, at most
+  {cfg['max_tokens_per_source']} tokens per source) and, for {cfg['generated_share']:.0%} of rows, the teacher's
+  greedy continuations of {cfg['generated']} training prompts. No held-out standard-library file and no third-party
+  package of `qdlib.heldout_code` was used.
+- Loss: KL(teacher || draft) + {cfg['feature_weight']} x smooth-L1 on the predicted features, at depth 1 (teacher
+  features) and depth 2 (the draft's own predicted features, weight {cfg['unroll_weight']}). AdamW, lr {cfg['lr']},
+  {cfg['warmup_steps']} warm-up steps then cosine to {cfg['min_lr_ratio']:.0%}.
+- Best checkpoint by validation agreement (mean of depths 1 and 2 on held-out standard-library prompts, seed 1):
+  {m['validation_agreement']:.3f}.
+
+## Measured (from the exported bf16 weights)
+
+Teacher-forced top-1 agreement with the teacher's greedy continuations. Depth 1: the draft reads the teacher's
+true feature (its first proposal of a round); depth 2: it reads its own predicted feature (its second proposal).
+
+| prompts | depth 1 | depth 2 | positions |
+|---|---:|---:|---:|
+{rows}
+
+- Step cost c (one draft step over one teacher step, micro-benchmark): {m['c']:.3f}.
+- Tuned gamma {m['gamma']} (fastest on 6 validation prompts; tokens/s by gamma: {speeds}).
+- Speed-ups over the teacher's `generate` and over `generate_plain` are measured by `qd bench`
+  (`outputs/bench_reference/report.md`).
+"""

@@ -1,0 +1,200 @@
+"""The feature-fed draft: its hand-written layer, its cache, building, files, and lossless decoding with it."""
+
+import pytest
+import torch
+from transformers import Qwen3Config
+
+from qdlib.decoding import Settings, accept_round
+from qdlib.feature_draft import (FeatureDraft, FeatureDraftConfig, build_feature_draft, load_feature_draft,
+                                 save_feature_draft, trim_vocab)
+from qdlib.speculative import generate_plain, process_logits, speculative_generate
+
+from helpers import QWEN3_06B, tiny_qwen3
+
+
+def causal_mask(T):
+    return torch.full((T, T), float("-inf")).triu(1)[None, None]
+
+
+def test_hand_written_layer_equals_transformers_qwen3_layer():
+    target = tiny_qwen3(layers=4, seed=1)
+    draft = build_feature_draft(target, 2)
+    x = torch.randn(2, 9, 64)
+    cos, sin = draft.rotary(x, torch.arange(9)[None])
+    for layer in draft.layers:
+        layer.self_attn.config._attn_implementation = "sdpa"
+        ref = layer(x, attention_mask=causal_mask(9).expand(2, 1, 9, 9), position_embeddings=(cos, sin))
+        mine = x + draft._attend(layer, layer.input_layernorm(x), cos, sin, None, 0)
+        mine = mine + layer.mlp(layer.post_attention_layernorm(mine))
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_built_from_the_teacher_and_only_the_middle_trains():
+    target = tiny_qwen3(layers=6, seed=2)
+    draft = build_feature_draft(target, 2)
+    assert draft.config.init_layers == (4, 5)
+    torch.testing.assert_close(draft.layers[1].mlp.down_proj.weight, target.model.layers[5].mlp.down_proj.weight)
+    torch.testing.assert_close(draft.head.weight, target.lm_head.weight)
+    names = {n for n, p in draft.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("embed.", "head.")) for n in names) and "fc.weight" in names
+    assert {id(p) for p in draft.trainable_parameters()} == {id(p) for p in draft.parameters() if p.requires_grad}
+    # fc starts as a pass-through: z = feature + embedding
+    f, e = torch.randn(3, 64), torch.randn(3, 64)
+    torch.testing.assert_close(draft.fc(torch.cat([f, e], -1)), f + e)
+
+
+def test_cached_steps_equal_the_full_forward_and_crop_rolls_back():
+    draft = build_feature_draft(tiny_qwen3(layers=3, seed=3), 1)
+    f, ids = torch.randn(1, 12, 64), torch.randint(0, 256, (1, 12))
+    full, _ = draft(f, ids)
+    kv = draft.new_cache(32)
+    parts = [draft(f[:, a:b], ids[:, a:b], kv)[0] for a, b in ((0, 5), (5, 6), (6, 12))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-5, atol=1e-5)
+    kv.crop(6)
+    again, _ = draft(f[:, 6:], ids[:, 6:], kv)
+    torch.testing.assert_close(again, parts[2], rtol=0, atol=0)
+
+
+def test_bad_settings_are_refused():
+    target = tiny_qwen3(layers=3)
+    with pytest.raises(ValueError, match=r"num_layers=0 must be an integer in 1\.\.3"):
+        build_feature_draft(target, 0)
+    with pytest.raises(ValueError, match=r"draft_vocab=999 must be an integer in 1\.\.256"):
+        build_feature_draft(target, 1, draft_vocab=999, token_counts=torch.ones(256))
+    with pytest.raises(ValueError, match="draft_vocab needs token_counts"):
+        build_feature_draft(target, 1, draft_vocab=16)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    draft = build_feature_draft(tiny_qwen3(layers=3, seed=4), 1)
+    counts = torch.arange(256.0)
+    small = trim_vocab(draft, counts, 32)
+    for d in (draft, small):
+        save_feature_draft(d, tmp_path / "d", dtype=torch.float32)
+        back = load_feature_draft(tmp_path / "d")
+        f, ids = torch.randn(1, 5, 64), torch.randint(0, 256, (1, 5))
+        torch.testing.assert_close(back(f, ids)[1], d(f, ids)[1])
+        assert torch.equal(back.vocab_ids, d.vocab_ids)
+    assert small.vocab_ids.tolist() == list(range(224, 256))  # the 32 most frequent
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a feature-draft folder"):
+        load_feature_draft(tmp_path / "x")
+
+
+def test_exact_qwen3_06b_config_builds_with_the_right_shapes():
+    with torch.device("meta"):
+        draft = FeatureDraft(FeatureDraftConfig(teacher=Qwen3Config(**QWEN3_06B).to_dict(), num_layers=1))
+        f, logits = draft(torch.zeros(1, 3, 1024), torch.zeros(1, 3, dtype=torch.long))
+    assert draft.fc.weight.shape == (1024, 2048) and draft.head.weight.shape == (151936, 1024)
+    assert f.shape == (1, 3, 1024) and logits.shape == (1, 3, 151936)
+    with torch.device("meta"):
+        trimmed = FeatureDraft(FeatureDraftConfig(teacher=Qwen3Config(**QWEN3_06B).to_dict(), draft_vocab=32768))
+    assert trimmed.head.weight.shape == (32768, 1024)
+
+
+def test_cannot_serve_as_transformers_assistant():
+    target = tiny_qwen3(layers=3)
+    draft = build_feature_draft(target, 1)
+    with pytest.raises(TypeError, match="cannot serve as transformers' assistant_model"):
+        target.generate(torch.tensor([[5, 6]]), assistant_model=draft, max_new_tokens=3, do_sample=False)
+
+
+# ----------------------------------------------------------------------------- lossless decoding
+
+
+@pytest.mark.parametrize("vocab", [None, 40])
+def test_greedy_speculative_with_feature_draft_equals_the_teacher(vocab):
+    target = tiny_qwen3(layers=8, seed=5)
+    draft = build_feature_draft(target, 1)
+    if vocab:
+        draft = trim_vocab(draft, torch.rand(256, generator=torch.Generator().manual_seed(0)), vocab)
+    g = torch.Generator().manual_seed(1)
+    for i in range(6):
+        ids = torch.randint(2, 256, (1, 1 + 3 * i), generator=g)  # a one-token prompt included
+        ref, _ = generate_plain(target, ids, max_new_tokens=20, eos_token_id=-1)
+        for gamma in (1, 3, 6):
+            out, stats = speculative_generate(target, draft, ids, gamma=gamma, max_new_tokens=20, eos_token_id=-1)
+            assert torch.equal(out, ref), (i, gamma)
+            assert stats.draft_calls > 0 and stats.new_tokens == 20
+
+
+def test_feature_drafter_holds_the_teachers_features_of_exactly_the_verified_prefix():
+    """Before every proposal the drafter's features equal the teacher's features of ``seq[:-1]`` computed from
+    scratch, and its cache holds only positions read from true features (never its own guesses)."""
+    from qdlib.drafters import FeatureDrafter
+    from qdlib.feature_draft import teacher_features
+
+    target = tiny_qwen3(layers=4, seed=6)
+    draft = build_feature_draft(target, 1)
+    checked = []
+
+    class Spy(FeatureDrafter):
+        def propose(self, seq, k):
+            with torch.no_grad():
+                ref = teacher_features(target, torch.tensor([seq[:-1]]))[0]
+            torch.testing.assert_close(self.feats, ref, rtol=1e-4, atol=1e-4)
+            assert self.kv.length <= len(seq) - 1
+            out = super().propose(seq, k)
+            assert self.kv.length == len(seq) - 1  # own-feature positions dropped again
+            checked.append(len(seq))
+            return out
+
+    ids = torch.randint(2, 256, (1, 6))
+    spy = Spy(draft, Settings())
+    out, stats = speculative_generate(target, spy, ids, gamma=3, max_new_tokens=25, eos_token_id=-1)
+    assert len(checked) == stats.rounds > 5
+    assert torch.equal(out, generate_plain(target, ids, max_new_tokens=25, eos_token_id=-1)[0])
+
+
+@pytest.mark.parametrize("vocab", [None, 8])
+def test_sampling_with_feature_draft_matches_the_target_distribution(vocab):
+    """Joint distribution of 2 sampled tokens equals the target's exact one (chi-square), for the full and a trimmed
+    draft vocabulary (q is zero outside the subset); and the same statistic rejects the draft's own distribution."""
+    V = 12
+    target = tiny_qwen3(vocab=V, hidden=32, layers=4, seed=7, tie_word_embeddings=False)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8.0)
+    draft = build_feature_draft(target, 1)
+    with torch.no_grad():
+        draft.fc.weight.add_(torch.randn(draft.fc.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    if vocab:
+        draft = trim_vocab(draft, torch.arange(V, 0, -1.0), vocab)  # tokens 0..7
+    ids = torch.tensor([[3, 5]])
+    with torch.no_grad():
+        p1 = process_logits(target(input_ids=ids).logits[0, -1], 1.0)
+        joint = torch.stack([p1[a].double() * process_logits(target(input_ids=torch.tensor([[3, 5, a]])).logits[0, -1],
+                                                             1.0).double() for a in range(V)])
+    g = torch.Generator().manual_seed(0)
+    n = 2500
+    counts = torch.zeros(V, V, dtype=torch.float64)
+    for _ in range(n):
+        out, _ = speculative_generate(target, draft, ids, gamma=2, max_new_tokens=2, temperature=1.0, generator=g,
+                                      eos_token_id=-1)
+        counts[out[0, 2], out[0, 3]] += 1
+    exp, obs = (joint * n).flatten(), counts.flatten()
+    big = exp >= 5
+    e = torch.cat([exp[big], exp[~big].sum()[None]])
+    o = torch.cat([obs[big], obs[~big].sum()[None]])
+    dof = e.numel() - 1
+    critical = dof + 4 * (2 * dof) ** 0.5
+    assert ((o - e) ** 2 / e).sum().item() < critical
+    # power: counts drawn from a wrong distribution (the target's first token, a uniform second) fail the same check
+    wrong = (p1.double()[:, None] * torch.full((V,), 1.0 / V, dtype=torch.float64)[None]).flatten() * n
+    w = torch.cat([wrong[big], wrong[~big].sum()[None]])
+    assert ((o - w) ** 2 / w.clamp(min=1e-9)).sum().item() > 10 * critical
+
+
+def test_accept_round_sampling_keeps_the_target_distribution():
+    """The pure acceptance step alone: first token of a one-proposal round is distributed as p."""
+    p_logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    p = torch.softmax(p_logits[0], -1)
+    g = torch.Generator().manual_seed(0)
+    s = Settings(temperature=1.0, generator=g)
+    n = 40_000
+    counts = torch.zeros(4)
+    for x in torch.multinomial(q, n, replacement=True, generator=g).tolist():
+        k, nxt = accept_round([x], p_logits, [q], s)
+        counts[x if k == 1 else nxt] += 1
+    assert 0.5 * (counts / n - p).abs().sum() < 0.012
+    assert 0.5 * (counts / n - q).abs().sum() > 0.2  # and it is not the draft's
