@@ -8,6 +8,7 @@ import torch
 from qdlib import build_draft, paths, sample_layers
 from qdlib.bench import METHODS, BenchConfig, CallCounter, run_bench, teacher_forced_alpha
 from qdlib.report import headline, load_report, report_markdown, write_report
+from qdlib.feature_draft import build_feature_draft
 from qdlib.retrieval import NgramDrafter
 from qdlib.speculative import speculative_generate
 
@@ -87,16 +88,26 @@ def test_cli_bench_refuses_unknown_method(capsys):
 # ----------------------------------------------------------------------------- a whole (small) bench
 
 
+def r_plain_over_generate(r, row) -> float:
+    """tokens/s of the teacher's generate over that of generate_plain, in the row's kind and mode."""
+    speed = {x["method"]: x["tokens_per_s"] for x in r["rows"] if x["kind"] == row["kind"] and x["mode"] == row["mode"]}
+    return speed["teacher_generate"] / speed["teacher_plain"]
+
+
 def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     teacher, tok = tiny
     draft = build_draft(teacher, sample_layers(28, 6)).float()  # untrained, no knowledge: spec_no_cache drops out
+    fast = build_feature_draft(teacher, 1).float()  # an untrained feature-fed draft for the "fast" rows
     cfg = BenchConfig(n_prompts=2, max_new_tokens=12, repeats=1, gammas=(1, 4), sweep_prompts=1)
-    r = run_bench(teacher, tok, draft, cfg, progress=False)
+    r = run_bench(teacher, tok, draft, cfg, progress=False, fast_draft=fast)
     greedy = {(x["method"], x["kind"]) for x in r["rows"] if x["mode"] == "greedy"}
-    expected = {(m, k) for m in METHODS if m != "spec_no_cache" for k in ("code", "paraphrase")}
+    expected = {(m, k) for m in METHODS if m != "spec_no_cache" for k in ("code", "unfamiliar", "paraphrase")}
     assert greedy == expected
     sampled = {(x["method"], x["kind"]) for x in r["rows"] if x["mode"] == "sampling"}
-    assert sampled == {(m, k) for m in ("teacher_generate", "spec", "assisted_matched") for k in ("code", "paraphrase")}
+    assert sampled == {(m, k) for m in ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "fast")
+                       for k in ("code", "unfamiliar", "paraphrase")}
+    for x in r["rows"]:  # every row has both speed-ups: over generate and over the same engine without a draft
+        assert x["speedup_vs_plain"] == pytest.approx(x["speedup"] * r_plain_over_generate(r, x), rel=1e-9)
     for x in r["rows"]:
         assert x["tokens_per_s"] > 0 and x["new_tokens"] >= 1
         if x["method"] == "teacher_generate":
@@ -107,7 +118,8 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
             assert x["tokens_per_target_call"] >= 1.0
             if x["group"] in ("baseline", "qdlib", "ablation") or x["method"] == "retrieval":
                 assert x["identical"] == x["prompts"] == 2, x["label"]  # qdlib's own loops are lossless
-    assert set(r["costs"]["c"]) == {"spec", "untrained_uniform", "early_exit"}
+    assert set(r["costs"]["c"]) == {"spec", "untrained_uniform", "early_exit", "fast"}
+    assert r["fast_draft"]["num_layers"] == 1
     assert all(v > 0 for v in r["costs"]["c"].values())
     assert [s["gamma"] for s in r["sweep"]] == [1, 4]
     a = r["alpha"]["code"]["agreement"]
