@@ -12,8 +12,8 @@ Configurations are YAML files with three sections (``draft_model``,
 ``knowledge_enhancement``, ``training``) loaded into dataclasses; an unknown key
 or an out-of-range value is a clear error:
 
-    >>> cfg = load_config(paths.CONFIGS_DIR / "distill_tiny.yaml")      # doctest: +SKIP
-    >>> cfg.draft_model.num_sampled_layers                                # doctest: +SKIP
+    >>> cfg = load_config(paths.CONFIGS_DIR / "distill_tiny.yaml")
+    >>> cfg.draft_model.num_sampled_layers
     6
 """
 

@@ -11,8 +11,8 @@ interpreter's standard library, mixed with the sources of ``torch`` and
 Python use:
 
     >>> from qdlib.teacher import corpus_files
-    >>> files = corpus_files("stdlib")         # doctest: +SKIP
-    >>> files[0].split in ("train", "val")     # doctest: +SKIP
+    >>> files = corpus_files("stdlib")
+    >>> files[0].split in ("train", "val")
     True
 
 The split is by file and deterministic (a hash of the relative path), and is
