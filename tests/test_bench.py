@@ -87,6 +87,7 @@ def test_cli_bench_refuses_unknown_method(capsys):
 # ----------------------------------------------------------------------------- a whole (small) bench
 
 
+@pytest.mark.slow
 def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     teacher, tok = tiny
     draft = build_draft(teacher, sample_layers(28, 6)).float()  # untrained, no knowledge: spec_no_cache drops out
