@@ -97,6 +97,7 @@ def test_generate_with_kv_cache_matches_full_forward(teacher):
     assert torch.equal(out, seq)
 
 
+@pytest.mark.slow  # transformers' assisted loop is slow in Python; the draft.py docstring example is the quick check
 def test_assisted_generation_equals_teacher_greedy(teacher):
     draft = build_draft(teacher, sample_layers(28, 6))
     g = torch.Generator().manual_seed(1)

@@ -47,6 +47,7 @@ def test_agreement_bar_on_50_test_prompts(recomputed_agreement):
     assert recomputed_agreement >= AGREEMENT_BAR, f"reference draft agreement {recomputed_agreement:.3f} < {AGREEMENT_BAR}"
 
 
+@pytest.mark.slow
 def test_the_draft_works_as_a_causal_lm_and_as_an_assistant(tiny, draft):
     from qdlib import speculative_generate
 

@@ -136,6 +136,7 @@ def check_greedy(target, draft, prompts, gammas, n_new=24):
     return mismatches
 
 
+@pytest.mark.slow
 def test_greedy_equals_generate_small_random_qwen3():
     target = tiny_qwen3(layers=28, seed=3)
     draft = build_draft(target, sample_layers(28, 4))
@@ -145,6 +146,7 @@ def test_greedy_equals_generate_small_random_qwen3():
     assert len(mism) == 0
 
 
+@pytest.mark.slow
 def test_greedy_equals_generate_bundled_teacher_many_prompts(tiny):
     from qdlib.teacher import heldout_prompts, heldout_texts
 
