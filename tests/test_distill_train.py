@@ -83,6 +83,7 @@ def test_resume_after_interrupt_equals_uninterrupted(small_teacher, prepared, tm
     assert (tmp_path / "a" / "best" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_config(small_teacher, prepared, tmp_path):
     run(small_cfg(num_epochs=1), seeded(tmp_path, prepared), small_teacher)
     with pytest.raises(ValueError, match="another configuration"):
@@ -113,6 +114,7 @@ def test_more_epochs_on_resume_restretch_the_schedule_and_the_card_says_so(small
     assert "## Run notes\nRan on a shared machine.\n" in card
 
 
+@pytest.mark.slow
 def test_share_prepared_reuses_the_data_and_refuses_an_empty_source(small_teacher, prepared, tmp_path):
     import qdlib.trainer as tr
 
@@ -163,6 +165,7 @@ def test_best_checkpoint_is_never_replaced_by_a_worse_one(small_teacher, prepare
     assert not (best / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_data_mix_and_item_rows(small_teacher, tmp_path):
     run(small_cfg(num_epochs=1, item_share=0.5, generated_share=0.5), tmp_path, small_teacher)
     data = DistillData.from_state_dict(torch.load(tmp_path / "data.pt", weights_only=True))
@@ -189,6 +192,7 @@ def test_eval_paraphrases_are_never_trained_on():
     assert held and not (train & held)
 
 
+@pytest.mark.slow
 def test_on_policy_and_train_params(small_teacher, prepared, tmp_path):
     cfg = small_cfg(num_epochs=1, steps_per_epoch=1, on_policy_share=0.5, generated_share=0.4, train_params="fusion")
     out = run(cfg, tmp_path, small_teacher)  # another mix: its data is built afresh
@@ -196,6 +200,7 @@ def test_on_policy_and_train_params(small_teacher, prepared, tmp_path):
     assert {n for n, p in m.named_parameters() if p.requires_grad} == {n for n, _ in m.fusion.named_parameters(prefix="fusion")}
 
 
+@pytest.mark.slow
 def test_evaluate_reports_cache_attached_and_detached(small_teacher, prepared):
     from qdlib.draft import DraftForCausalLM
     from qdlib.knowledge import load_knowledge_cache
