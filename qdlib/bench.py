@@ -1,11 +1,17 @@
 """Every way to decode with the teacher, measured side by side in one run (``qd bench``, notebook 06).
 
-    >>> from qdlib import load_teacher, load_draft                       # doctest: +SKIP
-    >>> from qdlib.bench import BenchConfig, run_bench                  # doctest: +SKIP
-    >>> from qdlib.report import report_markdown, write_report           # doctest: +SKIP
-    >>> teacher, tok = load_teacher(); draft = load_draft()              # doctest: +SKIP
-    >>> report = run_bench(teacher, tok, draft, BenchConfig(n_prompts=4)) # doctest: +SKIP
-    >>> print(report_markdown(report))                                    # doctest: +SKIP
+    >>> from qdlib import load_teacher, load_draft
+    >>> from qdlib.bench import BenchConfig, run_bench
+    >>> from qdlib.report import report_markdown
+    >>> teacher, tok = load_teacher(); draft = load_draft()
+    >>> cfg = BenchConfig(n_prompts=1, max_new_tokens=8, repeats=1, temperature=0, gammas=(4,), sweep_prompts=0,
+    ...                   methods=("teacher_generate", "spec"), kinds=("code",))   # BenchConfig(): the full bench
+    >>> report = run_bench(teacher, tok, draft, cfg)
+    >>> print(report_markdown(report))
+    # qd bench: tiny teacher, draft layers [0, 5, 11, 16, 22, 27] (... training steps, test agreement ...)
+    ...
+    | qdlib speculative, draft + knowledge cache | ... | 1/1 |
+    ...
 
 What is compared (``METHODS``): the teacher alone (transformers ``generate`` and
 qdlib's :func:`~qdlib.speculative.generate_plain`), qdlib speculative decoding with

@@ -17,8 +17,12 @@ produced by the trainer, because they depend on the current draft.
 Evaluation sets are held-out prompts continued greedily by the teacher; a draft's
 teacher-forced top-1 agreement on them is the per-token greedy acceptance rate.
 
-    >>> data = build_distill_data(teacher, tok, generated=256)          # doctest: +SKIP
-    >>> ids, mask = data.batch(step=0, rows=8, seq_len=128)              # doctest: +SKIP
+    >>> from qdlib import load_teacher
+    >>> teacher, tok = load_teacher()
+    >>> data = build_distill_data(teacher, tok, generated=2, seq_len=64, max_text_tokens=4000)
+    >>> ids, mask = data.batch(step=0, rows=8, seq_len=64)
+    >>> ids.shape, mask.shape       # targets are ids[:, 1:]; mask says which of them are scored
+    (torch.Size([8, 65]), torch.Size([8, 64]))
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
 """The draft model: a few of the teacher's layers as a real transformers model (notebook 01).
 
-    >>> from qdlib import load_teacher, sample_layers, build_draft     # doctest: +SKIP
-    >>> teacher, tok = load_teacher()                                   # doctest: +SKIP
-    >>> draft = build_draft(teacher, sample_layers(28, 6))              # doctest: +SKIP
-    >>> draft.config.kept_layers                                        # doctest: +SKIP
+    >>> from qdlib import load_teacher, sample_layers, build_draft
+    >>> teacher, tok = load_teacher()
+    >>> draft = build_draft(teacher, sample_layers(28, 6))
+    >>> draft.config.kept_layers
     [0, 5, 11, 16, 22, 27]
-    >>> draft.save_pretrained("my_draft")                               # doctest: +SKIP
-    >>> teacher.generate(ids, assistant_model=draft, do_sample=False)   # doctest: +SKIP
+    >>> draft.save_pretrained("my_draft")
+    >>> ids = tok("def add(a, b):", return_tensors="pt").input_ids
+    >>> plain = teacher.generate(ids, do_sample=False, max_new_tokens=8)
+    >>> assisted = teacher.generate(ids, assistant_model=draft, do_sample=False, max_new_tokens=8)
+    >>> assisted.tolist() == plain.tolist()     # the draft proposes, the teacher decides
+    True
 
 ``DraftForCausalLM`` is a ``PreTrainedModel`` with its own config class
 (``DraftConfig``, model type ``"qd_draft"``, registered with the Auto

@@ -1,11 +1,13 @@
 """The knowledge cache: the teacher's states on a few frequent questions (notebook 02).
 
-    >>> from qdlib import load_teacher, build_knowledge_cache, load_knowledge_cache   # doctest: +SKIP
-    >>> teacher, tok = load_teacher()                                                 # doctest: +SKIP
-    >>> cache = build_knowledge_cache(teacher, tok)       # the built-in items        # doctest: +SKIP
-    >>> cache.states.shape          # (items, max tokens, hidden)                      # doctest: +SKIP
-    >>> cache.save("outputs/runs/cache")                                              # doctest: +SKIP
-    >>> cache = load_knowledge_cache("outputs/runs/cache", teacher=teacher)          # doctest: +SKIP
+    >>> from qdlib import load_teacher, build_knowledge_cache, load_knowledge_cache
+    >>> teacher, tok = load_teacher()
+    >>> cache = build_knowledge_cache(teacher, tok, answer_tokens=16)   # the built-in items
+    >>> cache.states.shape          # (items, max tokens, hidden)
+    torch.Size([15, ..., 192])
+    >>> path = cache.save("my_cache")
+    >>> load_knowledge_cache("my_cache", teacher=teacher).items == cache.items
+    True
 
 Each item is a question written by the project; the answer stored in the
 cache is **the teacher's own greedy continuation** of the question, because

@@ -1,8 +1,8 @@
 """Loading a teacher: the bundled one, a hub id or a local folder (notebook 00).
 
     >>> from qdlib import load_teacher
-    >>> model, tokenizer = load_teacher()            # doctest: +SKIP
-    >>> model.config.num_hidden_layers               # doctest: +SKIP
+    >>> model, tokenizer = load_teacher()
+    >>> model.config.num_hidden_layers
     28
 
 Which teacher:

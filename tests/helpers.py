@@ -20,3 +20,4 @@ QWEN3_06B = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, bos_token_id=151643, eos_token_id=151645,
     attention_bias=False, hidden_act="silu",
 )
+QWEN3_06B_SHORT_LAYERS = 8  # the real-model tests keep every width of Qwen3-0.6B but 8 of its 28 layers

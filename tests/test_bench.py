@@ -94,6 +94,7 @@ def r_plain_over_generate(r, row) -> float:
     return speed["teacher_generate"] / speed["teacher_plain"]
 
 
+@pytest.mark.slow
 def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     teacher, tok = tiny
     draft = build_draft(teacher, sample_layers(28, 6)).float()  # untrained, no knowledge: spec_no_cache drops out

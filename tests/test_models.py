@@ -43,9 +43,14 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         load_teacher(str(tmp_path / "nowhere"))
 
 
-def test_device_and_dtype_choices():
+def test_device_and_dtype_choices(monkeypatch):
     assert resolve_device(None) == torch.device("cpu")
-    assert resolve_device("auto").type in ("cuda", "mps", "cpu")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    # "auto": cuda first, then mps, then cpu (availability faked, so each branch runs on any machine)
+    for cuda, mps, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda c=cuda: c)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda m=mps: m)
+        assert resolve_device("auto") == torch.device(expected), (cuda, mps)
     with pytest.raises(ValueError, match="unknown device 'gpu0'"):
         resolve_device("gpu0")
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
@@ -59,23 +64,49 @@ def test_bf16_on_request():
     assert model.dtype == torch.bfloat16
 
 
-def test_random_init_qwen3_06b_config_loads(qwen3_06b):
-    """The real-model path, without weights: the exact Qwen3-0.6B config through load_teacher(path)."""
+def test_exact_qwen3_06b_config_on_the_meta_device(tmp_path):
+    """The full 28-layer config, without allocating it: 596M parameters, a config.json that round-trips,
+    and the course's 6-of-28 draft layers for it."""
+    from transformers import AutoConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from helpers import QWEN3_06B
+    from qdlib import sample_layers
+    from qdlib.distill import DEFAULT_CONFIGS, load_config
+
+    Qwen3Config(**QWEN3_06B).save_pretrained(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    assert len(model.model.layers) == 28 and model.lm_head.weight is model.model.embed_tokens.weight
+    n = sum(p.numel() for p in model.parameters())
+    assert 595e6 < n < 597e6  # 596M with tied embeddings
+    cfg = load_config(DEFAULT_CONFIGS["qwen3"], num_layers=28)
+    assert sample_layers(28, cfg.draft_model.num_sampled_layers) == [0, 5, 11, 16, 22, 27]
+
+
+@pytest.mark.slow
+def test_random_init_qwen3_06b_widths_load(qwen3_06b):
+    """The real-model path, without weights: every width of Qwen3-0.6B (8 of its layers) through load_teacher(path)."""
+    from helpers import QWEN3_06B, QWEN3_06B_SHORT_LAYERS
+
     model, tok = qwen3_06b
     c = model.config
     assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-            c.intermediate_size, c.vocab_size) == (28, 1024, 16, 8, 128, 3072, 151936)
+            c.intermediate_size, c.vocab_size) == (QWEN3_06B_SHORT_LAYERS, 1024, 16, 8, 128, 3072, 151936)
     assert c.tie_word_embeddings and c.rope_parameters["rope_theta"] == 1e6
     assert model.dtype == torch.float32 and not model.training
     n = sum(p.numel() for p in model.parameters())
-    assert 590e6 < n < 600e6  # 596M with tied embeddings
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    full = n + (QWEN3_06B["num_hidden_layers"] - QWEN3_06B_SHORT_LAYERS) * per_layer
+    assert 595e6 < full < 597e6  # with all 28 layers: 596M, tied embeddings
     ids = tok("def f(x):", return_tensors="pt").input_ids
     with torch.no_grad():
         assert model(input_ids=ids).logits.shape == (1, ids.shape[1], 151936)
 
 
+@pytest.mark.slow
 def test_qwen3_06b_draft_and_knowledge_path(qwen3_06b, tmp_path):
-    """Layer sampling, the draft model and the knowledge cache on the random-init Qwen3-0.6B."""
+    """Layer sampling, the draft model and the knowledge cache on the random-init Qwen3-0.6B widths."""
     from qdlib import build_draft, build_knowledge_cache, sample_layers
     from qdlib.knowledge import builtin_items_path, load_items
     from qdlib.sampling import run_layers

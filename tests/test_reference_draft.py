@@ -37,14 +37,17 @@ def recomputed_agreement(tiny, draft):
     return evaluate_draft(teacher, draft, {"heldout": sets["heldout"]}, draft.knowledge)["heldout"]["agreement"]
 
 
+@pytest.mark.slow
 def test_card_agrees_with_the_weights(recomputed_agreement, card):
     assert recomputed_agreement == pytest.approx(card["agreement"], abs=1e-3), "the card disagrees with the weights"
 
 
+@pytest.mark.slow
 def test_agreement_bar_on_50_test_prompts(recomputed_agreement):
     assert recomputed_agreement >= AGREEMENT_BAR, f"reference draft agreement {recomputed_agreement:.3f} < {AGREEMENT_BAR}"
 
 
+@pytest.mark.slow
 def test_the_draft_works_as_a_causal_lm_and_as_an_assistant(tiny, draft):
     from qdlib import speculative_generate
 

@@ -74,6 +74,7 @@ def test_run_layers_all_equals_model():
     torch.testing.assert_close(run_layers(m, x, range(28)), m(input_ids=x).logits)
 
 
+@pytest.mark.slow
 def test_layer_importance_scores_match_manual_skip():
     m = tiny_qwen3(vocab=256)
 

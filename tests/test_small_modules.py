@@ -52,7 +52,9 @@ def test_compare_strategies_and_layer_views():
     rows = compare_strategies(m, x, ks=(4, 6), strategies=("uniform", "first-k"))
     assert [(r["strategy"], r["k"]) for r in rows] == [("uniform", 4), ("first-k", 4), ("uniform", 6), ("first-k", 6)]
     assert rows[1]["layers"] == [0, 1, 2, 3]
-    assert "strategy" in format_table(rows)
+    table = format_table(rows).splitlines()
+    assert table[0].split() == ["strategy", "k", "KL", "agree", "alpha", "layers"] and len(table) == 2 + len(rows)
+    assert table[3].split()[:2] == ["first-k", "4"] and table[3].endswith("[0, 1, 2, 3]")
     assert len(layer_similarity(m, x)) == 28
     lens = logit_lens(m, x)
     assert len(lens) == 28 and lens[-1] == pytest.approx(0.0, abs=1e-5)

@@ -136,6 +136,7 @@ def check_greedy(target, draft, prompts, gammas, n_new=24):
     return mismatches
 
 
+@pytest.mark.slow
 def test_greedy_equals_generate_small_random_qwen3():
     target = tiny_qwen3(layers=28, seed=3)
     draft = build_draft(target, sample_layers(28, 4))
@@ -145,6 +146,7 @@ def test_greedy_equals_generate_small_random_qwen3():
     assert len(mism) == 0
 
 
+@pytest.mark.slow
 def test_greedy_equals_generate_bundled_teacher_many_prompts(tiny):
     from qdlib.teacher import heldout_prompts, heldout_texts
 
@@ -155,6 +157,7 @@ def test_greedy_equals_generate_bundled_teacher_many_prompts(tiny):
     assert len(mism) <= 1, f"{len(mism)} near-tie divergences"
 
 
+@pytest.mark.slow
 def test_greedy_with_fusion_cache_attached_and_detached():
     target = tiny_qwen3(layers=28, seed=4)
     draft = build_draft(target, sample_layers(28, 4), knowledge_enhancement={"enabled": True})
@@ -200,6 +203,7 @@ def test_stops_exactly_at_eos_and_budget():
 # ----------------------------------------------------------------------------- sampling end to end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drafter", ["model", "ngram"])
 def test_sampling_end_to_end_matches_target_distribution(drafter):
     """Joint distribution of 2 sampled tokens over many generations equals the target's exact one.

@@ -46,6 +46,7 @@ def test_every_course_notebook_has_exercises_and_no_solution_leaks(tmp_path):
         assert all(not c.get("outputs") and c.get("execution_count") is None for c in student.cells if c.cell_type == "code")
 
 
+@pytest.mark.slow
 def test_student_check_cells_say_not_attempted(tmp_path):
     """Run each student notebook's exercise part (stub + check cells after the Exercises heading) on top of the
     cells before it, in a real kernel, for the fastest notebook; the others are checked for the structure."""

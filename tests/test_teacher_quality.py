@@ -40,6 +40,7 @@ def test_manifest_is_complete_and_split_by_file():
     assert len(names) == len(set(names))
 
 
+@pytest.mark.slow
 def test_bits_per_byte_bar(tiny, heldout):
     model, tok = tiny
     res = bits_per_byte(model, tok, heldout)
@@ -48,11 +49,9 @@ def test_bits_per_byte_bar(tiny, heldout):
     assert res["bpb"] == pytest.approx(card["heldout_bits_per_byte"], abs=2e-3), "model card disagrees with the weights"
 
 
+@pytest.mark.slow
 def test_greedy_repetition_bar(repetition):
     assert repetition["mean"] <= REPETITION_BAR, f"repeated 4-gram share {repetition['mean']:.3f} > {REPETITION_BAR}"
-    card = json.loads((paths.TEACHER_DIR / "metrics.json").read_text())
-    assert repetition["mean"] == pytest.approx(card["greedy_repeated_4gram_share"], abs=0.02), \
-        "model card disagrees with the weights"
 
 
 def test_repeated_ngram_share_examples():
@@ -70,7 +69,10 @@ def test_bits_per_byte_counts_every_token_once(tiny):
     assert res["bytes"] == len(text.encode())
 
 
+@pytest.mark.slow
 def test_model_card_repetition_figure_is_reproduced(repetition):
     card = json.loads((paths.TEACHER_DIR / "metrics.json").read_text())
     assert len(repetition["per_prompt"]) >= 50
-    assert repetition["mean"] == pytest.approx(card["greedy_repeated_4gram_share"], abs=0.02)
+    assert repetition["mean"] == pytest.approx(sum(repetition["per_prompt"]) / len(repetition["per_prompt"]))
+    assert repetition["mean"] == pytest.approx(card["greedy_repeated_4gram_share"], abs=0.02), \
+        "model card disagrees with the weights"

@@ -19,6 +19,7 @@ def tiny_cfg(**kw):
     return TeacherTrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     cfg = tiny_cfg()
     a = tmp_path / "a"
@@ -75,6 +76,7 @@ def test_repeated_token_mask_marks_every_token_of_a_repeated_4gram():
     assert repeated_token_mask(ids).int().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 0], [0] * 9]
 
 
+@pytest.mark.slow
 def test_unlikelihood_polish_lowers_repeated_tokens_probability(tmp_path):
     """The polish phase runs after the main steps, logs its loss, and pushes down repeats it is trained on."""
     from transformers import Qwen3ForCausalLM

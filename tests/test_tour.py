@@ -24,6 +24,7 @@ def other_teacher(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.slow
 def test_tour_without_a_reference_draft_says_so_and_still_decodes(other_teacher, capsys):
     assert main(["tour"]) == 0
     out = capsys.readouterr().out
@@ -35,6 +36,7 @@ def test_tour_without_a_reference_draft_says_so_and_still_decodes(other_teacher,
     assert "transformers assisted, matched settings" in out and "tour finished" in out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (paths.DRAFT_DIR / "config.json").exists(), reason="the reference draft is not committed yet")
 def test_tour_with_the_reference_draft(capsys):
     torch.manual_seed(0)
@@ -42,3 +44,13 @@ def test_tour_with_the_reference_draft(capsys):
     out = capsys.readouterr().out
     assert "the course's reference draft" in out and "knowledge cache:" in out and "nearest cached item" in out
     assert "identical to the teacher's own greedy output: True" in out
+
+
+def test_tour_with_a_teacher_that_cannot_load_ends_in_one_line(tmp_path, capsys):
+    """The quick tier's tour test: step 1 fails, the tour says why in one line and stops with exit code 2."""
+    from qdlib.tour import tour
+
+    assert tour(str(tmp_path / "nowhere")) == 2
+    out = capsys.readouterr()
+    assert out.err == f"error: {tmp_path / 'nowhere'} is not a model folder (no config.json there)\n"
+    assert "1. The teacher" in out.out and "2. Layer sampling" not in out.out
