@@ -22,8 +22,11 @@ scores only ``draft_vocab`` rows; the teacher still verifies over the whole
 vocabulary, so the output is unchanged (greedy: identical; sampling: the draft's
 q is zero outside the subset, which the acceptance rule handles).
 
-    >>> draft = build_feature_draft(teacher)                              # doctest: +SKIP
-    >>> f, logits = draft(features, input_ids)                            # doctest: +SKIP
+    >>> fast = build_feature_draft(teacher)              # one layer, copied from the teacher's last
+    >>> f = teacher_features(teacher, input_ids)         # (1, T, H): what the teacher's head reads
+    >>> pred, logits = fast(f[:, :-1], input_ids[:, 1:])  # position i reads (f[i-1], x[i])
+    >>> tuple(pred.shape) == tuple(f[:, 1:].shape), logits.shape[-1] == teacher.config.vocab_size
+    (True, True)
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Speculative decoding, readable top to bottom (notebook 05).
 
-    >>> out, stats = speculative_generate(teacher, draft, input_ids, gamma=4)   # doctest: +SKIP
-    >>> stats.tokens_per_target_call                                             # doctest: +SKIP
-    3.1
+    >>> out, stats = speculative_generate(teacher, draft, input_ids, gamma=4, max_new_tokens=16, eos_token_id=-1)
+    >>> out.shape[1] - input_ids.shape[1], stats.new_tokens, stats.rounds <= 16 < stats.rounds * 5
+    (16, 16, True)
 
 One round (Leviathan et al. 2023; Chen et al. 2023):
 
