@@ -361,7 +361,8 @@ head turns into a distribution. Load it with `qdlib.load_draft("fast")`; decode 
 transformers' `assistant_model` (generate() does not pass the teacher's hidden states to an assistant).
 
 ## Training
-- {m['steps']} steps of {cfg['batch_rows']} x {cfg['seq_len']} tokens ({m['steps'] * cfg['batch_rows'] * cfg['seq_len'] / 1e6:.1f}M
+- {m['steps']} steps (of {cfg['steps']} planned: the best checkpoint so far, its learning rate not yet decayed)
+  of {cfg['batch_rows']} x {cfg['seq_len']} tokens ({m['steps'] * cfg['batch_rows'] * cfg['seq_len'] / 1e6:.1f}M
   token positions), {m['train_time_s'] / 60:.0f} min of training on the CPU (the machine was shared with other work).
 - Data: windows of the teacher's own training mix (source weights {cfg['source_weights']}, at most
   {cfg['max_tokens_per_source']} tokens per source) and, for {cfg['generated_share']:.0%} of rows, the teacher's
@@ -385,5 +386,5 @@ true feature (its first proposal of a round); depth 2: it reads its own predicte
 - Step cost c (one draft step over one teacher step, micro-benchmark): {m['c']:.3f}.
 - Tuned gamma {m['gamma']} (fastest on 6 validation prompts; tokens/s by gamma: {speeds}).
 - Speed-ups over the teacher's `generate` and over `generate_plain` are measured by `qd bench`
-  (`outputs/bench_reference/report.md`).
+  (`outputs/bench_fast/report.md`: this draft beside the reference draft, on unfamiliar and standard-library code).
 """

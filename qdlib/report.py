@@ -42,6 +42,15 @@ def _fmt(v, digits=2):
     return str(v)
 
 
+def _vs_plain(row: dict, rows: list[dict]) -> str:
+    """The row's speed-up over generate_plain (the same engine without a draft), from the row or, in reports written
+    before it was stored, from the plain loop's row of the same table; "-" where the table has no plain loop."""
+    if "speedup_vs_plain" in row:
+        return f"{row['speedup_vs_plain']:.2f}x"
+    plain = next((r for r in rows if r["method"] == "teacher_plain"), None)
+    return f"{row['tokens_per_s'] / plain['tokens_per_s']:.2f}x" if plain else "-"
+
+
 def report_markdown(report: dict) -> str:
     """The report as Markdown tables (one per prompt kind and mode), with costs and the sweep."""
     env = report["environment"]
@@ -65,7 +74,7 @@ def report_markdown(report: dict) -> str:
             for r in rows:
                 cc = c["c"].get(DRAFT_OF.get(r["method"]))
                 ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "(sampled)"
-                vs_plain = f"{r['speedup_vs_plain']:.2f}x" if "speedup_vs_plain" in r else "-"
+                vs_plain = _vs_plain(r, rows)
                 lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {vs_plain} "
                              f"| {_fmt(r.get('acceptance'))} | {_fmt(r['tokens_per_target_call'])} | {_fmt(cc)} | {ident} |")
             a = report["alpha"].get(kind)

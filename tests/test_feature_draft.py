@@ -146,6 +146,7 @@ def test_feature_drafter_holds_the_teachers_features_of_exactly_the_verified_pre
     assert torch.equal(out, generate_plain(target, ids, max_new_tokens=25, eos_token_id=-1)[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("vocab", [None, 8])
 def test_sampling_with_feature_draft_matches_the_target_distribution(vocab):
     """Joint distribution of 2 sampled tokens equals the target's exact one (chi-square), for the full and a trimmed
@@ -198,3 +199,90 @@ def test_accept_round_sampling_keeps_the_target_distribution():
         counts[x if k == 1 else nxt] += 1
     assert 0.5 * (counts / n - p).abs().sum() < 0.012
     assert 0.5 * (counts / n - q).abs().sum() > 0.2  # and it is not the draft's
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def small_config(**kw):
+    from qdlib.feature_train import FeatureTrainConfig
+
+    base = dict(steps=6, batch_rows=2, seq_len=32, lr=3e-3, warmup_steps=2, generated=2, prompt_tokens=8,
+                eval_every=3, eval_prompts=2, ckpt_every=2, max_files=3, max_tokens_per_source=20_000,
+                source_weights={"stdlib": 1.0})
+    return FeatureTrainConfig(**{**base, **kw})
+
+
+def test_train_config_refuses_bad_values():
+    with pytest.raises(ValueError, match=r"source_weights=\{'numpy': 1.0\}"):
+        small_config(source_weights={"numpy": 1.0})
+    with pytest.raises(ValueError, match="steps=0 must be an integer >= 1"):
+        small_config(steps=0)
+
+
+@pytest.mark.slow
+def test_training_learns_resumes_bitwise_and_keeps_the_best(tiny, tmp_path):
+    from qdlib.feature_train import train_feature_draft
+
+    teacher, tok = tiny
+    run = train_feature_draft(small_config(), tmp_path / "a", teacher, tok, log=lambda s: None)
+    rows = [__import__("json").loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["kl1"] < rows[0]["kl1"]  # it learns
+    best = __import__("json").loads((run / "best" / "eval.json").read_text())
+    evals = [__import__("json").loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert best["validation_agreement"] == max((e["depth1"] + e["depth2"]) / 2 for e in evals)
+    # interrupted at the step-3 evaluation (last.pt is from step 2), then resumed: the same weights as the
+    # uninterrupted run
+    b = tmp_path / "b"
+    raised = []
+
+    def ctrl_c_once(msg):  # Ctrl-C while the step-3 evaluation is being reported
+        if msg.startswith("step 3:") and not raised:
+            raised.append(msg)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_feature_draft(small_config(), b, teacher, tok, log=ctrl_c_once)
+    assert torch.load(b / "last.pt", weights_only=True)["step"] == 2
+    train_feature_draft(small_config(), b, teacher, tok, log=lambda s: None)
+    sa = torch.load(run / "last.pt", weights_only=True)["draft"]
+    sb = torch.load(b / "last.pt", weights_only=True)["draft"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    with pytest.raises(ValueError, match="started with other settings"):
+        train_feature_draft(small_config(lr=1e-4), b, teacher, tok, log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- the committed fast draft
+
+
+def test_committed_fast_draft_loads_and_decodes_losslessly(tiny):
+    from qdlib import load_draft
+    from qdlib.corpus import heldout_prompts, heldout_texts
+
+    teacher, tok = tiny
+    fast = load_draft("fast")
+    assert isinstance(fast, FeatureDraft) and fast.config.gamma >= 1 and not fast.training
+    for p in heldout_prompts(tok, heldout_texts(), n_prompts=2, prompt_tokens=48, seed=3):
+        ids = torch.tensor([p])
+        out, stats = speculative_generate(teacher, fast, ids, max_new_tokens=24)  # its own tuned gamma
+        assert torch.equal(out, generate_plain(teacher, ids, max_new_tokens=24)[0])
+        assert len(stats.proposed_at) == fast.config.gamma and stats.accepted > 0
+
+
+@pytest.mark.slow
+def test_committed_fast_draft_card_matches_its_weights(tiny):
+    """The card's test agreement is recomputed from the shipped weights."""
+    import json
+
+    from qdlib import load_draft, paths
+    from qdlib.corpus import heldout_texts
+    from qdlib.distill_data import heldout_eval_set
+    from qdlib.feature_train import EVAL_SEED_TEST, feature_agreement
+
+    teacher, tok = tiny
+    card = json.loads((paths.FAST_DRAFT_DIR / "metrics.json").read_text())
+    es = heldout_eval_set(teacher, tok, heldout_texts(), n_prompts=50, seed=EVAL_SEED_TEST)
+    got = feature_agreement(teacher, load_draft("fast"), es)
+    assert got["positions"] == card["agreement"]["stdlib_test"]["positions"]
+    assert got["depth1"] == pytest.approx(card["agreement"]["stdlib_test"]["depth1"], abs=0.005)
