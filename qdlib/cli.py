@@ -337,8 +337,13 @@ def cmd_bench(args) -> int:
         raise ConfigError(f"--model {args.model}: the reference draft belongs to the bundled teacher; pass --draft "
                           f"with a draft distilled from this teacher (`qd distill --config qwen3 --export <folder>`)")
     draft = load_draft(args.draft, device=resolve_device(args.device))  # before the teacher: fails faster
+    # the course's fast draft rides along for the bundled teacher (its "fast" rows); other teachers have none
+    fast = None
+    if "fast" in cfg.method_names and args.draft is None and (args.model is None or is_bundled(args.model)) \
+            and (paths.FAST_DRAFT_DIR / "config.json").is_file():
+        fast = load_draft("fast", device=resolve_device(args.device))
     teacher, tok = _load_teacher(args)
-    report = run_bench(teacher, tok, draft, cfg, progress=not args.quiet)
+    report = run_bench(teacher, tok, draft, cfg, progress=not args.quiet, fast_draft=fast)
     out = Path(args.out) if args.out else paths.runs_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
     write_report(report, out)
     print(report_markdown(report))
@@ -478,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="measure every decoding method side by side (report, tables, plots)")
     _common(be)
     _opt(be, "--draft", default=None, help="draft folder; default: the reference draft (outputs/reference_draft)")
-    _opt(be, "--prompts", type=at_least_1, default=8, help="prompts per kind (held-out code, knowledge paraphrases)")
+    _opt(be, "--prompts", type=at_least_1, default=8, help="prompts per kind")
     _opt(be, "--new-tokens", type=at_least_1, default=64, help="tokens generated per prompt (default 64)")
     _opt(be, "--gamma", type=at_least_1, default=4, help="draft tokens proposed per round (default 4)")
     _opt(be, "--repeats", type=at_least_1, default=3, help="timed repeats per method; the median is reported (default 3)")
@@ -486,8 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(be, "--gammas", type=at_least_1, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="the gamma sweep")
     _opt(be, "--sweep-prompts", type=at_least_0, default=4, help="code prompts for the sweep; 0 skips it")
     _opt(be, "--methods", nargs="+", default=None, help="a subset of the methods (see qdlib.bench.METHODS)")
-    _opt(be, "--kinds", nargs="+", default=["code", "paraphrase"], choices=["code", "paraphrase"],
-         help="prompt kinds (default: both)")
+    _opt(be, "--kinds", nargs="+", default=["code", "unfamiliar", "paraphrase"],
+         choices=["code", "unfamiliar", "paraphrase"],
+         help="prompt kinds: held-out standard-library code, unfamiliar third-party code, knowledge paraphrases "
+              "(default: all three)")
     _opt(be, "--out", default=None, help="report folder; default: outputs/runs/bench/<time>")
     _opt(be, "--quiet", action="store_true", help="no progress bar")
     be.set_defaults(func=cmd_bench)

@@ -156,3 +156,11 @@ def test_the_report_names_the_trained_draft_behind_it(tiny, tmp_path):
     report = load_report(paths.REPO_DIR / "outputs" / "bench_reference")
     report["draft"]["card"] = draft_card(loaded)
     assert report_markdown(report).splitlines()[0].endswith("(7 training steps, test agreement 0.500)")
+
+
+def test_cli_bench_offers_every_prompt_kind_by_default():
+    from qdlib.bench import KINDS
+    from qdlib.cli import build_parser
+
+    args = build_parser().parse_args(["bench"])
+    assert tuple(args.kinds) == KINDS and "unfamiliar" in KINDS
