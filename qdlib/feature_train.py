@@ -34,16 +34,17 @@ import torch
 import torch.nn.functional as F
 
 from . import paths
+from .corpus import heldout_prompts, heldout_texts, random_prompts
 from .distill_data import EvalSet, continue_greedy, heldout_eval_set, training_stream
 from .errors import ConfigError
 from .feature_draft import FeatureDraft, build_feature_draft, load_feature_draft, save_feature_draft, teacher_features
+from .hardware import cpu_supports_bf16
 from .heldout_code import heldout_code_prompts
 from .io import append_jsonl, torch_load_safe, torch_save_atomic, write_json_atomic
-from .corpus import heldout_prompts, heldout_texts, random_prompts
-from .hardware import cpu_supports_bf16
 from .models import load_teacher
 from .speculative import speculative_generate
 from .timing import feature_step_time, step_time
+from .training import adamw, config_changes
 
 EVAL_SEED_VALIDATION = 1  # the same split of roles as the trainer: seed 1 selects, seed 0 reports
 EVAL_SEED_TEST = 0
@@ -215,8 +216,9 @@ def _resume(run_dir: Path, cfg: FeatureTrainConfig, draft, opt, log) -> _RunStat
     last = run_dir / "last.pt"
     if last.exists():
         ck = torch_load_safe(last)
-        saved = ck["config"]
-        changed = {k for k in saved if k not in ("steps", "eval_every", "ckpt_every") and saved[k] != dataclasses.asdict(cfg).get(k)}
+        defaults = {k: v for k, v in dataclasses.asdict(FeatureTrainConfig()).items() if not isinstance(v, dict)}
+        changed = config_changes(ck["config"], dataclasses.asdict(cfg), defaults,  # source_weights: compared whole
+                                 may_change=("steps", "eval_every", "ckpt_every"))
         if changed:
             raise ConfigError(f"{run_dir} was started with other settings ({', '.join(sorted(changed))}); "
                              f"use another run folder or the same settings")
@@ -242,7 +244,7 @@ def train_feature_draft(cfg: FeatureTrainConfig, run_dir: str | os.PathLike | No
     data = prepare_data(teacher, tokenizer, cfg, run_dir, log)
     val = heldout_eval_set(teacher, tokenizer, heldout_texts(), n_prompts=cfg.eval_prompts, seed=EVAL_SEED_VALIDATION)
     draft = build_feature_draft(teacher, cfg.num_layers).float().train()
-    opt = torch.optim.AdamW(draft.trainable_parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    opt = adamw(draft.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     st = _resume(run_dir, cfg, draft, opt, log)
     try:
         while st.step < cfg.steps:
