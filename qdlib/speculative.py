@@ -216,7 +216,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
         raise ValueError(f"confidence_threshold={confidence_threshold} must be in [0, 1]")
     s = Settings(temperature, top_k, top_p, generator)
     drafter = as_drafter(draft, s, confidence_threshold=confidence_threshold, vocab_size=target.config.vocab_size,
-                         max_len=getattr(target.config, "max_position_embeddings", None))
+                         max_len=input_ids.shape[1] + max_new_tokens + gamma + 1)  # the most a round can hold
     calls_before = drafter.calls
     eos = _eos_set(target, eos_token_id)
     stats = SpecStats(proposed_at=[0] * gamma, accepted_at=[0] * gamma)
