@@ -75,6 +75,7 @@ class FeatureTrainConfig:
     seed: int = 0
     bf16: bool | None = None
     max_files: int | None = None  # tests: only the first files of each source
+    init_from: str | None = None  # a feature-draft folder to continue from (see :func:`grow_from`)
 
     def __post_init__(self):
         bad = {k: v for k, v in self.source_weights.items() if k not in ("stdlib", "torch", "transformers") or v < 0}
@@ -194,6 +195,25 @@ def feature_agreement(teacher, draft: FeatureDraft, es: EvalSet, chunk: int = 8)
 # ---------------------------------------------------------------------------------------------- training
 
 
+def grow_from(draft: FeatureDraft, trained: FeatureDraft) -> FeatureDraft:
+    """Start ``draft`` from a ``trained`` draft with as many or fewer layers, computing the same function.
+
+    Shared weights are copied; each extra layer keeps its teacher initialisation but has its two output
+    projections (attention ``o_proj``, MLP ``down_proj``) zeroed, so it adds nothing to the residual stream
+    until training opens it (zero-initialised like a LoRA ``B`` or a Flamingo gate).
+    """
+    n_old, n_new = len(trained.layers), len(draft.layers)
+    if n_old > n_new or trained.head.out_features != draft.head.out_features:
+        raise ConfigError(f"cannot grow a {n_old}-layer draft with a {trained.head.out_features}-row head into "
+                          f"a {n_new}-layer draft with a {draft.head.out_features}-row head")
+    with torch.no_grad():
+        draft.load_state_dict(trained.state_dict(), strict=False)
+        for layer in draft.layers[n_old:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return draft
+
+
 def _lr(cfg: FeatureTrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -244,6 +264,8 @@ def train_feature_draft(cfg: FeatureTrainConfig, run_dir: str | os.PathLike | No
     data = prepare_data(teacher, tokenizer, cfg, run_dir, log)
     val = heldout_eval_set(teacher, tokenizer, heldout_texts(), n_prompts=cfg.eval_prompts, seed=EVAL_SEED_VALIDATION)
     draft = build_feature_draft(teacher, cfg.num_layers).float().train()
+    if cfg.init_from:
+        grow_from(draft, load_feature_draft(cfg.init_from))
     opt = adamw(draft.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     st = _resume(run_dir, cfg, draft, opt, log)
     try:
@@ -331,12 +353,25 @@ def export_fast_draft(run_dir: str | os.PathLike, out_dir: str | os.PathLike, te
     c = feature_step_time(draft) / step_time(teacher)
     metrics = {"agreement": agreement, "c": c, "gamma": draft.config.gamma, "gamma_speeds_validation": speeds,
                "steps": info["step"], "validation_agreement": info["validation_agreement"],
-               "train_time_s": info["train_time_s"], "config": cfg, "num_layers": draft.config.num_layers}
+               "train_time_s": info["train_time_s"], "config": cfg, "num_layers": draft.config.num_layers,
+               "init": _init_summary(cfg.get("init_from"))}
     card = _fast_card(metrics)
     save_feature_draft(draft, out_dir, extra={"metrics.json": metrics})
     (out_dir / "README.md").write_text(card, encoding="utf-8")  # the folder is complete; the card is regenerable
     log(card)
     return out_dir
+
+
+def _init_summary(init_from: str | None) -> dict | None:
+    """What a continued run started from, read from that draft's own card figures."""
+    if not init_from:
+        return None
+    m = json.loads((Path(init_from) / "metrics.json").read_text())
+    prev = m.get("init") or {"steps": 0, "positions": 0, "train_time_s": 0.0}
+    c = m["config"]
+    return {"num_layers": m["num_layers"], "steps": prev["steps"] + m["steps"],
+            "positions": prev["positions"] + m["steps"] * c["batch_rows"] * c["seq_len"],
+            "train_time_s": prev["train_time_s"] + m["train_time_s"]}
 
 
 def unfamiliar_eval_set(teacher, tokenizer, n_prompts: int = 48, new_tokens: int = 64) -> EvalSet:
@@ -349,23 +384,34 @@ def unfamiliar_eval_set(teacher, tokenizer, n_prompts: int = 48, new_tokens: int
 
 
 def _fast_card(m: dict) -> str:
-    a, cfg = m["agreement"], m["config"]
+    a, cfg, init = m["agreement"], m["config"], m.get("init")
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v['depth1']:.3f} | {v['depth2']:.3f} | {v['positions']} |"
                      for k, v in a.items())
     speeds = ", ".join(f"{g}: {s:.1f}" for g, s in m["gamma_speeds_validation"].items())
-    return f"""# The fast draft (feature-fed, {m['num_layers']} decoder layer)
+    n = m["num_layers"]
+    layers = f"{n} decoder layer" + ("s" if n > 1 else "")
+    positions = m["steps"] * cfg["batch_rows"] * cfg["seq_len"]
+    planned = "" if m["steps"] == cfg["steps"] else f" (of {cfg['steps']} planned: the best checkpoint)"
+    start = "initialised from the teacher's last layers"
+    grown = ""
+    if init:
+        start = "grown from an earlier trained draft"
+        grown = (f"- Continued from an earlier {init['num_layers']}-layer fast draft ({init['steps']} steps, "
+                 f"{init['positions'] / 1e6:.1f}M token positions, {init['train_time_s'] / 60:.0f} min), grown to {n} "
+                 f"layers by layers whose output projections start at zero (`feature_train.grow_from`): the grown "
+                 f"draft starts as exactly the earlier one.\n")
+    return f"""# The fast draft (feature-fed, {layers})
 
 A draft that reads the teacher (EAGLE, Li et al. 2024): at each position it takes the teacher's last hidden
-state before the token and the token's embedding, runs them through {m['num_layers']} Qwen3 decoder layer
-(initialised from the teacher's last layer) and predicts the teacher's next hidden state, which the teacher's own
+state before the token and the token's embedding, runs them through {layers}
+({start}) and predicts the teacher's next hidden state, which the teacher's own
 head turns into a distribution. Load it with `qdlib.load_draft("fast")`; decode with
 `qdlib.speculative_generate(teacher, draft, input_ids)` (it carries its tuned gamma). It cannot serve as
 transformers' `assistant_model` (generate() does not pass the teacher's hidden states to an assistant).
 
 ## Training
-- {m['steps']} steps (of {cfg['steps']} planned: the best checkpoint so far, its learning rate not yet decayed)
-  of {cfg['batch_rows']} x {cfg['seq_len']} tokens ({m['steps'] * cfg['batch_rows'] * cfg['seq_len'] / 1e6:.1f}M
-  token positions), {m['train_time_s'] / 60:.0f} min of training on the CPU (the machine was shared with other work).
+{grown}- {m['steps']} steps{planned} of {cfg['batch_rows']} x {cfg['seq_len']} tokens ({positions / 1e6:.1f}M
+  token positions), {m['train_time_s'] / 60:.0f} min of training on a 2-core CPU.
 - Data: windows of the teacher's own training mix (source weights {cfg['source_weights']}, at most
   {cfg['max_tokens_per_source']} tokens per source) and, for {cfg['generated_share']:.0%} of rows, the teacher's
   greedy continuations of {cfg['generated']} training prompts. No held-out standard-library file and no third-party

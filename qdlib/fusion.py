@@ -105,8 +105,7 @@ class KnowledgeCrossAttention(nn.Module):
         v = memory.values.expand(B, -1, -1, -1)  # (B, H, M, hd)
         if return_weights:
             scores = q @ k.transpose(-1, -2) / self.head_dim**0.5  # (B, H, T, M)
-            scores = scores.masked_fill(~memory.mask, float("-inf"))
-            weights = scores.softmax(-1)  # (B, H, T, M)
+            weights = masked_softmax(scores, memory.mask)  # (B, H, T, M)
             out = weights @ v  # (B, H, T, hd)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=memory.mask)  # (B, H, T, hd)
@@ -130,4 +129,18 @@ class GatedFusion(nn.Module):
         self.gate = nn.Parameter(torch.zeros(hidden_size if gate == "channel" else 1))
 
     def forward(self, h: torch.Tensor, memory: Memory) -> torch.Tensor:
-        return h + torch.tanh(self.gate).to(h.dtype) * self.attn(self.norm(h), memory)  # (B, T, D)
+        return gated_residual(h, self.attn(self.norm(h), memory), self.gate)  # (B, T, D)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis where ``mask`` is True; masked entries get weight exactly 0.
+
+    >>> masked_softmax(torch.tensor([1.0, 5.0, 1.0]), torch.tensor([True, False, True])).tolist()
+    [0.5, 0.0, 0.5]
+    """
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def gated_residual(h: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``h + tanh(gate) * update``: exactly ``h`` while the gate is 0 (notebook 03)."""
+    return h + torch.tanh(gate).to(h.dtype) * update

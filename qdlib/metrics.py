@@ -170,6 +170,15 @@ def expected_speedup(alpha: float, gamma: int, c: float, verify_cost: float = 1.
     return expected_tokens_per_call(alpha, gamma) / (gamma * c + verify_cost)
 
 
+def best_gamma(alpha: float, c: float, verify_cost: float = 1.0, max_gamma: int = 16) -> int:
+    """The draft length in 1..``max_gamma`` with the highest :func:`expected_speedup` (notebook 05).
+
+    >>> best_gamma(0.8, 0.1), best_gamma(0.5, 0.5)
+    (6, 1)
+    """
+    return max(range(1, max_gamma + 1), key=lambda g: expected_speedup(alpha, g, c, verify_cost))
+
+
 def running_mean(values: Sequence[float], k: int) -> list[float]:
     """Mean of each value and the ``k`` before it (fewer at the start), for smoothing loss curves.
 

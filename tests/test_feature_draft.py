@@ -213,6 +213,22 @@ def small_config(**kw):
     return FeatureTrainConfig(**{**base, **kw})
 
 
+def test_grown_draft_computes_the_same_function_then_trains_its_new_layer():
+    from qdlib.feature_train import grow_from
+
+    target = tiny_qwen3(layers=4, seed=5)
+    small = build_feature_draft(target, 1)
+    torch.nn.init.normal_(small.fc.weight, std=0.1)  # a "trained" draft: not the pass-through it starts as
+    big = grow_from(build_feature_draft(target, 3), small)
+    f, ids = torch.randn(2, 7, 64), torch.randint(0, 256, (2, 7))
+    for a, b in zip(small(f, ids), big(f, ids)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    big(f, ids)[1].logsumexp(-1).sum().backward()  # the zeroed projections still receive gradient
+    assert big.layers[2].mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot grow a 3-layer draft"):
+        grow_from(build_feature_draft(target, 1), big)
+
+
 def test_train_config_refuses_bad_values():
     with pytest.raises(ValueError, match=r"source_weights=\{'numpy': 1.0\}"):
         small_config(source_weights={"numpy": 1.0})

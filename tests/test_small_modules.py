@@ -88,7 +88,18 @@ def test_exercise_check_messages(capsys):
     assert not check("ex", todo, expected=1)
     assert "not attempted" in capsys.readouterr().out
     assert not check("ex", lambda: 2, expected=1)
-    assert "expected 1, got 2" in capsys.readouterr().out
+    assert "too large" in capsys.readouterr().out
+    # a wrong answer never shows the expected value, whatever its type
+    secret = 0.123456
+    for got, expected, words in ((0.5, secret, "too large"), ("x", secret, "a str where a number"),
+                                 ([secret], [secret, 7], "1 items, it should have 2"),
+                                 ((1, 2, secret), (1, 2, 0.0), "differs at position 2"),
+                                 (torch.zeros(2, 3), torch.full((2, 3), secret), "6 of 6 entries are wrong"),
+                                 (torch.zeros(3), torch.full((2, 3), secret), "shape (3,)"),
+                                 ({"a": 1}, {"a": secret}, "differ at keys ['a']"), ({"b": 1}, {"a": 1}, "other keys")):
+        assert not check("ex", lambda: got, expected=expected)
+        out = capsys.readouterr().out
+        assert words in out and "0.123" not in out and "7" not in out, out
     assert not check("ex", lambda: None, expected=1)
     assert "returned None" in capsys.readouterr().out
     assert not check("ex", lambda: 1 / 0, expected=1)
