@@ -307,6 +307,43 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_train_fast(args) -> int:
+    from . import paths
+    from .feature_train import FeatureTrainConfig, export_fast_draft, train_feature_draft
+
+    _quiet_hf()
+    args.run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "fast_draft"
+    if args.export:
+        if not (args.run_dir / "best" / "config.json").is_file():
+            raise MissingFileError(f"{args.run_dir} holds no trained fast draft (no best/); run `qd train-fast` first")
+        out = Path(args.out_dir) if args.out_dir else args.run_dir / "export"
+        export_fast_draft(args.run_dir, out)
+        print(f"fast draft written to {out}; load it with qdlib.load_draft({str(out)!r})")
+        return 0
+    cfg = FeatureTrainConfig(num_layers=args.layers, steps=args.steps, lr=args.lr, init_from=args.init_from,
+                             max_files=args.max_files)
+    train_feature_draft(cfg, args.run_dir, log=lambda s: print(s, flush=True))
+    print(f"best draft in {args.run_dir / 'best'}; `qd train-fast --export` measures it and writes its card")
+    return 0
+
+
+def cmd_export_draft(args) -> int:
+    from transformers import AutoTokenizer
+
+    from . import paths
+    from .draft import export_qwen3, load_draft
+
+    _quiet_hf()
+    draft = load_draft(args.draft)
+    if not hasattr(draft, "fusion"):
+        raise ConfigError(f"{args.draft} is a feature-fed draft: it reads the teacher's hidden states, which no "
+                          f"plain Qwen3 does; only layer-sampled drafts export to Qwen3")
+    tok = AutoTokenizer.from_pretrained(paths.TEACHER_DIR if args.tokenizer is None else args.tokenizer)
+    out = export_qwen3(draft, args.out, tokenizer=tok)
+    print(f"plain Qwen3 draft written to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
+    return 0
+
+
 def cmd_student(args) -> int:
     from .student import write_student_copies
 
@@ -393,8 +430,18 @@ def _kept_by_train_teacher(args) -> str:
     return "no checkpoint was written yet; rerun the same command to start"
 
 
+def _kept_by_train_fast(args) -> str:
+    if args.export:
+        return "nothing was written (the export replaces its folder only when complete)"
+    if (Path(args.run_dir) / "last.pt").exists():
+        return f"the last checkpoint {Path(args.run_dir) / 'last.pt'} is kept; rerun the same command to resume from it"
+    return "no checkpoint was written yet; rerun the same command to start"
+
+
 KEPT_ON_INTERRUPT = {
     "train-teacher": _kept_by_train_teacher,
+    "train-fast": _kept_by_train_fast,
+    "export-draft": lambda args: "nothing was written (the folder is replaced only when complete)",
     "distill": _kept_by_distill,
     "build-cache": lambda args: "no cache was written (it is saved whole at the end)",
     "bench": lambda args: "no report was written (it is written at the end); rerun the same command to measure",
@@ -416,6 +463,28 @@ def _opt(parser, *names, **kwargs):
 def _common(parser, *, device: str = "cpu (default), cuda, cuda:N, mps or auto (cuda, then mps, then cpu)"):
     _opt(parser, "--model", default=None, help="teacher: 'tiny' (bundled), a hub id or a folder; default: $QD_MODEL or tiny")
     _opt(parser, "--device", type=_device, default=None, help=device)
+
+
+def _add_fast_draft_commands(sub) -> None:
+    """``train-fast`` and ``export-draft``: the drafts beyond the seed's design."""
+    at_least_1 = _int_at_least(1)
+    f = sub.add_parser("train-fast", help="train the fast draft, a draft that reads the teacher (resumable), or export it")
+    _opt(f, "--steps", type=at_least_1, default=3000, help="optimizer steps of 16 x 256 tokens (default 3000)")
+    _opt(f, "--layers", type=at_least_1, default=1, help="decoder layers of the draft (default 1)")
+    _opt(f, "--lr", type=_number_at_least(0.0), default=1e-3, help="peak learning rate (default 1e-3)")
+    _opt(f, "--init-from", default=None, help="a fast-draft folder to continue from (more layers allowed: grown)")
+    _opt(f, "--max-files", type=at_least_1, default=None, help="only the first N files of each source (quick trials)")
+    _opt(f, "--run-dir", default=None, help="default: outputs/runs/fast_draft")
+    _opt(f, "--export", action="store_true", help="measure the run's best draft and write it with its card")
+    _opt(f, "--out-dir", default=None, help="export target; default: <run-dir>/export")
+    f.set_defaults(func=cmd_train_fast)
+
+    x = sub.add_parser("export-draft", help="write a layer-sampled draft as a plain Qwen3 model (serving engines)")
+    _opt(x, "draft", help="the draft folder, e.g. outputs/ablation_no_knowledge (a draft without a knowledge path)")
+    _opt(x, "--out", required=True, help="the folder to write (replaced only when complete)")
+    _opt(x, "--format", choices=("qwen3",), default="qwen3", help="qwen3: Qwen3ForCausalLM with its tokenizer (the only format)")
+    _opt(x, "--tokenizer", default=None, help="tokenizer folder or hub id to copy beside it; default: the bundled teacher's")
+    x.set_defaults(func=cmd_export_draft)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -440,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(t, "--no-compile", action="store_true", help="skip torch.compile")
     _opt(t, "--ul-steps", type=at_least_0, default=None, help="unlikelihood polish steps after the main run (default 100)")
     t.set_defaults(func=cmd_train_teacher)
+
+    _add_fast_draft_commands(sub)
 
     c = sub.add_parser("compare-layers", help="compare untrained drafts from each layer-sampling strategy")
     _common(c)

@@ -101,3 +101,18 @@ def fusion_macs(hidden_size: int, cache_dim: int, memory_slots: int) -> int:
     The cache's key/value projections are paid once per attached cache, not per token.
     """
     return 2 * hidden_size * cache_dim + 2 * cache_dim * memory_slots
+
+
+def feature_draft_cost_ratio(cfg, k: int = 1, vocab: int | None = None) -> float:
+    """Cost ratio c of a feature-fed draft (notebook 07) by multiply-adds per token: its ``fc`` (2H -> H),
+    ``k`` decoder layers and the head over ``vocab`` tokens (all of them by default), over the full model.
+
+    >>> from transformers import Qwen3Config
+    >>> q = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+    ...                 num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    >>> round(feature_draft_cost_ratio(q, 1), 3), round(feature_draft_cost_ratio(q, 1, vocab=32_000), 3)
+    (0.291, 0.085)
+    """
+    full = cfg.num_hidden_layers * layer_macs(cfg) + head_macs(cfg)
+    fc = 2 * cfg.hidden_size * cfg.hidden_size
+    return (fc + k * layer_macs(cfg) + cfg.hidden_size * (vocab if vocab is not None else cfg.vocab_size)) / full

@@ -45,6 +45,7 @@ from . import paths
 from .errors import ConfigError, QdError
 from .feature_draft import is_feature_draft_folder, load_feature_draft
 from .fusion import GATES, GatedFusion, Memory, RMSNorm
+from .io import atomic_dir, write_json_atomic
 from .knowledge import load_knowledge_cache, teacher_fingerprint
 from .models import default_teacher_name, is_bundled, quiet_loading, resolve_device, resolve_dtype
 from .schema import Boolean, Choice, Integer, IntList, OrNull, field_problems, raise_problems, setting, unknown_key_problems
@@ -447,3 +448,37 @@ def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torc
     if (folder / "knowledge_cache").is_dir() and draft.config.knowledge_enhancement.get("enabled"):
         draft.set_knowledge(load_knowledge_cache(folder / "knowledge_cache"))
     return draft
+
+
+QD_ONLY_KEYS = ("kept_layers", "teacher_num_layers", "teacher_name_or_path", "teacher_fingerprint",
+                "knowledge_enhancement", "architectures", "model_type", "auto_map", "transformers_version")
+
+
+def export_qwen3(draft: DraftForCausalLM, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write ``draft`` as a plain ``Qwen3ForCausalLM`` folder that any Qwen3 runtime loads (transformers' Auto
+    classes, and serving engines such as vLLM or SGLang as a draft model), with ``tokenizer`` beside it.
+
+    Only a draft without a knowledge path is a plain Qwen3 (its fusion blocks have no Qwen3 equivalent); the
+    export refuses one with fusion blocks rather than silently dropping them. Where the draft came from
+    (kept layers, teacher fingerprint) is kept in ``qd_provenance.json``. The folder is written atomically.
+    """
+    from transformers import Qwen3ForCausalLM
+
+    if len(draft.fusion):
+        raise ConfigError(f"this draft has {len(draft.fusion)} knowledge-fusion block(s), which a plain Qwen3 cannot "
+                          f"hold; export a draft distilled without knowledge (qd distill --no-knowledge), such as "
+                          f"{paths.DRAFT_NOKNOW_DIR.name}")
+    cfg = {k: v for k, v in draft.config.to_dict().items() if k not in QD_ONLY_KEYS}
+    qwen = Qwen3ForCausalLM(Qwen3Config(**cfg)).to(draft.dtype)
+    missing, unexpected = qwen.load_state_dict(draft.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not qwen.config.tie_word_embeddings]
+    if missing or unexpected:  # pragma: no cover - the two layouts agree by construction; say so if they drift
+        raise QdError(f"the draft's weights do not map onto Qwen3 (missing {missing}, unexpected {unexpected})")
+    qwen.tie_weights()
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        qwen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "qd_provenance.json", {k: draft.config.to_dict().get(k) for k in QD_ONLY_KEYS[:4]})
+    return out

@@ -115,3 +115,31 @@ def describe_difference(got: Any, expected: Any) -> str:
     if type(got) is not type(expected):
         return f"you returned a {type(got).__name__} where a {type(expected).__name__} is wanted"
     return "that is not the answer"
+
+
+def check_that(name: str, fn: Callable, *args, rules, hint: str = "", **kwargs) -> bool:
+    """Call ``fn(*args, **kwargs)`` and test the answer against ``rules``, ``(predicate, what is wrong)`` pairs:
+    for an exercise whose answer is judged by what it must satisfy rather than compared with one value.
+
+    >>> rules = [(lambda x: x > 0, "it must be positive"), (lambda x: x * x < 10, "its square must stay below 10")]
+    >>> check_that("exercise 2", lambda: 5, rules=rules)
+    exercise 2: not quite - its square must stay below 10.
+    False
+    >>> check_that("exercise 2", lambda: 3, rules=rules)
+    exercise 2: correct!
+    True
+    """
+    try:
+        got = fn(*args, **kwargs)
+    except NotImplementedError:
+        return _verdict(False, f"{name}: not attempted yet - replace `raise NotImplementedError()` with your code.")
+    except Exception as exc:
+        return _verdict(False, f"{name}: your code raised {type(exc).__name__}: {exc}")
+    for ok, words in rules:
+        try:
+            passed = bool(ok(got))
+        except Exception as exc:  # the answer has the wrong kind for the rule
+            passed, words = False, f"{words} (checking it raised {type(exc).__name__}: {exc})"
+        if not passed:
+            return _verdict(False, f"{name}: not quite - {words}." + (f" Hint: {hint}" if hint else ""))
+    return _verdict(True, f"{name}: correct!")

@@ -164,8 +164,22 @@ def feature_loss(teacher, draft: FeatureDraft, ids: torch.Tensor, cfg: FeatureTr
         with torch.no_grad():
             stats[f"kl{depth + 1}"] = kl.item()
             stats[f"agreement{depth + 1}"] = (lq.argmax(-1) == lp.argmax(-1)).float().mean().item()
-        feats = torch.cat([f[:, :1], pred[:, :-1].float()], dim=1)  # next depth reads its own predictions
+        feats = own_features(f, pred.float())  # the next depth reads its own predictions
     return loss, stats
+
+
+def own_features(f: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """What the draft reads one depth further: its own predicted features instead of the teacher's.
+
+    ``f`` ``(B, T+1, H)`` are the teacher's features, ``pred`` ``(B, T, H)`` the draft's predictions from
+    ``f[:, :-1]`` (``pred[:, t]`` predicts ``f[:, t+1]``). The first position keeps the teacher's feature (a round
+    always starts from a verified one); every later position reads the draft's prediction for it.
+
+    >>> f, pred = torch.zeros(1, 4, 2), torch.ones(1, 3, 2)
+    >>> own_features(f, pred)[0, :, 0].tolist()
+    [0.0, 1.0, 1.0]
+    """
+    return torch.cat([f[:, :1], pred[:, :-1]], dim=1)
 
 
 @torch.no_grad()
@@ -185,8 +199,7 @@ def feature_agreement(teacher, draft: FeatureDraft, es: EvalSet, chunk: int = 8)
         tgt = x[:, 2:]  # (b, T-2)
         top = draft.vocab_ids[logits[:, :-1].argmax(-1)]
         hits["depth1"] += ((top == tgt) & m).sum().item()
-        feats2 = torch.cat([f[:, :1], pred[:, :-1]], dim=1)
-        _, logits2 = draft(feats2, x[:, 1:])
+        _, logits2 = draft(own_features(f, pred), x[:, 1:])
         hits["depth2"] += ((draft.vocab_ids[logits2[:, :-1].argmax(-1)] == tgt) & m).sum().item()
         n += m.sum().item()
     return {k: v / max(n, 1) for k, v in hits.items()} | {"positions": int(n)}

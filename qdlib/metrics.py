@@ -170,6 +170,22 @@ def expected_speedup(alpha: float, gamma: int, c: float, verify_cost: float = 1.
     return expected_tokens_per_call(alpha, gamma) / (gamma * c + verify_cost)
 
 
+def effective_alpha(tokens_per_call: float, gamma: int) -> float:
+    """The acceptance alpha at which :func:`expected_tokens_per_call` equals a measured ``tokens_per_call``
+    (a summary of a run's acceptance that the formula can use; 0 for 1 token per call, 1 for ``gamma + 1``).
+
+    >>> round(effective_alpha(expected_tokens_per_call(0.7, 4), 4), 6)
+    0.7
+    """
+    if not 1.0 <= tokens_per_call <= gamma + 1:
+        raise ValueError(f"tokens_per_call={tokens_per_call} must lie in [1, gamma + 1] = [1, {gamma + 1}]")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # expected_tokens_per_call grows with alpha: bisect
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expected_tokens_per_call(mid, gamma) < tokens_per_call else (lo, mid)
+    return (lo + hi) / 2
+
+
 def best_gamma(alpha: float, c: float, verify_cost: float = 1.0, max_gamma: int = 16) -> int:
     """The draft length in 1..``max_gamma`` with the highest :func:`expected_speedup` (notebook 05).
 

@@ -40,5 +40,6 @@ DRAFT_DIR = OUTPUTS_DIR / "reference_draft"  # the distilled reference draft
 DRAFT_NOKNOW_DIR = OUTPUTS_DIR / "ablation_no_knowledge"
 FAST_DRAFT_DIR = OUTPUTS_DIR / "fast_draft"  # the feature-fed fast draft (load_draft("fast"))
 BENCH_DIR = OUTPUTS_DIR / "bench_reference"  # the committed benchmark report
+BENCH_FAST_DIR = OUTPUTS_DIR / "bench_fast"  # the fast draft beside the reference draft (notebook 07)
 DATA_DIR = PACKAGE_DIR / "data"  # knowledge items, YAML configs
 CONFIGS_DIR = PACKAGE_DIR / "configs"

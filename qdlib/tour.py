@@ -6,7 +6,9 @@
 
 Six steps, one per notebook: load the teacher; sample its layers; load (or
 build) the knowledge cache; load the reference draft (or distil one); decode
-speculatively with the token view in colour; end with a short benchmark. Each
+speculatively with the token view in colour; the fast draft that reads the
+teacher (notebook 07), on third-party code no training used; end with a short
+benchmark of both drafts beside the teacher alone, interleaved and repeated. Each
 step prints what it did and how long it took. Everything it writes goes under
 ``outputs/runs/tour/``.
 """
@@ -26,6 +28,7 @@ from .corpus import heldout_prompts, heldout_texts
 from .costs import count_params
 from .distill import DEFAULT_CONFIGS, load_config
 from .draft import DraftLoadError, build_draft, load_draft
+from .heldout_code import heldout_code_prompts
 from .knowledge import build_knowledge_cache, load_items, nearest_items
 from .models import TeacherLoadError, is_bundled, load_teacher, model_name
 from .report import report_markdown
@@ -121,12 +124,36 @@ def tour(model: str | None = None, *, distill: bool = False, device=None) -> int
           f"accepted, {stats.tokens_per_target_call:.2f} tokens per teacher call; "
           f"identical to the teacher's own greedy output: {same}")
 
-    _say("5. A short benchmark (3 held-out prompts, 48 tokens, one repeat; `qd bench` does it properly)")
-    cfg = BenchConfig(n_prompts=3, max_new_tokens=48, repeats=1, temperature=0.0, sweep_prompts=0,
-                      methods=("teacher_generate", "spec", "assisted_matched", "prompt_lookup"),
-                      kinds=("code",) if is_bundled(name) else ("paraphrase",))
-    report = run_bench(teacher, tok, draft, cfg, progress=False)
+    fast = _fast_step(teacher, tok, draft) if is_bundled(name) else None
+
+    _say("6. A short benchmark (3 prompts, 48 tokens, 2 interleaved repeats; `qd bench` does it properly)")
+    methods = ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "prompt_lookup")
+    cfg = BenchConfig(n_prompts=3, max_new_tokens=48, repeats=2, temperature=0.0, sweep_prompts=0,
+                      methods=methods + (("fast",) if fast is not None else ()),
+                      kinds=("unfamiliar",) if fast is not None else ("code",) if is_bundled(name) else ("paraphrase",))
+    report = run_bench(teacher, tok, draft, cfg, progress=False, fast_draft=fast)
     md = report_markdown(report).split("\n## ")
     print("## " + md[1].strip())
     print(f"\ntour finished in {time.perf_counter() - t_start:.0f} s")
     return 0 if same else 1
+
+
+def _fast_step(teacher, tok, reference):
+    """Step 5: the committed fast draft beside the reference draft on one prompt of unfamiliar code."""
+    _say("5. A draft that reads the teacher: the fast draft on third-party code no training used")
+    try:
+        fast = load_draft("fast", device=teacher.device)
+        ids = torch.tensor(heldout_code_prompts(tok, 1, 48)).to(teacher.device)
+    except (DraftLoadError, FileNotFoundError) as exc:
+        print(f"note: {exc}")
+        return None
+    print(f"the fast draft: {fast.config.num_layers} decoder layer(s) fed the teacher's last hidden state, "
+          f"gamma {fast.config.gamma}")
+    print(tok.decode(ids[0])[-200:], end="")
+    ref = teacher.generate(ids, **hf_generate_kwargs(ids, tok, max_new_tokens=64))
+    print(tok.decode(ref[0, ids.shape[1]:]))
+    for label, d in (("reference draft (6 of 28 layers)", reference), ("fast draft", fast)):
+        out, st = speculative_generate(teacher, d, ids, max_new_tokens=64)
+        print(f"{label:>33}: {st.tokens_per_target_call:.2f} tokens per teacher call, {st.accepted}/{st.proposed} "
+              f"accepted, identical to the teacher's own greedy output: {torch.equal(out.cpu(), ref.cpu())}")
+    return fast

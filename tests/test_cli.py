@@ -77,7 +77,8 @@ def test_every_option_has_help_text():
                for action in sub._actions
                if action.option_strings and not isinstance(action, argparse._HelpAction) and not action.help]
     assert missing == []
-    assert set(subparsers.choices) == {"generate", "train-teacher", "compare-layers", "build-cache", "distill",
+    assert set(subparsers.choices) == {"generate", "train-teacher", "train-fast", "export-draft", "compare-layers",
+                                       "build-cache", "distill",
                                        "student", "bench", "tour"}
 
 
@@ -215,6 +216,23 @@ def test_distill_honours_device_and_set(monkeypatch, tmp_path):
     assert main(argv) == 0
     assert seen == {"cpu": "true", "lr": 0.001, "run_dir": tmp_path / "r", "epochs": 2, "enabled": False}
     assert "ACCELERATE_USE_CPU" not in os.environ  # restored afterwards
+
+
+def test_train_fast_passes_its_options_and_export_needs_a_trained_run(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_train(cfg, run_dir, log=print):
+        seen.update(layers=cfg.num_layers, steps=cfg.steps, lr=cfg.lr, init=cfg.init_from, files=cfg.max_files,
+                    run_dir=run_dir)
+
+    monkeypatch.setattr("qdlib.feature_train.train_feature_draft", fake_train)
+    argv = ["train-fast", "--steps", "7", "--layers", "2", "--lr", "2e-3", "--init-from", "outputs/fast_draft",
+            "--max-files", "3", "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 0
+    assert seen == {"layers": 2, "steps": 7, "lr": 0.002, "init": "outputs/fast_draft", "files": 3,
+                    "run_dir": tmp_path / "r"}
+    assert main(["train-fast", "--export", "--run-dir", str(tmp_path / "r")]) != 0
+    assert "holds no trained fast draft" in capsys.readouterr().err
 
 
 def test_ctrl_c_ends_in_one_line(capsys, monkeypatch):

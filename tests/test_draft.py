@@ -133,3 +133,31 @@ def test_assisted_generation_equals_teacher_greedy_on_20_heldout_prompts(tiny):
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
         with torch.no_grad():
             assert torch.equal(teacher.generate(ids, **kw), teacher.generate(ids, assistant_model=draft, **kw))
+
+
+def test_export_qwen3_is_a_plain_qwen3_with_the_same_outputs(tiny, tmp_path, capsys):
+    """The ablation draft (no knowledge path) exports to Qwen3ForCausalLM: same logits, usable as an assistant."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qdlib import load_draft, paths
+    from qdlib.cli import main
+
+    teacher, tok = tiny
+    assert main(["export-draft", str(paths.DRAFT_NOKNOW_DIR), "--out", str(tmp_path / "q")]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    assert type(plain).__name__ == "Qwen3ForCausalLM" and plain.config.num_hidden_layers == 6
+    assert AutoTokenizer.from_pretrained(tmp_path / "q").vocab_size == tok.vocab_size
+    draft = load_draft(paths.DRAFT_NOKNOW_DIR)
+    ids = torch.randint(2, 8192, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, draft(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    x = torch.tensor([tok("def add(a, b):\n    return", add_special_tokens=False)["input_ids"]])
+    kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(teacher.generate(x, assistant_model=plain, **kw), teacher.generate(x, **kw))
+    # a draft with a knowledge path or a feature-fed draft is no plain Qwen3: refused in one line, nothing written
+    capsys.readouterr()
+    for folder in (paths.DRAFT_DIR, paths.FAST_DRAFT_DIR):
+        assert main(["export-draft", str(folder), "--out", str(tmp_path / "no")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and ("fusion" in err or "feature-fed" in err), err
+    assert not (tmp_path / "no").exists()

@@ -39,7 +39,7 @@ def test_exercise_cells_carry_nbgrader_metadata(path):
         s, g = solution["metadata"].get("nbgrader", {}), grade["metadata"].get("nbgrader", {})
         assert s.get("solution") is True and s.get("grade") is False, (path.name, "".join(solution["source"])[:60])
         assert g.get("grade") is True and g.get("locked") is True and g.get("points", 0) > 0, (path.name, g)
-        assert "check(" in "".join(grade["source"]), "the grade cell is the exercise's check cell"
+        assert "check(" in "".join(grade["source"]) or "check_that(" in "".join(grade["source"]), "the grade cell is the exercise's check cell"
         ids += [s["grade_id"], g["grade_id"]]
     assert len(ids) == len(set(ids)), f"{path.name}: grade ids must be unique"
 

@@ -29,7 +29,7 @@ def test_tour_without_a_reference_draft_says_so_and_still_decodes(other_teacher,
     assert main(["tour"]) == 0
     out = capsys.readouterr().out
     assert "no reference draft exists for the teacher" in out
-    for step in ("1. The teacher", "2. Layer sampling", "3. The draft", "4. Speculative decoding", "5. A short benchmark"):
+    for step in ("1. The teacher", "2. Layer sampling", "3. The draft", "4. Speculative decoding", "6. A short benchmark"):
         assert step in out
     assert "[0, 5, 11, 16, 22, 27]" in out
     assert "identical to the teacher's own greedy output: True" in out
@@ -44,6 +44,10 @@ def test_tour_with_the_reference_draft(capsys):
     out = capsys.readouterr().out
     assert "the course's reference draft" in out and "knowledge cache:" in out and "nearest cached item" in out
     assert "identical to the teacher's own greedy output: True" in out
+    step5 = out[out.index("5. A draft that reads the teacher"):out.index("6. A short benchmark")]
+    assert step5.count("identical to the teacher's own greedy output: True") == 2  # both drafts, unfamiliar code
+    bench = out[out.index("6. A short benchmark"):]
+    assert "fast draft" in bench and "unfamiliar" in bench and "generate_plain" in bench
 
 
 def test_tour_with_a_teacher_that_cannot_load_ends_in_one_line(tmp_path, capsys):
