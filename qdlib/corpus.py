@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import paths
+from .errors import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -53,7 +54,7 @@ def source_root(source: str) -> Path:
     if source in ("torch", "transformers"):
         mod = __import__(source)
         return Path(mod.__file__).resolve().parent
-    raise ValueError(f"unknown corpus source {source!r}; allowed: {', '.join(SOURCES)}")
+    raise ConfigError(f"unknown corpus source {source!r}; allowed: {', '.join(SOURCES)}")
 
 
 def split_of(source: str, relpath: str) -> str:

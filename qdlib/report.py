@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from .bench import DRAFT_OF, KINDS, METHODS
+from .errors import MissingFileError
 from .io import atomic_dir, write_json_atomic
 
 
@@ -175,5 +176,5 @@ def load_report(path: str | os.PathLike) -> dict:
     if path.is_dir():
         path = path / "report.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no bench report at {path}; run `qd bench` first")
+        raise MissingFileError(f"no bench report at {path}; run `qd bench` first")
     return json.loads(path.read_text(encoding="utf-8"))
