@@ -288,6 +288,47 @@ def bits_per_byte(model, tokenizer, texts, *, context: int = 256, stride: int = 
     }
 
 
+def _nll(model, ids: list[int]) -> torch.Tensor:
+    """``-log p(ids[t+1] | ids[:t+1])`` for every t: ``(len(ids) - 1,)``."""
+    x = torch.tensor([ids], device=next(model.parameters()).device)
+    logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+    return -logp.gather(-1, x[0, 1:, None]).squeeze(-1).cpu()
+
+
+@torch.no_grad()
+def loss_by_position(model, tokenizer, texts, *, context: int = 1024, short: int = 256, bucket: int = 128,
+                     max_windows: int = 16) -> list[dict]:
+    """Next-token loss (nats) by position, with the whole window as context and with at most ``short`` tokens of it.
+
+    The bundled teacher was trained on 256-token windows while its config allows 1,024 positions; this measures what
+    happens beyond 256. Each text long enough gives one window (``<eos>`` + its first ``context - 1`` tokens), at
+    most ``max_windows``. ``nats`` predicts every token from all tokens before it in the window; ``nats_short``
+    predicts the same tokens from windows of ``short`` tokens sliding by ``short // 2`` (each token sees between
+    ``short // 2`` and ``short`` tokens), the context length the teacher was trained on. Returns one row per
+    ``bucket`` positions: ``{"start", "end", "nats", "nats_short", "tokens"}``.
+    """
+    rows = []
+    for text in texts:
+        ids = [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= context:
+            rows.append(ids[:context])
+        if len(rows) == max_windows:
+            break
+    if not rows:
+        raise ConfigError(f"no text has {context} tokens; pass longer texts or a smaller context")
+    full, cut = torch.zeros(context - 1), torch.zeros(context - 1)
+    for ids in rows:  # one window at a time: the long context is the point, not the batch
+        full += _nll(model, ids)
+        cut[: short - 1] += _nll(model, ids[:short])
+        for a in range(short // 2, context - short // 2, short // 2):  # window a..a+short scores its second half
+            b = min(a + short, context)
+            cut[a + short // 2 - 1 : b - 1] += _nll(model, ids[a:b])[short // 2 - 1 :]
+    full, cut = full / len(rows), cut / len(rows)
+    return [{"start": a, "end": min(a + bucket, context - 1), "nats": full[a : a + bucket].mean().item(),
+             "nats_short": cut[a : a + bucket].mean().item(), "tokens": len(rows) * len(full[a : a + bucket])}
+            for a in range(0, context - 1, bucket)]
+
+
 def repeated_ngram_share(ids, n: int = 4) -> float:
     """Share of n-grams in ``ids`` that already occurred earlier in ``ids``.
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import paths
-from .corpus import (SOURCES, CorpusFile, bits_per_byte, build_manifest, corpus_files,  # noqa: F401 (re-exported)
+from .corpus import (SOURCES, CorpusFile, bits_per_byte, build_manifest, corpus_files, loss_by_position,  # noqa: F401
                      greedy_repetition, heldout_files, heldout_prompts, heldout_texts, random_prompts, read_source,
                      repeated_ngram_share, tokenize_corpus, train_tokenizer)
 from .errors import ConfigError
@@ -320,6 +320,8 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
         "train_wall_time_s": round(_active_time(log_rows), 1),
         "final_train_loss": log_rows[-1]["loss"],
         "final_val_loss": next((r["val_loss"] for r in reversed(log_rows) if "val_loss" in r), None),
+        "context_loss": loss_by_position(model, tokenizer, texts, context=model.config.max_position_embeddings,
+                                         short=cfg.seq_len),
     }
     with atomic_dir(out_dir) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp)
@@ -328,9 +330,60 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "train_config.json", dataclasses.asdict(cfg))
         _plot_loss(log_rows, tmp / "loss_curve.png")
-        (tmp / "README.md").write_text(_model_card(cfg, metrics, manifest))
+        (tmp / "README.md").write_text(_model_card(cfg, metrics, manifest) + context_section(metrics["context_loss"], cfg.seq_len))
     log(json.dumps(metrics, indent=2))
     return out_dir
+
+
+def context_section(rows: list[dict], short: int) -> str:
+    """The teacher card's section on context length, from :func:`qdlib.corpus.loss_by_position` rows measured
+    with ``short`` (the training length) as the short window."""
+    table = "\n".join(f"| {r['start']}-{r['end']} | {r['nats']:.3f} | {r['nats_short']:.3f} | {r['nats'] - r['nats_short']:+.3f} |"
+                      for r in rows)
+    worse = [r for r in rows if r["nats"] - r["nats_short"] > 0.02]
+    verdict = (f"From position {worse[0]['start']} on, the whole window predicts **worse** than a sliding window of the "
+               f"training length: positions the teacher never saw in training hurt it. Keep its context within the "
+               f"training length (qdlib's course prompts and generations do) or slide a window over longer text."
+               if worse else "Longer context never predicts worse than the training length here.")
+    return f"""
+## Context length (measured by `qdlib.corpus.loss_by_position`)
+
+Trained on {short}-token windows, the teacher's config nevertheless allows {rows[-1]['end'] + 1} positions (the position
+tables of Qwen3's RoPE are computed, not learned, so nothing stops a longer input). Mean next-token loss in nats on
+held-out standard-library windows of {rows[-1]['end'] + 1} tokens ({rows[0]['tokens'] // (rows[0]['end'] - rows[0]['start'])} windows),
+by position: with the whole window before each token, and with a sliding window of the {short} training positions
+(each token then sees {short // 2} to {short} tokens):
+
+| positions | whole window | training-length window | difference |
+|---|---:|---:|---:|
+{table}
+
+{verdict}
+"""
+
+
+def add_context_section(folder: str | os.PathLike | None = None) -> dict:
+    """Measure :func:`loss_by_position` on a shipped teacher folder and add it to its ``metrics.json`` and card.
+
+    For a teacher exported before ``export_teacher`` measured it; both files are rewritten atomically.
+    """
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    folder = Path(folder) if folder else paths.TEACHER_DIR
+    model = Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    texts = [t for t in (read_source(p) for p in heldout_files(manifest)[0]) if t]
+    cfg = json.loads((folder / "train_config.json").read_text())
+    rows = loss_by_position(model, tokenizer, texts, context=model.config.max_position_embeddings, short=cfg["seq_len"])
+    metrics = json.loads((folder / "metrics.json").read_text()) | {"context_loss": rows}
+    card = (folder / "README.md").read_text()
+    card = card.split("\n## Context length")[0].rstrip("\n") + "\n" + context_section(rows, cfg["seq_len"])
+    write_json_atomic(folder / "metrics.json", metrics)
+    tmp = folder / "README.md.tmp"
+    tmp.write_text(card, encoding="utf-8")
+    os.replace(tmp, folder / "README.md")
+    return metrics
 
 
 def _active_time(rows) -> float:

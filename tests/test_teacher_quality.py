@@ -76,3 +76,39 @@ def test_model_card_repetition_figure_is_reproduced(repetition):
     assert repetition["mean"] == pytest.approx(sum(repetition["per_prompt"]) / len(repetition["per_prompt"]))
     assert repetition["mean"] == pytest.approx(card["greedy_repeated_4gram_share"], abs=0.02), \
         "model card disagrees with the weights"
+
+
+def test_loss_by_position_windows_agree_within_the_short_length():
+    """Before the short length both columns see the same tokens; beyond it only the whole window sees more."""
+    import torch
+
+    from qdlib.corpus import loss_by_position
+    from helpers import tiny_qwen3
+
+    class Tok:  # a tokenizer of one id per character
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [2 + ord(c) % 250 for c in text]}
+
+    model = tiny_qwen3(layers=2, seed=4)
+    rows = loss_by_position(model, Tok(), ["abcdefgh" * 40, "x"], context=128, short=32, bucket=16)
+    assert [(r["start"], r["end"]) for r in rows][:3] == [(0, 16), (16, 32), (32, 48)] and rows[-1]["end"] == 127
+    assert rows[0]["nats"] == pytest.approx(rows[0]["nats_short"], abs=1e-6)  # the first short - 1 predictions
+    assert all(r["tokens"] == 16 for r in rows[:-1])  # one window: the short text is skipped
+    with pytest.raises(ValueError, match="no text has 512 tokens"):
+        loss_by_position(model, Tok(), ["short"], context=512)
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.slow
+def test_teacher_card_context_section_is_reproduced(tiny, heldout):
+    from qdlib.corpus import loss_by_position
+
+    model, tok = tiny
+    metrics = json.loads((paths.TEACHER_DIR / "metrics.json").read_text())
+    rows = loss_by_position(model, tok, heldout, context=model.config.max_position_embeddings, short=256)
+    for got, card in zip(rows, metrics["context_loss"], strict=True):
+        assert got["nats"] == pytest.approx(card["nats"], abs=2e-3)
+        assert got["nats_short"] == pytest.approx(card["nats_short"], abs=2e-3)
+    assert "## Context length" in (paths.TEACHER_DIR / "README.md").read_text()
