@@ -52,6 +52,11 @@ class Drafter:
     def commit(self, seq: list[int], features: torch.Tensor | None) -> None:
         pass
 
+    def configure(self, settings: Settings, **context) -> "Drafter":
+        """Take the decoding loop's settings (``context``: what :func:`as_drafter` knows of the target)."""
+        self.s = settings  # propose with the same rule the loop accepts with
+        return self
+
 
 def rollback(cache, keep: int) -> None:
     """Cut a transformers KV cache back to its first ``keep`` positions (transformers 5: crop takes a negative count)."""
@@ -177,13 +182,72 @@ class FeatureDrafter(Drafter):
         self.feats = torch.cat([self.feats, features.to(self.feats.device)])  # now f[0 .. len(seq)-2]
 
 
+class HybridDrafter(Drafter):
+    """A model-free lookup first and a draft model when the lookup finds nothing (REST's datastore with a neural
+    fallback).
+
+    ``lookup`` has ``propose(context, k)`` (e.g. an :class:`qdlib.NgramDrafter` over the knowledge cache's own
+    tokens); a round drafts from it when it proposes at least ``min_tokens`` tokens, else from ``fallback`` (a draft
+    model or feature-fed draft). Each round's proposals come from one source that depends only on the context, and
+    carry that source's q, so the acceptance rule keeps the target's distribution. ``from_lookup`` counts the
+    rounds the lookup drafted.
+
+        >>> from qdlib.retrieval import NgramDrafter
+        >>> class Echo:  # a stand-in fallback: always proposes token 0
+        ...     def propose(self, context, k): return [0] * k
+        >>> h = HybridDrafter(NgramDrafter([[5, 6, 7, 8]], max_n=2), Echo()).configure(Settings(), vocab_size=10)
+        >>> h.begin([1, 5, 6], None); h.propose([1, 5, 6], 3).tokens, h.propose([1, 2], 2).tokens, h.from_lookup
+        ([7, 8], [0, 0], 1)
+    """
+
+    def __init__(self, lookup, fallback, *, min_tokens: int = 1):
+        super().__init__(Settings())
+        if not isinstance(min_tokens, int) or min_tokens < 1:
+            raise ValueError(f"min_tokens={min_tokens!r} must be an integer >= 1")
+        self.lookup_source, self.fallback_source, self.min_tokens = lookup, fallback, min_tokens
+        self.needs_features = getattr(fallback, "needs_target_features", False)
+        self.from_lookup = 0
+        self._parts = ()
+
+    def configure(self, settings, **context):
+        self.s = settings
+        self.lookup = LookupDrafter(self.lookup_source, settings, context["vocab_size"])
+        self.fallback = as_drafter(self.fallback_source, settings, **context)
+        self._parts = (self.lookup, self.fallback)
+        return self
+
+    @property
+    def calls(self):
+        return sum(p.calls for p in self._parts)
+
+    @calls.setter
+    def calls(self, value):  # the base class starts the count at 0; the parts keep their own
+        pass
+
+    def begin(self, seq, features):
+        self.from_lookup = 0
+        for part in self._parts:
+            part.begin(seq, features)
+
+    def propose(self, seq, k):
+        prop = self.lookup.propose(seq, k)
+        if len(prop.tokens) >= self.min_tokens:
+            self.from_lookup += 1
+            return prop
+        return self.fallback.propose(seq, k)
+
+    def commit(self, seq, features):
+        for part in self._parts:
+            part.commit(seq, features)
+
+
 def as_drafter(draft, settings: Settings, *, confidence_threshold: float | None = None, vocab_size: int | None = None,
                max_len: int | None = None) -> Drafter:
     """The right :class:`Drafter` for ``draft``: a drafter is returned as it is, a feature-fed draft, a causal LM,
     or a model-free object with ``propose(context, k)``."""
     if isinstance(draft, Drafter):
-        draft.s = settings  # propose with the same rule the loop accepts with
-        return draft
+        return draft.configure(settings, confidence_threshold=confidence_threshold, vocab_size=vocab_size,
+                               max_len=max_len)
     if getattr(draft, "needs_target_features", False):
         return FeatureDrafter(draft, settings, confidence_threshold, max_len)
     if isinstance(draft, torch.nn.Module):

@@ -200,16 +200,39 @@ def test_stops_exactly_at_eos_and_budget():
         assert out.shape[1] == ids.shape[1] + 3
 
 
+def test_hybrid_drafter_is_exact_and_uses_both_sources(tiny):
+    """Greedy output equals the teacher's; the lookup drafts where the datastore matches, the draft model elsewhere."""
+    from qdlib import load_draft
+    from qdlib.corpus import heldout_prompts, heldout_texts
+    from qdlib.drafters import HybridDrafter
+    from qdlib.retrieval import NgramDrafter
+
+    teacher, tok = tiny
+    draft = load_draft()
+    for p in heldout_prompts(tok, heldout_texts(), n_prompts=2, prompt_tokens=40, seed=5):
+        ids = torch.tensor([p])
+        ref = greedy_reference(teacher, ids, 32)
+        store = NgramDrafter([ref[0, 40:].tolist()], max_n=3, min_n=3)  # the answer itself, as a datastore
+        hybrid = HybridDrafter(store, draft)
+        out, stats = speculative_generate(teacher, hybrid, ids, gamma=4, max_new_tokens=32)
+        assert torch.equal(out, ref)
+        assert 0 < hybrid.from_lookup < stats.rounds  # the first round has no 3-gram of the answer yet
+    with pytest.raises(ValueError, match="min_tokens=0 must be an integer >= 1"):
+        HybridDrafter(store, draft, min_tokens=0)
+
+
 # ----------------------------------------------------------------------------- sampling end to end
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("drafter", ["model", "ngram"])
+@pytest.mark.parametrize("drafter", ["model", "ngram", "hybrid"])
 def test_sampling_end_to_end_matches_target_distribution(drafter):
     """Joint distribution of 2 sampled tokens over many generations equals the target's exact one.
 
-    With a draft model (q a real distribution) and with a model-free n-gram drafter (q one-hot).
+    With a draft model (q a real distribution), a model-free n-gram drafter (q one-hot), and the hybrid of the two
+    (lookup where it matches, the model elsewhere).
     """
+    from qdlib.drafters import HybridDrafter
     from qdlib.retrieval import NgramDrafter
 
     V = 12
@@ -232,7 +255,8 @@ def test_sampling_end_to_end_matches_target_distribution(drafter):
     n = 2500
     counts = torch.zeros(V, V, dtype=torch.float64)
     # the n-gram store proposes (7, 2) after (3, 5), and continues any token it has seen
-    proposer = draft if drafter == "model" else NgramDrafter([[3, 5, 7, 2, 9], [1, 4, 6, 8]], max_n=2)
+    store = NgramDrafter([[3, 5, 7, 2, 9], [1, 4, 6, 8]], max_n=2)
+    proposer = {"model": draft, "ngram": store, "hybrid": HybridDrafter(NgramDrafter([[0, 5, 7]], max_n=1), draft)}[drafter]
     for _ in range(n):
         out, _ = speculative_generate(target, proposer, ids, gamma=2, max_new_tokens=2, temperature=T, generator=g,
                                       eos_token_id=-1)
@@ -247,7 +271,7 @@ def test_sampling_end_to_end_matches_target_distribution(drafter):
     dof = e.numel() - 1
     critical = dof + 4 * (2 * dof) ** 0.5  # about the 0.01% tail for these degrees of freedom
     assert chi2 < critical, f"chi-square {chi2:.1f} with {dof} degrees of freedom"
-    if drafter == "ngram":
+    if drafter != "model":
         return
     # the same statistic rejects the draft's own distribution: the test has power
     q_joint = torch.zeros(V, V, dtype=torch.float64)
