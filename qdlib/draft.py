@@ -48,7 +48,7 @@ from .fusion import GATES, GatedFusion, Memory, RMSNorm
 from .io import atomic_dir, write_json_atomic
 from .knowledge import load_knowledge_cache, teacher_fingerprint
 from .models import default_teacher_name, is_bundled, quiet_loading, resolve_device, resolve_dtype
-from .schema import Boolean, Choice, Integer, IntList, OrNull, field_problems, raise_problems, setting, unknown_key_problems
+from .schema import Boolean, Choice, Integer, IntList, Number, OrNull, field_problems, raise_problems, setting, unknown_key_problems
 
 @dataclasses.dataclass
 class KnowledgeConfig:
@@ -63,6 +63,9 @@ class KnowledgeConfig:
     after_layers: list[int] | None = setting(None, OrNull(IntList(1, "draft layer positions")),
                                              "draft layer positions (0..k-1) followed by fusion; null: the middle and the last")
     memory_size: int | None = setting(None, OrNull(Integer(1)), "width of the cached states; null: the teacher's hidden size")
+    gate_init: float = setting(0.0, Number(0.0, 1.0, high_open=True),
+                               "tanh(gate) at the start: 0 (default) makes the draft exactly the plain draft; a small "
+                               "value such as 0.1 lets the cross-attention receive gradient from the first step")
 
 
 KNOWLEDGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KnowledgeConfig)}  # the block's defaults, by name
@@ -157,7 +160,8 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
         if kb["enabled"]:
             for i in kb["after_layers"]:
                 self.fusion[str(i)] = GatedFusion(config.hidden_size, kb["memory_size"], kb["cache_dim"],
-                                                  kb["num_heads"], kb["fusion_gate"], config.rms_norm_eps)
+                                                  kb["num_heads"], kb["fusion_gate"], config.rms_norm_eps,
+                                                  gate_init=kb["gate_init"])
         self._knowledge = None  # run-time state: the attached KnowledgeCache (never saved)
         self._memory = {}  # layer position -> projected Memory, valid for _memory_key
         self._memory_key = None
@@ -166,7 +170,7 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, GatedFusion):
-            nn.init.zeros_(module.gate)  # the gate starts exactly closed
+            module.reset_gate()  # exactly closed unless gate_init opens it slightly
         if isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 

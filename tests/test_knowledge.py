@@ -205,3 +205,24 @@ def test_memory_projected_once_per_cache(small, cache, monkeypatch):
     with torch.no_grad():
         draft.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=1)
     assert len(calls) == len(draft.fusion)  # once per fusion layer, not once per token
+
+
+def test_a_slightly_open_gate_lets_the_cross_attention_learn_from_the_first_step(small, cache):
+    """gate_init 0 (the default) keeps the identity at initialisation; 0.1 trades it for gradient everywhere."""
+    from qdlib.draft import knowledge_block
+
+    teacher, _ = small
+    x = torch.randint(2, teacher.config.vocab_size, (1, 12))
+    plain = build_draft(teacher, [0, 3])
+    closed = build_draft(teacher, [0, 3], knowledge_enhancement={"enabled": True}).set_knowledge(cache)
+    torch.testing.assert_close(closed(input_ids=x).logits, plain(input_ids=x).logits, rtol=0, atol=0)
+    opened = build_draft(teacher, [0, 3], knowledge_enhancement={"enabled": True, "gate_init": 0.1})
+    opened.set_knowledge(cache)
+    assert all(torch.allclose(torch.tanh(f.gate), torch.tensor(0.1)) for f in opened.fusion.values())
+    out = opened(input_ids=x).logits
+    assert not torch.allclose(out, plain(input_ids=x).logits)
+    out.logsumexp(-1).sum().backward()
+    attn_grads = [p.grad for n, p in opened.named_parameters() if n.startswith("fusion.") and ".attn." in n]
+    assert attn_grads and all(g is not None and g.abs().sum() > 0 for g in attn_grads)
+    with pytest.raises(ValueError, match="gate_init=1.0 is out of range"):
+        knowledge_block({"enabled": True, "gate_init": 1.0}, 64, 6)
