@@ -33,8 +33,8 @@ from . import paths
 from .draft import KnowledgeConfig, knowledge_block
 from .errors import ConfigError, MissingFileError
 from .sampling import EARLY_EXIT, STRATEGIES
-from .schema import (Boolean, Choice, Integer, IntList, Number, OrNull, describe, field_ok, field_problems, raise_problems,
-                     setting, unknown_key_problems)
+from .schema import (Boolean, Choice, Integer, IntList, Number, OrNull, Text, describe, field_ok, field_problems,
+                     raise_problems, setting, unknown_key_problems)
 
 # ----------------------------------------------------------------------------- losses
 
@@ -113,6 +113,11 @@ class TrainingConfig:
     max_grad_norm: float = setting(1.0, Number(0, low_open=True), "gradient clipping norm")
     train_params: str = setting("all", Choice(*TRAIN_PARAMS),
                                 "all, fusion (fusion only) or body (all but embeddings and head)")
+    init_from: str | None = setting(None, OrNull(Text()),
+                                    "a draft folder whose weights start the run (same layers); fusion blocks it lacks "
+                                    "start fresh, e.g. a fusion phase on a distilled draft frozen with train_params: fusion")
+    fusion_lr_scale: float = setting(1.0, Number(0, low_open=True),
+                                     "learning rate of the fusion blocks (gates, cross-attention) over learning_rate")
     max_bad_steps: int = setting(10, Integer(1), "stop after this many NaN/Inf losses")
     seed: int = setting(0, Integer(0), "seed of the draft's initialisation and of the data")
     steps_per_epoch: int | None = setting(None, OrNull(Integer(1)), "null: one pass over the training text per epoch")

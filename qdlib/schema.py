@@ -143,6 +143,15 @@ class IntList(Check):
         return None
 
 
+class Text(Check):
+    """A non-empty string (a path, a name)."""
+
+    allowed = "a non-empty string"
+
+    def problem(self, v):
+        return None if isinstance(v, str) and v.strip() else "is not a non-empty string"
+
+
 class OrNull(Check):
     """``None`` (YAML ``null``) or what ``inner`` allows."""
 

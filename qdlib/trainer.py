@@ -144,6 +144,27 @@ def draft_layers(cfg: DistillConfig, teacher, tokenizer=None) -> tuple[list[int]
     return strategy_layers(L, d.num_sampled_layers, d.strategy, scores), d.strategy != EARLY_EXIT
 
 
+def start_from(draft, folder) -> None:
+    """Load the weights of the draft in ``folder`` (a ``save_pretrained`` folder of the same kept layers) into
+    ``draft``; fusion blocks that the saved draft lacks keep their fresh, closed-gate initialisation."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
+    if saved is None or not (folder / "model.safetensors").is_file():
+        raise MissingFileError(f"training.init_from={str(folder)!r} is not a draft folder (config.json and "
+                               f"model.safetensors)")
+    if saved.get("kept_layers") != draft.config.kept_layers:
+        raise ConfigError(f"training.init_from={str(folder)!r} keeps layers {saved.get('kept_layers')}, this run "
+                          f"{draft.config.kept_layers}")
+    missing, unexpected = draft.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    missing = [k for k in missing if not k.startswith("fusion.") and k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ConfigError(f"training.init_from={str(folder)!r} does not fit this draft (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); same layers and knowledge block needed")
+    draft.tie_weights()
+
+
 def set_trainable(draft, which: str) -> list[str]:
     """``all``, ``fusion`` (cross-attention fusion only) or ``body`` (all but embeddings and head); returns the names."""
     names = []
@@ -297,6 +318,8 @@ def _prepare_run(cfg: DistillConfig, run_dir, teacher, tokenizer, teacher_name, 
     torch.manual_seed(t.seed)
     draft = build_draft(teacher, layers, keep_ends=keep_ends, knowledge_enhancement=cfg.knowledge_block())
     draft.float()
+    if t.init_from:
+        start_from(draft, t.init_from)
     items = load_items(None, teacher)  # item rows are trained on (shared by the no-knowledge ablation); eval paraphrases scored
     if acc.is_main_process:
         _prepare_data(cfg, teacher, tokenizer, items, fp, run_dir, progress, say)
@@ -309,7 +332,8 @@ def _prepare_run(cfg: DistillConfig, run_dir, teacher, tokenizer, teacher_name, 
         draft.set_knowledge(cache)
     trainable = set_trainable(draft, t.train_params)
     params = [p for p in draft.parameters() if p.requires_grad]
-    opt = adamw(params, t.learning_rate, t.weight_decay)
+    fusion = [p for n, p in draft.named_parameters() if n.startswith("fusion.") and p.requires_grad]
+    opt = adamw(params, t.learning_rate, t.weight_decay, scaled=fusion, scale=t.fusion_lr_scale)
     steps_per_epoch = t.steps_per_epoch or max(1, len(data.text) // (t.max_seq_length * t.batch_size *
                                                                      t.gradient_accumulation_steps * acc.num_processes))
     total = steps_per_epoch * t.num_epochs

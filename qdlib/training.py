@@ -18,18 +18,32 @@ import torch
 BETAS = (0.9, 0.95)
 
 
-def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, *,
+          scaled: Iterable[torch.nn.Parameter] = (), scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW with ``weight_decay`` on matrices and embeddings (``dim >= 2``), none on norms and biases.
+
+    The parameters in ``scaled`` (a subset of ``params``) learn at ``scale * lr`` in groups of their own (a learning
+    rate schedule multiplies every group's rate by the same factor, so the ratio holds throughout).
 
     >>> opt = adamw(torch.nn.Linear(3, 2).parameters(), lr=1e-3, weight_decay=0.1)
     >>> [(len(g["params"]), g["weight_decay"]) for g in opt.param_groups]
     [(1, 0.1), (1, 0.0)]
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> [(len(g["params"]), g["lr"]) for g in adamw(lin.parameters(), 1e-3, 0.1, scaled=[lin.bias], scale=10).param_groups]
+    [(1, 0.001), (1, 0.01)]
     """
     params = list(params)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=BETAS)
+    special = {id(p) for p in scaled} if scale != 1.0 else set()
+
+    def two_groups(members, rate):  # weight decay on matrices only
+        return [{"params": [p for p in members if p.dim() >= 2], "weight_decay": weight_decay, "lr": rate},
+                {"params": [p for p in members if p.dim() < 2], "weight_decay": 0.0, "lr": rate}]
+
+    groups = two_groups([p for p in params if id(p) not in special], lr)
+    if special:  # groups of their own, only when there is something to scale (and then no empty group)
+        groups += two_groups([p for p in params if id(p) in special], lr * scale)
+        groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=BETAS)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -282,3 +282,21 @@ def test_qwen3_06b_config_trains_a_step(qwen3_06b, tmp_path):
     assert len(evals) == 1 and {"heldout", "heldout_no_cache"} <= set(evals[0])
     for scores in evals[0].values():
         assert 0 <= scores["agreement"] <= 1 and scores["kl"] >= -1e-6 and scores["positions"] > 0
+
+
+@pytest.mark.slow
+def test_a_fusion_phase_starts_from_a_distilled_draft_with_its_own_learning_rate(small_teacher, prepared, tmp_path):
+    """init_from loads a trained draft (fusion blocks it lacks start closed); fusion_lr_scale speeds up the fusion."""
+    from safetensors.torch import load_file
+
+    base = run(small_cfg(num_epochs=1, steps_per_epoch=1), seeded(tmp_path / "base", prepared), small_teacher)
+    src = load_file(str(base["best_dir"] / "model.safetensors"))
+    cfg = small_cfg(num_epochs=1, steps_per_epoch=2, train_params="fusion", init_from=str(base["best_dir"]),
+                    fusion_lr_scale=10.0)
+    out = run(cfg, seeded(tmp_path / "fusion", prepared), small_teacher)
+    m = out["model"]
+    body = {n: p for n, p in m.state_dict().items() if not n.startswith("fusion.") and n in src}
+    assert body and all(torch.equal(p, src[n]) for n, p in body.items())  # frozen: exactly the distilled draft
+    assert any(not torch.equal(p, src[n]) for n, p in m.state_dict().items() if n.startswith("fusion.") and n in src)
+    with pytest.raises(FileNotFoundError, match="init_from=.nowhere. is not a draft folder"):
+        run(small_cfg(init_from="nowhere"), seeded(tmp_path / "bad", prepared), small_teacher)
