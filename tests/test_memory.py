@@ -1,0 +1,64 @@
+"""The three-arm memory protocol: unseen items, swapped and shuffled memories, and what a closed gate reads."""
+
+import pytest
+import torch
+
+from qdlib import build_draft, build_knowledge_cache, paths
+from qdlib.corpus import corpus_files
+from qdlib.memory import code_items, derangement, memory_arms, shuffled_cache
+
+from helpers import tiny_qwen3
+
+
+@pytest.fixture(scope="module")
+def small():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths.TEACHER_DIR)
+    return tiny_qwen3(vocab=len(tok), hidden=32, layers=4, seed=12), tok
+
+
+def test_code_items_come_from_held_out_files_and_say_the_same_thing_twice():
+    items = code_items(12)
+    assert items == code_items(12) and items != code_items(12, seed=1)  # deterministic, seeded
+    val = {f.relpath for f in corpus_files("stdlib") if f.split == "val"}
+    assert all(it["id"].split("::")[0] in val for it in items)  # never a file anything trained on
+    assert len({it["id"].split("::")[1] for it in items}) == 12 and len({it["id"].split("::")[0] for it in items}) > 6
+    for it in items:
+        doc = it["question"].split('"""')[1]
+        assert all(doc in p and p != it["question"] for p in it["eval_paraphrases"]) and not it["train_paraphrases"]
+    with pytest.raises(ValueError, match="hold only"):
+        code_items(100_000)
+
+
+def test_shuffled_memory_pairs_each_question_with_another_items_answer(small):
+    teacher, tok = small
+    cache = build_knowledge_cache(teacher, tok, code_items(4), answer_tokens=6, progress=False)
+    perm = derangement(4, seed=3)
+    shuf = shuffled_cache(cache, perm)
+    for i, j in enumerate(perm):
+        qi, qj, nj = cache.question_lengths[i], cache.question_lengths[j], int(cache.mask[j].sum())
+        n = qi + nj - qj
+        assert torch.equal(shuf.states[i, :qi], cache.states[i, :qi])
+        assert torch.equal(shuf.states[i, qi:n], cache.states[j, qj:nj]) and not shuf.mask[i, n:].any()
+        assert shuf.items[i]["shuffled_answer_of"] == cache.items[j]["id"]
+
+
+def test_a_closed_gate_reads_nothing_and_an_open_one_does(small):
+    teacher, tok = small
+    items = code_items(6)
+    closed = build_draft(teacher, [0, 3], knowledge_enhancement={"enabled": True, "cache_dim": 32, "num_heads": 1})
+    r = memory_arms(teacher, tok, closed, items[:3], items[3:], new_tokens=8, answer_tokens=6)
+    assert set(r) == {"own", "detached", "swapped", "shuffled", "gain", "kl", "items", "positions"} and r["positions"] > 0
+    assert r["gain"] == {"own": 0.0, "swapped": 0.0, "shuffled": 0.0}  # tanh(0) = 0: the memory cannot matter
+    assert len(set(r["kl"].values())) == 1
+    torch.manual_seed(0)
+    opened = build_draft(teacher, [0, 3], knowledge_enhancement={"enabled": True, "cache_dim": 32, "num_heads": 1,
+                                                                 "gate_init": 0.9})
+    with torch.no_grad():
+        for f in opened.fusion.values():
+            f.attn.o_proj.weight.mul_(50)  # make what it reads loud enough to move the argmax
+    r = memory_arms(teacher, tok, opened, items[:3], items[3:], new_tokens=8, answer_tokens=6)
+    assert len(set(r["kl"].values())) == 4  # every memory reads differently, and none is the detached draft
+    with pytest.raises(ValueError, match="as many items"):
+        memory_arms(teacher, tok, opened, items[:3], items[3:5])
