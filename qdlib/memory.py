@@ -32,8 +32,11 @@ import torch
 
 from .corpus import corpus_files, read_source
 from .distill_data import paraphrase_eval_set
+from .draft import load_draft
 from .errors import ConfigError
+from .io import write_json_atomic
 from .knowledge import KnowledgeCache, build_knowledge_cache
+from .models import load_teacher
 from .trainer import evaluate_draft
 
 ARMS = ("own", "detached", "swapped", "shuffled")
@@ -146,3 +149,19 @@ def memory_arms(teacher, tokenizer, draft, items: list[dict], other_items: list[
         out[arm], kl[arm] = m["agreement"], m["kl"]
     return {**out, "gain": {arm: out[arm] - out["detached"] for arm in ARMS if arm != "detached"}, "kl": kl,
             "items": len(items), "positions": int(es.mask.sum())}
+
+
+def measure_reference(out_path, draft=None, teacher=None, tokenizer=None, *, n_items: int = 24, new_tokens: int = 32,
+                      seed: int = 0) -> dict:
+    """The protocol on a draft (the course's reference draft by default) with ``2 * n_items`` held-out items: the
+    first half in the memory under test, the second half as the swapped memory; written to ``out_path`` (JSON)."""
+    if teacher is None:
+        teacher, tokenizer = load_teacher("tiny")
+    draft = load_draft() if draft is None else draft
+    items = code_items(2 * n_items, seed=seed)
+    result = memory_arms(teacher, tokenizer, draft, items[:n_items], items[n_items:], new_tokens=new_tokens, seed=seed)
+    gates = [torch.tanh(f.gate).abs().max().item() for f in getattr(draft, "fusion", {}).values()]
+    record = {**result, "config": {"n_items": n_items, "new_tokens": new_tokens, "seed": seed, "split": "stdlib val"},
+              "largest_gate": max(gates, default=0.0), "item_ids": [it["id"] for it in items]}
+    write_json_atomic(out_path, record)
+    return record

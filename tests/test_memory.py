@@ -62,3 +62,19 @@ def test_a_closed_gate_reads_nothing_and_an_open_one_does(small):
     assert len(set(r["kl"].values())) == 4  # every memory reads differently, and none is the detached draft
     with pytest.raises(ValueError, match="as many items"):
         memory_arms(teacher, tok, opened, items[:3], items[3:5])
+
+
+@pytest.mark.slow
+def test_committed_protocol_result_is_reproduced(tiny, tmp_path):
+    import json
+
+    from qdlib.memory import measure_reference
+
+    teacher, tok = tiny
+    committed = json.loads((paths.OUTPUTS_DIR / "memory_protocol" / "reference_draft.json").read_text())
+    got = measure_reference(tmp_path / "r.json", teacher=teacher, tokenizer=tok, **{
+        k: committed["config"][k] for k in ("n_items", "new_tokens", "seed")})
+    assert got["item_ids"] == committed["item_ids"] and got["positions"] == committed["positions"]
+    for arm in ("own", "detached", "swapped", "shuffled"):
+        assert got[arm] == pytest.approx(committed[arm], abs=0.003)
+    assert got["largest_gate"] == pytest.approx(committed["largest_gate"], rel=1e-3)
