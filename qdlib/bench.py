@@ -54,6 +54,7 @@ import torch
 from . import __version__, paths
 from .corpus import heldout_prompts, heldout_texts
 from .draft import build_draft
+from .drafters import HybridDrafter
 from .heldout_code import heldout_code_prompts
 from .hardware import cpu_name
 from .knowledge import load_items
@@ -76,6 +77,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "assisted_matched": ("transformers assisted, matched settings", "transformers"),
     "prompt_lookup": ("transformers prompt lookup (no draft)", "lookup"),
     "retrieval": ("n-gram lookup in the knowledge items (REST-style)", "lookup"),
+    "hybrid": ("qdlib speculative, item lookup then the draft (hybrid)", "qdlib"),
     "untrained_uniform": ("qdlib speculative, untrained uniform draft", "ablation"),
     "early_exit": ("qdlib speculative, untrained first-k-layers draft", "ablation"),
     "fast": ("qdlib speculative, fast draft (feature-fed)", "qdlib"),
@@ -83,7 +85,7 @@ METHODS: dict[str, tuple[str, str]] = {
 # the draft behind each drafting method, as named in the report's costs["c"] (baselines and lookups have none)
 DRAFT_OF = {"spec": "spec", "spec_no_cache": "spec_no_cache", "spec_dynamic": "spec", "assisted_default": "spec",
             "assisted_matched": "spec", "untrained_uniform": "untrained_uniform", "early_exit": "early_exit",
-            "fast": "fast"}
+            "fast": "fast", "hybrid": "spec"}
 SAMPLING_METHODS = ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "fast")
 # held-out standard-library code, third-party code no training used (qdlib.heldout_code), knowledge paraphrases
 KINDS = ("code", "unfamiliar", "paraphrase")
@@ -281,7 +283,8 @@ def make_methods(teacher, tokenizer, draft, cfg: BenchConfig, extra_drafts: dict
 
     extra = dict(extra_drafts or {})
     names = cfg.method_names
-    lookup = NgramDrafter(knowledge_datastore(draft, teacher, tokenizer), max_n=4, min_n=2) if "retrieval" in names else None
+    wants_lookup = "retrieval" in names or "hybrid" in names
+    lookup = NgramDrafter(knowledge_datastore(draft, teacher, tokenizer), max_n=4, min_n=2) if wants_lookup else None
     budget = cfg.max_new_tokens
     attached = draft.knowledge
 
@@ -341,6 +344,7 @@ def make_methods(teacher, tokenizer, draft, cfg: BenchConfig, extra_drafts: dict
         "assisted_matched": assisted(matched),
         "prompt_lookup": lambda ids, t, g: hf(ids, t, g, prompt_lookup_num_tokens=cfg.gamma),
         "retrieval": spec(lookup) if lookup is not None else None,
+        "hybrid": spec(HybridDrafter(lookup, draft)) if lookup is not None else None,
         "untrained_uniform": spec(extra["untrained_uniform"]) if "untrained_uniform" in extra else None,
         "early_exit": spec(extra["early_exit"]) if "early_exit" in extra else None,
         "fast": spec(extra["fast"], gamma=None) if "fast" in extra else None,
@@ -508,7 +512,7 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
                              alpha["code"]["agreement"], costs, bar)
     bar.close()
     return {
-        "config": dataclasses.asdict(cfg),
+        "config": {**dataclasses.asdict(cfg), "method_names": list(methods)},  # what actually ran
         "environment": environment(),
         "teacher": model_name(teacher),
         "draft": {"layers": draft.config.kept_layers, "knowledge": draft.knowledge is not None,

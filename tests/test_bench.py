@@ -104,6 +104,7 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     greedy = {(x["method"], x["kind"]) for x in r["rows"] if x["mode"] == "greedy"}
     expected = {(m, k) for m in METHODS if m != "spec_no_cache" for k in ("code", "unfamiliar", "paraphrase")}
     assert greedy == expected
+    assert r["config"]["method_names"] == [m for m in METHODS if m != "spec_no_cache"]  # what ran, recorded
     sampled = {(x["method"], x["kind"]) for x in r["rows"] if x["mode"] == "sampling"}
     assert sampled == {(m, k) for m in ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "fast")
                        for k in ("code", "unfamiliar", "paraphrase")}
