@@ -339,8 +339,8 @@ def cmd_export_draft(args) -> int:
         raise ConfigError(f"{args.draft} is a feature-fed draft: it reads the teacher's hidden states, which no "
                           f"plain Qwen3 does; only layer-sampled drafts export to Qwen3")
     tok = AutoTokenizer.from_pretrained(paths.TEACHER_DIR if args.tokenizer is None else args.tokenizer)
-    out = export_qwen3(draft, args.out, tokenizer=tok)
-    print(f"plain Qwen3 draft written to {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
+    record = export_qwen3(draft, args.out, tokenizer=tok)
+    print(f"Qwen3 draft written to {args.out} ({record['note']}); AutoModelForCausalLM.from_pretrained loads it")
     return 0
 
 
@@ -480,8 +480,9 @@ def _add_fast_draft_commands(sub) -> None:
     f.set_defaults(func=cmd_train_fast)
 
     x = sub.add_parser("export-draft", help="write a layer-sampled draft as a plain Qwen3 model (serving engines)")
-    _opt(x, "draft", help="the draft folder, e.g. outputs/ablation_no_knowledge (a draft without a knowledge path)")
-    _opt(x, "--out", required=True, help="the folder to write (replaced only when complete)")
+    _opt(x, "out", help="the folder to write (replaced only when complete)")
+    _opt(x, "--draft", default=None, help="a layer-sampled draft folder; default: the course's reference draft "
+                                          "(its knowledge path is dropped, as with the cache detached)")
     _opt(x, "--format", choices=("qwen3",), default="qwen3", help="qwen3: Qwen3ForCausalLM with its tokenizer (the only format)")
     _opt(x, "--tokenizer", default=None, help="tokenizer folder or hub id to copy beside it; default: the bundled teacher's")
     x.set_defaults(func=cmd_export_draft)

@@ -458,31 +458,35 @@ QD_ONLY_KEYS = ("kept_layers", "teacher_num_layers", "teacher_name_or_path", "te
                 "knowledge_enhancement", "architectures", "model_type", "auto_map", "transformers_version")
 
 
-def export_qwen3(draft: DraftForCausalLM, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+def export_qwen3(draft: DraftForCausalLM, out_dir: str | os.PathLike, tokenizer=None) -> dict:
     """Write ``draft`` as a plain ``Qwen3ForCausalLM`` folder that any Qwen3 runtime loads (transformers' Auto
     classes, and serving engines such as vLLM or SGLang as a draft model), with ``tokenizer`` beside it.
 
-    Only a draft without a knowledge path is a plain Qwen3 (its fusion blocks have no Qwen3 equivalent); the
-    export refuses one with fusion blocks rather than silently dropping them. Where the draft came from
-    (kept layers, teacher fingerprint) is kept in ``qd_provenance.json``. The folder is written atomically.
+    A layer-sampled draft without a knowledge path *is* a plain Qwen3 of k layers: same weights, same logits. A
+    draft with fusion blocks is exported without them, which equals the draft with its cache detached; the note
+    returned (and kept in ``qd_provenance.json`` with the kept layers and the teacher's fingerprint) says so and how
+    open its gates were. The folder is written atomically. Returns the provenance record.
     """
     from transformers import Qwen3ForCausalLM
 
-    if len(draft.fusion):
-        raise ConfigError(f"this draft has {len(draft.fusion)} knowledge-fusion block(s), which a plain Qwen3 cannot "
-                          f"hold; export a draft distilled without knowledge (qd distill --no-knowledge), such as "
-                          f"{paths.DRAFT_NOKNOW_DIR.name}")
     cfg = {k: v for k, v in draft.config.to_dict().items() if k not in QD_ONLY_KEYS}
     qwen = Qwen3ForCausalLM(Qwen3Config(**cfg)).to(draft.dtype)
-    missing, unexpected = qwen.load_state_dict(draft.state_dict(), strict=False)
+    state = {k: v for k, v in draft.state_dict().items() if not k.startswith("fusion.")}
+    missing, unexpected = qwen.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not qwen.config.tie_word_embeddings]
     if missing or unexpected:  # pragma: no cover - the two layouts agree by construction; say so if they drift
         raise QdError(f"the draft's weights do not map onto Qwen3 (missing {missing}, unexpected {unexpected})")
     qwen.tie_weights()
+    note = "a plain Qwen3: the same logits as the draft"
+    if len(draft.fusion):
+        gate = max(torch.tanh(f.gate).abs().max().item() for f in draft.fusion.values())
+        note = (f"the knowledge path is dropped ({len(draft.fusion)} fusion blocks, largest |tanh(gate)| {gate:.4f}): "
+                f"the export equals the draft with its cache detached")
+    record = {k: draft.config.to_dict().get(k) for k in QD_ONLY_KEYS[:4]} | {"note": note}
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         qwen.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "qd_provenance.json", {k: draft.config.to_dict().get(k) for k in QD_ONLY_KEYS[:4]})
-    return out
+        write_json_atomic(tmp / "qd_provenance.json", record)
+    return record
