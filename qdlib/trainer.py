@@ -263,17 +263,26 @@ class _Run:
         return self.acc.is_main_process
 
     @property
+    def precision(self) -> str:
+        """``bf16`` or ``no``: the configured mixed precision, applied by :meth:`autocast`."""
+        return _mixed_precision(self.cfg.training.mixed_precision)
+
+    def autocast(self):
+        """bf16 autocast on the run's device when mixed precision is on (qdlib's own, not Accelerate's: the
+        process-wide ``AcceleratorState`` then never needs resetting between runs)."""
+        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+    @property
     def ckpt(self) -> Path:
         return self.run_dir / "last.pt"
 
 
 def _accelerator(t):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state()  # a fresh state per run (notebooks and tests call this more than once)
-    return Accelerator(mixed_precision=_mixed_precision(t.mixed_precision),
-                       gradient_accumulation_steps=t.gradient_accumulation_steps)
+    # Mixed precision is qdlib's own autocast (_Run.autocast), so every run creates Accelerate's process-wide state
+    # the same way and several runs in one process (notebooks, tests) need no private reset between them.
+    return Accelerator(gradient_accumulation_steps=t.gradient_accumulation_steps)
 
 
 def _prepare_data(cfg: DistillConfig, teacher, tokenizer, items, fp: str, run_dir: Path, progress: bool, say) -> None:
@@ -393,9 +402,10 @@ def _micro_batch(run: _Run, state: TrainState, micro: int) -> tuple[torch.Tensor
 def _loss(run: _Run, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """The configured objective on one micro-batch: distillation from the teacher's logits, or plain CE."""
     t = run.cfg.training
-    with torch.no_grad(), run.acc.autocast():
+    with torch.no_grad(), run.autocast():
         p = run.teacher(input_ids=x, use_cache=False).logits  # (B, T, V)
-    q = run.model(input_ids=x, use_cache=False).logits  # (B, T, V)
+    with run.autocast():
+        q = run.model(input_ids=x, use_cache=False).logits.float()  # (B, T, V), float32 for the loss
     if t.use_knowledge_distillation:
         return distill_loss(q, p, y, m, kl_weight=t.kl_divergence_weight, temperature=t.temperature, objective=t.objective)
     return ce_loss(q, y, m)
@@ -503,7 +513,7 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
     run.model.train()
     run.say(f"distilling a draft of layers {run.layers} from {run.name}: {run.total} steps x {t.batch_size} rows x "
             f"{t.gradient_accumulation_steps} accumulation x {run.acc.num_processes} process(es), mixed precision "
-            f"{run.acc.mixed_precision}, training {len(run.trainable)} tensors")
+            f"{run.precision}, training {len(run.trainable)} tensors")
     bar = progress_bar(total=run.total, initial=state.step, desc="distill", unit="step", enabled=progress and run.main)
     t_last = time.time()
     try:
