@@ -454,7 +454,8 @@ def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torc
     return draft
 
 
-QD_ONLY_KEYS = ("kept_layers", "teacher_num_layers", "teacher_name_or_path", "teacher_fingerprint",
+PROVENANCE_KEYS = ("kept_layers", "teacher_num_layers", "teacher_name_or_path", "teacher_fingerprint")
+QD_ONLY_KEYS = (*PROVENANCE_KEYS,
                 "knowledge_enhancement", "architectures", "model_type", "auto_map", "transformers_version")
 
 
@@ -482,7 +483,7 @@ def export_qwen3(draft: DraftForCausalLM, out_dir: str | os.PathLike, tokenizer=
         gate = max(torch.tanh(f.gate).abs().max().item() for f in draft.fusion.values())
         note = (f"the knowledge path is dropped ({len(draft.fusion)} fusion blocks, largest |tanh(gate)| {gate:.4f}): "
                 f"the export equals the draft with its cache detached")
-    record = {k: draft.config.to_dict().get(k) for k in QD_ONLY_KEYS[:4]} | {"note": note}
+    record = {k: draft.config.to_dict().get(k) for k in PROVENANCE_KEYS} | {"note": note}
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         qwen.save_pretrained(tmp)
