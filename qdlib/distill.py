@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import paths
+from .corpus import SOURCES
 from .draft import KnowledgeConfig, knowledge_block
 from .errors import ConfigError, MissingFileError
 from .sampling import EARLY_EXIT, STRATEGIES
@@ -82,6 +83,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 OBJECTIVES = ("kl", "tvd")
 MIXED_PRECISION = ("auto", "bf16", "no")
 TRAIN_PARAMS = ("all", "fusion", "body")
+TEXT_SOURCES = SOURCES  # the teacher's corpus sources (qdlib.corpus)
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -128,7 +130,10 @@ class TrainingConfig:
     item_share: float = setting(0.1, Number(0, 1),
                                 "share of item-conditioned rows (questions + training paraphrases, teacher-continued)")
     on_policy_share: float = setting(0.0, Number(0, 1), "share of rows sampled from the current draft, scored by the teacher")
-    max_text_tokens: int | None = setting(None, OrNull(Integer(1)), "cap on the training text (null: all training files)")
+    max_text_tokens: int | None = setting(None, OrNull(Integer(1)),
+                                          "cap on the training text of each source (null: all training files)")
+    text_sources: str = setting("stdlib", Text(), "the teacher's corpus sources the text and the continued prompts come "
+                                "from, comma-separated: stdlib, torch, transformers")
     # bookkeeping
     checkpoint_every: int = setting(50, Integer(1), "optimizer steps between resume checkpoints (and one per epoch)")
     eval_prompts: int = setting(32, Integer(1), "held-out validation prompts scored every epoch (picks the best)")
@@ -172,10 +177,20 @@ def config_problems(cfg: DistillConfig, num_layers: int | None = None) -> list[s
         if shares > 1:
             problems.append(f"training.generated_share + item_share + on_policy_share={shares!r} is out of range; "
                             f"allowed: a sum <= 1 (the rest is training text)")
+    if field_ok(t, "text_sources"):
+        bad = [x for x in t.text_sources.split(",") if x.strip() not in TEXT_SOURCES]
+        if bad or not t.text_sources.strip():
+            problems.append(f"training.text_sources={t.text_sources!r} is not allowed; allowed: a comma-separated "
+                            f"list of {', '.join(TEXT_SOURCES)}")
     if t.train_params == "fusion" and k.enabled is False:
         problems.append("training.train_params='fusion' needs knowledge_enhancement.enabled: true (there are no "
                         "fusion parameters otherwise)")
     return problems
+
+
+def text_sources(t: TrainingConfig) -> tuple[str, ...]:
+    """``training.text_sources`` as a tuple: ``"stdlib, torch"`` -> ``("stdlib", "torch")``."""
+    return tuple(x.strip() for x in t.text_sources.split(",") if x.strip())
 
 
 def validate(cfg: DistillConfig, num_layers: int | None = None) -> DistillConfig:

@@ -34,6 +34,7 @@ import torch
 
 from .corpus import corpus_files, heldout_prompts, pad_id, random_prompts, read_source
 from .errors import ConfigError
+from .heldout_code import heldout_code_prompts
 from .progress import progress_bar
 
 
@@ -161,6 +162,15 @@ def paraphrase_eval_set(teacher, tokenizer, items: list[dict], new_tokens: int =
     return es
 
 
+def unfamiliar_eval_set(teacher, tokenizer, n_prompts: int = 48, new_tokens: int = 64) -> EvalSet:
+    """Third-party code (:mod:`qdlib.heldout_code`) continued greedily by the teacher."""
+    prompts = heldout_code_prompts(tokenizer, n_prompts, 64)
+    seqs = continue_greedy(teacher, torch.tensor(prompts), new_tokens)
+    mask = torch.zeros(seqs.shape, dtype=torch.bool)
+    mask[:, 63:-1] = True  # predictions of the generated tokens
+    return EvalSet(seqs.long(), mask, "unfamiliar")
+
+
 @dataclass
 class DistillData:
     """The training mix. ``batch(step, rows, seq_len)`` is deterministic in ``step``.
@@ -230,9 +240,11 @@ class DistillData:
 def build_distill_data(teacher, tokenizer, *, generated: int = 512, prompt_tokens: int = 32, seq_len: int = 256,
                        items: list[dict] | None = None, item_new_tokens: int = 96, generated_share: float = 0.5,
                        item_share: float = 0.1, max_text_tokens: int | None = None, max_files: int | None = None,
-                       seed: int = 0, progress: bool = True) -> DistillData:
-    """Tokenize the training text, let the teacher continue ``generated`` prompts, add item sequences."""
-    text = training_stream(tokenizer, max_files=max_files, max_tokens=max_text_tokens)
+                       sources: tuple[str, ...] = ("stdlib",), seed: int = 0, progress: bool = True) -> DistillData:
+    """Tokenize the training text of ``sources`` (each capped at ``max_text_tokens``, joined), let the teacher
+    continue ``generated`` prompts drawn from all of it, add item sequences."""
+    text = torch.cat([training_stream(tokenizer, max_files=max_files, max_tokens=max_text_tokens, source=s)
+                      for s in sources])
     if len(text) < seq_len + 2:
         raise ConfigError(f"only {len(text)} training tokens, fewer than one window of {seq_len}; raise "
                           f"training.max_text_tokens or lower training.max_seq_length")

@@ -35,11 +35,10 @@ import torch.nn.functional as F
 
 from . import paths
 from .corpus import heldout_prompts, heldout_texts, random_prompts
-from .distill_data import EvalSet, continue_greedy, heldout_eval_set, training_stream
+from .distill_data import EvalSet, continue_greedy, heldout_eval_set, training_stream, unfamiliar_eval_set
 from .errors import ConfigError
 from .feature_draft import FeatureDraft, build_feature_draft, load_feature_draft, save_feature_draft, teacher_features
 from .hardware import cpu_supports_bf16
-from .heldout_code import heldout_code_prompts
 from .io import append_jsonl, torch_load_safe, torch_save_atomic, write_json_atomic
 from .models import load_teacher
 from .speculative import speculative_generate
@@ -385,15 +384,6 @@ def _init_summary(init_from: str | None) -> dict | None:
     return {"num_layers": m["num_layers"], "steps": prev["steps"] + m["steps"],
             "positions": prev["positions"] + m["steps"] * c["batch_rows"] * c["seq_len"],
             "train_time_s": prev["train_time_s"] + m["train_time_s"]}
-
-
-def unfamiliar_eval_set(teacher, tokenizer, n_prompts: int = 48, new_tokens: int = 64) -> EvalSet:
-    """Third-party code (:mod:`qdlib.heldout_code`) continued greedily by the teacher."""
-    prompts = heldout_code_prompts(tokenizer, n_prompts, 64)
-    seqs = continue_greedy(teacher, torch.tensor(prompts), new_tokens)
-    mask = torch.zeros(seqs.shape, dtype=torch.bool)
-    mask[:, 63:-1] = True  # predictions of the generated tokens
-    return EvalSet(seqs.long(), mask, "unfamiliar")
 
 
 def _fast_card(m: dict) -> str:

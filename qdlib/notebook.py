@@ -14,7 +14,9 @@ warning: a warning that a cell prints is worth reading.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 DEVICE = "cpu"  # the course runs on a laptop CPU; load_teacher(device="auto") would pick a GPU
 
@@ -43,3 +45,43 @@ def use_inline_backend() -> bool:
         return False
     shell.run_line_magic("matplotlib", "inline")
     return True
+
+
+def as_javascript_writes(value):
+    """``value`` (parsed notebook JSON) with every whole-number float written as an integer, as JupyterLab saves it.
+
+    JupyterLab parses a notebook into JavaScript numbers, which do not keep ``0.0`` apart from ``0``; a notebook
+    executed by nbconvert stores widget state such as a FloatSlider's ``"min": 0.0``, so a student's first Ctrl-S
+    would rewrite those lines and leave ``git status`` dirty. Committed notebooks are stored this way instead.
+
+    >>> as_javascript_writes({"min": 0.0, "step": 0.01, "n": [1.0, 2], "ok": True})
+    {'min': 0, 'step': 0.01, 'n': [1, 2], 'ok': True}
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: as_javascript_writes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [as_javascript_writes(v) for v in value]
+    return value
+
+
+def store_as_jupyterlab_would(path) -> bool:
+    """Rewrite the notebook at ``path`` as JupyterLab writes it (see :func:`as_javascript_writes`); True if changed."""
+    import nbformat
+
+    text = open(path, encoding="utf-8").read()
+    nb = nbformat.from_dict(as_javascript_writes(json.loads(text)))
+    new = nbformat.writes(nb) + "\n"
+    if new == text:
+        return False
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(new)
+    os.replace(tmp, path)
+    return True
+
+
+if __name__ == "__main__":  # python -m qdlib.notebook notebooks/NN_topic.ipynb ... (after nbconvert --execute)
+    for p in sys.argv[1:]:
+        print(p, "rewritten" if store_as_jupyterlab_would(p) else "unchanged")

@@ -39,8 +39,9 @@ import torch
 
 from . import paths
 from .corpus import heldout_texts, pad_id
-from .distill import DistillConfig, ce_loss, distill_loss, validate
-from .distill_data import DistillData, EvalSet, build_distill_data, heldout_eval_set, paraphrase_eval_set, perplexity
+from .distill import DistillConfig, ce_loss, distill_loss, text_sources, validate
+from .distill_data import (DistillData, EvalSet, build_distill_data, heldout_eval_set, paraphrase_eval_set, perplexity,
+                           unfamiliar_eval_set)
 from .draft import DraftForCausalLM, build_draft
 from .hardware import cpu_name, cpu_supports_bf16
 from .errors import ConfigError, MissingFileError, QdError
@@ -119,12 +120,15 @@ def text_eval_set(tokenizer, texts, seq_len: int = 128, n: int = 16) -> EvalSet:
 
 
 def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, texts=None,
-              new_tokens: int = 64, text_windows: int = 16) -> dict[str, EvalSet]:
-    """Held-out prompts continued by the teacher (and the items' evaluation paraphrases, and held-out text)."""
+              new_tokens: int = 64, text_windows: int = 16, unfamiliar: bool = False) -> dict[str, EvalSet]:
+    """Held-out prompts continued by the teacher (and the items' evaluation paraphrases, and held-out text; with
+    ``unfamiliar``, third-party code no training here uses, :mod:`qdlib.heldout_code`)."""
     texts = texts if texts is not None else heldout_texts()
     sets = {"heldout": heldout_eval_set(teacher, tokenizer, texts, n_prompts=n_prompts, seed=seed, new_tokens=new_tokens)}
     if items:
         sets["paraphrase"] = paraphrase_eval_set(teacher, tokenizer, items, new_tokens=min(new_tokens, 48))
+    if unfamiliar:
+        sets["unfamiliar"] = unfamiliar_eval_set(teacher, tokenizer)
     sets["text"] = text_eval_set(tokenizer, texts, n=text_windows)
     return sets
 
@@ -294,14 +298,16 @@ def _prepare_data(cfg: DistillConfig, teacher, tokenizer, items, fp: str, run_di
         build_knowledge_cache(teacher, tokenizer, items, answer_tokens=t.knowledge_answer_tokens,
                               progress=progress).save(cache_dir)
     data_key = json.dumps({k: getattr(t, k) for k in ("generated_sequences", "max_seq_length", "generated_share",
-                                                      "item_share", "max_text_tokens", "seed", "item_new_tokens")} | {"teacher": fp})
+                                                      "item_share", "max_text_tokens", "seed", "item_new_tokens")}
+                          | {"teacher": fp} | ({"sources": text_sources(t)} if text_sources(t) != ("stdlib",) else {}))
     if not data_path.exists() or torch_load_safe(data_path).get("key") != data_key:
         say("preparing the training data (the teacher continues training prompts) ...")
         data = build_distill_data(
             teacher, tokenizer, generated=t.generated_sequences, seq_len=t.max_seq_length,
             items=items if t.item_share > 0 else None, item_new_tokens=t.item_new_tokens,
             generated_share=t.generated_share,
-            item_share=t.item_share, max_text_tokens=t.max_text_tokens, seed=t.seed, progress=progress)
+            item_share=t.item_share, max_text_tokens=t.max_text_tokens, sources=text_sources(t), seed=t.seed,
+            progress=progress)
         torch_save_atomic(data.state_dict() | {"key": data_key}, data_path)
 
 
@@ -668,7 +674,7 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
     knowledge_on = draft.config.knowledge_enhancement["enabled"]
     items = load_items(None, teacher)  # the paraphrase set is reported for every draft, cache or not
     log("measuring the draft on the test prompts ...")
-    sets = eval_sets(teacher, tokenizer, n_prompts=n_prompts, seed=EVAL_SEED_TEST, items=items)
+    sets = eval_sets(teacher, tokenizer, n_prompts=n_prompts, seed=EVAL_SEED_TEST, items=items, unfamiliar=True)
     ev = evaluate_draft(teacher, draft, sets, cache)
     train, evals = read_log(run_dir)
     chosen = json.loads((best / "eval.json").read_text())
@@ -704,6 +710,28 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
     return metrics
 
 
+def _sources_text(t: dict) -> str:
+    src = [x.strip() for x in str(t.get("text_sources", "stdlib")).split(",")]
+    names = {"stdlib": "standard-library training files", "torch": "torch sources", "transformers": "transformers sources"}
+    return ", ".join(names.get(x, x) for x in src)
+
+
+def _on_policy_text(t: dict) -> str:
+    share = t.get("on_policy_share") or 0
+    return (f"; on-policy rows: continuations the current draft samples itself, scored by the teacher (share {share})"
+            if share else "")
+
+
+def _init_text(t: dict) -> str:
+    return f"\nThe run started from the weights of `{t['init_from']}`." if t.get("init_from") else ""
+
+
+def _unfamiliar_bar(m: dict) -> str:
+    u = m["test"].get("unfamiliar")
+    return (f"\nOn unfamiliar code (bar >= 0.80, {'met' if u['agreement'] >= 0.80 else 'NOT met'}): **{u['agreement']:.3f}**."
+            if u else "")
+
+
 def _draft_card(title: str, m: dict, evals: list[dict], notes: str | None = None) -> str:
     rows = []
     for name, v in m["test"].items():
@@ -728,9 +756,9 @@ Trained by `qd distill` (qdlib, notebook 04); load it with `qdlib.load_draft()`.
 {m['steps']} optimizer steps, {m['tokens_seen']:,} scored tokens, {m['train_wall_time_s'] / 60:.0f} minutes on {m['hardware']}.
 Loss: {t.get('kl_divergence_weight')} x T^2 x {str(t.get('objective', 'kl')).upper()}(teacher || draft) + {1 - t.get('kl_divergence_weight', 0):.1f} x CE, T = {t.get('temperature')};
 batch {t.get('batch_size')} x {t.get('max_seq_length')} tokens, learning rate {t.get('learning_rate')} (warm-up, cosine), train_params {t.get('train_params')}.
-Data: the teacher's training text (standard-library training files), {t.get('generated_sequences')} training prompts continued
+Data: the teacher's training text ({_sources_text(t)}), {t.get('generated_sequences')} training prompts continued
 greedily by the teacher (share {t.get('generated_share')}), item-conditioned sequences: the knowledge questions and their
-training paraphrases continued by the teacher (share {t.get('item_share')}; the evaluation paraphrases are never trained on).
+training paraphrases continued by the teacher (share {t.get('item_share')}; the evaluation paraphrases are never trained on){_on_policy_text(t)}.{_init_text(t)}
 Validation agreement per epoch (32 held-out prompts, seed 1): {per_epoch}; the best epoch (step {m['best_step']}) is shipped.
 Skipped (non-finite) steps: {m['skipped_steps']}.{restarts}{gates}
 {notes}
@@ -738,7 +766,8 @@ Skipped (non-finite) steps: {m['skipped_steps']}.{restarts}{gates}
 Agreement = teacher-forced top-1 agreement with the teacher on its own greedy continuations (the per-token
 greedy acceptance rate); alpha = E[sum_x min(p, q)] (the sampling acceptance); KL = KL(teacher || draft) in nats;
 CE / ppl = the draft's cross-entropy / perplexity on the scored tokens. "heldout": the {m['test_prompts']} test prompts
-(64 tokens from held-out standard-library files, seed 0) continued 64 tokens by the teacher; "paraphrase": the
+(64 tokens from held-out standard-library files, seed 0) continued 64 tokens by the teacher; "unfamiliar": 48 prompts
+of third-party package sources that no training here uses (`outputs/heldout_code`), continued 64 tokens; "paraphrase": the
 knowledge items' evaluation paraphrases continued 48 tokens; "text": held-out text windows (real code, not the
 teacher's).{' "no cache": the same draft with its knowledge cache detached.' if no_cache else ''}
 
@@ -746,7 +775,7 @@ teacher's).{' "no cache": the same draft with its knowledge cache detached.' if 
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Course bar: held-out agreement >= 0.80 ({'met' if m['agreement'] >= 0.80 else 'NOT met'}): **{m['agreement']:.3f}**.
+Course bar: held-out agreement >= 0.80 ({'met' if m['agreement'] >= 0.80 else 'NOT met'}): **{m['agreement']:.3f}**.{_unfamiliar_bar(m)}
 
 ![curves](curves.png)
 """

@@ -70,6 +70,8 @@ def test_knowledge_block_has_one_schema_for_yaml_and_build_draft(tmp_path):
          r"knowledge_enhancement.fusion_gate='sigmoid' is unknown; allowed: channel, scalar"),
         ("training:\n  train_params: fusion\n", r"needs knowledge_enhancement.enabled: true"),
         ("training:\n  generated_share: 0.6\n  item_share: 0.5\n", r"generated_share \+ item_share \+ on_policy_share=1.1"),
+        ("training:\n  text_sources: stdlib,numpy\n",
+         r"training.text_sources='stdlib,numpy' is not allowed; allowed: a comma-separated list of stdlib, torch, transformers"),
         ("training: 5\n", r"config section 'training' must be a mapping, got int"),
         ("training: [\n", r"is not valid YAML"),
     ],

@@ -183,6 +183,20 @@ def test_data_mix_and_item_rows(small_teacher, tmp_path):
     assert torch.equal(torch.stack([a, b], 1).flatten(0, 1), whole)
 
 
+def test_text_from_several_sources_each_capped(tiny):
+    from qdlib.distill_data import build_distill_data, training_stream
+    from qdlib.distill import DistillConfig, text_sources
+
+    teacher, tok = tiny
+    t = DistillConfig().training
+    t.text_sources = "stdlib, torch"
+    data = build_distill_data(teacher, tok, generated=0, seq_len=32, max_text_tokens=300, max_files=2,
+                              sources=text_sources(t), progress=False)
+    parts = [training_stream(tok, max_files=2, max_tokens=300, source=s) for s in ("stdlib", "torch")]
+    assert [len(p) for p in parts] == [300, 300] and torch.equal(data.text, torch.cat(parts))
+    assert not torch.equal(parts[0], parts[1])
+
+
 def test_eval_paraphrases_are_never_trained_on():
     from qdlib.distill_data import item_texts
     from qdlib.knowledge import load_items

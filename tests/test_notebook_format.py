@@ -17,6 +17,7 @@ import pytest
 from ipykernel.ipkernel import IPythonKernel
 
 from qdlib import paths
+from qdlib.notebook import as_javascript_writes
 
 NOTEBOOKS = sorted((paths.REPO_DIR / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 WIDGET = "application/vnd.jupyter.widget-view+json"
@@ -124,9 +125,10 @@ def test_metadata_is_what_jupyterlab_writes(notebook):
 
 
 def not_as_jupyter_writes(path):
-    """True when saving the file through nbformat (as Jupyter's server does) would change its bytes."""
+    """True when saving the file from JupyterLab would change its bytes: the frontend holds the notebook as
+    JavaScript values (``0.0`` becomes ``0``), the server writes it through nbformat (sorted keys, indent 1)."""
     text = path.read_text(encoding="utf-8")
-    canonical = nbformat.writes(nbformat.reads(text, as_version=nbformat.NO_CONVERT))
+    canonical = nbformat.writes(nbformat.from_dict(as_javascript_writes(json.loads(text))))
     return text != (canonical if canonical.endswith("\n") else canonical + "\n")
 
 
@@ -207,6 +209,12 @@ def test_checks_catch_broken_notebooks(tmp_path):
     unsorted = tmp_path / "unsorted.ipynb"
     unsorted.write_text(json.dumps(load(NOTEBOOKS[0]), indent=2) + "\n", encoding="utf-8")
     assert not_as_jupyter_writes(unsorted)
+
+    float_state = tmp_path / "float_state.ipynb"  # what nbconvert stores for a FloatSlider; JupyterLab saves "min": 0
+    nb = load(paths.REPO_DIR / "notebooks" / "06_benchmarks.ipynb")
+    nb["metadata"].setdefault("widgets", {})["probe"] = {"min": 0.0, "max": 1.0, "step": 0.01}
+    float_state.write_text(nbformat.writes(nbformat.from_dict(nb)) + "\n", encoding="utf-8")
+    assert not_as_jupyter_writes(float_state)
 
     def other_language_info(nb):
         nb["metadata"]["language_info"]["pygments_lexer"] = "python3"
