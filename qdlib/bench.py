@@ -156,6 +156,46 @@ class BenchConfig:
         return names
 
 
+def quick_config(**changes) -> BenchConfig:
+    """``qd bench --quick``: the capstone's scoring run, about a minute on 2 cores.
+
+    Greedy decoding of 3 prompts of unfamiliar third-party code, 48 new tokens, 2 interleaved repeats: the teacher's
+    ``generate``, ``generate_plain``, the reference draft (cache detached, gamma 3, its best there) and a feature-fed
+    draft (the ``"fast"`` rows: the committed one, or a candidate).
+
+    >>> quick_config().kinds, quick_config(n_prompts=5).n_prompts
+    (('unfamiliar',), 5)
+    """
+    base = dict(n_prompts=3, max_new_tokens=48, gamma=3, repeats=2, temperature=0.0, sweep_prompts=0,
+                kinds=("unfamiliar",), methods=("teacher_generate", "teacher_plain", "spec_no_cache", "fast"))
+    return BenchConfig(**{**base, **changes}).validate()
+
+
+def capstone_score(report: dict, kind: str = "unfamiliar") -> dict:
+    """Did the candidate (the ``"fast"`` rows) beat the reference draft (``"spec_no_cache"``) in this report?
+
+    Both speed-ups are over ``generate_plain`` of the same run (the same engine without a draft), so only
+    speculation counts; a candidate whose greedy output differs from the teacher's on any prompt scores nothing.
+    ``score`` is the candidate's speed-up divided by the reference's: above 1 beats it.
+
+    >>> rows = [{"kind": "unfamiliar", "mode": "greedy", "method": "spec_no_cache", "speedup_vs_plain": 1.2,
+    ...          "identical": 3, "prompts": 3},
+    ...         {"kind": "unfamiliar", "mode": "greedy", "method": "fast", "speedup_vs_plain": 1.5,
+    ...          "identical": 3, "prompts": 3}]
+    >>> s = capstone_score({"rows": rows}); round(s["score"], 2), s["beats_reference"]
+    (1.25, True)
+    """
+    rows = {r["method"]: r for r in report["rows"] if r["kind"] == kind and r["mode"] == "greedy"}
+    missing = [m for m in ("spec_no_cache", "fast") if m not in rows]
+    if missing:
+        raise ValueError(f"the report has no greedy {kind} rows for {missing}; run `qd bench --quick --candidate DIR`")
+    cand, ref = rows["fast"], rows["spec_no_cache"]
+    exact = cand["identical"] == cand["prompts"]
+    score = cand["speedup_vs_plain"] / ref["speedup_vs_plain"] if exact else 0.0
+    return {"candidate_vs_plain": cand["speedup_vs_plain"], "reference_vs_plain": ref["speedup_vs_plain"],
+            "exact": exact, "score": score, "beats_reference": exact and score > 1.0}
+
+
 # ----------------------------------------------------------------------------- prompts
 
 

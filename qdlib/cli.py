@@ -357,26 +357,26 @@ def cmd_student(args) -> int:
 
 def cmd_bench(args) -> int:
     from . import paths
-    from .bench import BenchConfig, run_bench
+    from .bench import capstone_score, run_bench
     from .draft import load_draft
+    from .feature_draft import FeatureDraft
     from .models import is_bundled, resolve_device
     from .report import headline, report_markdown, write_report
 
-    try:
-        cfg = BenchConfig(n_prompts=args.prompts, max_new_tokens=args.new_tokens, gamma=args.gamma,
-                          repeats=args.repeats, temperature=args.temperature, sweep_prompts=args.sweep_prompts,
-                          gammas=tuple(args.gammas), methods=tuple(args.methods) if args.methods else None,
-                          kinds=tuple(args.kinds)).validate()
-    except ValueError as exc:  # bench.py's checks predate QdError
-        raise ConfigError(str(exc)) from exc
+    cfg = _bench_config(args)
     _check_device(args.device)
     if args.draft is None and args.model is not None and not is_bundled(args.model):
         raise ConfigError(f"--model {args.model}: the reference draft belongs to the bundled teacher; pass --draft "
                           f"with a draft distilled from this teacher (`qd distill --config qwen3 --export <folder>`)")
     draft = load_draft(args.draft, device=resolve_device(args.device))  # before the teacher: fails faster
-    # the course's fast draft rides along for the bundled teacher (its "fast" rows); other teachers have none
+    # the "fast" rows: a candidate (the capstone), else the course's fast draft for the bundled teacher
     fast = None
-    if "fast" in cfg.method_names and args.draft is None and (args.model is None or is_bundled(args.model)) \
+    if args.candidate is not None:
+        fast = load_draft(args.candidate, device=resolve_device(args.device))
+        if not isinstance(fast, FeatureDraft):
+            raise ConfigError(f"--candidate {args.candidate} is a layer-sampled draft; the candidate is a feature-fed "
+                              f"draft (`qd train-fast --export DIR`). Compare layer-sampled drafts with --draft")
+    elif "fast" in cfg.method_names and args.draft is None and (args.model is None or is_bundled(args.model)) \
             and (paths.FAST_DRAFT_DIR / "config.json").is_file():
         fast = load_draft("fast", device=resolve_device(args.device))
     teacher, tok = _load_teacher(args)
@@ -385,8 +385,28 @@ def cmd_bench(args) -> int:
     write_report(report, out)
     print(report_markdown(report))
     print(f"report, tables and plot written to {out}")
+    if args.candidate is not None and "spec_no_cache" in cfg.method_names and "unfamiliar" in cfg.kinds:
+        s = capstone_score(report)
+        print(f"capstone: the candidate is {s['candidate_vs_plain']:.2f}x generate_plain, the reference draft "
+              f"{s['reference_vs_plain']:.2f}x; score {s['score']:.2f} "
+              f"({'beats' if s['beats_reference'] else 'does not beat'} the reference draft"
+              f"{'' if s['exact'] else '; its output differed from the teacher, so it scores 0'})")
     h = headline(report)
     return 0 if "speedup" not in h or h["identical"] == h["prompts"] else 1
+
+
+def _bench_config(args):
+    from .bench import BenchConfig, quick_config
+
+    try:
+        if args.quick:
+            return quick_config()
+        return BenchConfig(n_prompts=args.prompts, max_new_tokens=args.new_tokens, gamma=args.gamma,
+                           repeats=args.repeats, temperature=args.temperature, sweep_prompts=args.sweep_prompts,
+                           gammas=tuple(args.gammas), methods=tuple(args.methods) if args.methods else None,
+                           kinds=tuple(args.kinds)).validate()
+    except ValueError as exc:  # bench.py's checks predate QdError
+        raise ConfigError(str(exc)) from exc
 
 
 def cmd_tour(args) -> int:
@@ -567,6 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
          choices=["code", "unfamiliar", "paraphrase"],
          help="prompt kinds: held-out standard-library code, unfamiliar third-party code, knowledge paraphrases "
               "(default: all three)")
+    _opt(be, "--quick", action="store_true",
+         help="the capstone's scoring run (about a minute): 3 unfamiliar-code prompts, 48 tokens, greedy, 2 repeats; "
+              "generate, generate_plain, the reference draft and the fast draft or --candidate; other settings ignored")
+    _opt(be, "--candidate", default=None, metavar="DIR",
+         help="a feature-fed draft folder (`qd train-fast --export DIR`) measured in the fast rows instead of the "
+              "committed one; with --quick, prints its capstone score against the reference draft")
     _opt(be, "--out", default=None, help="report folder; default: outputs/runs/bench/<time>")
     _opt(be, "--quiet", action="store_true", help="no progress bar")
     be.set_defaults(func=cmd_bench)

@@ -165,3 +165,30 @@ def test_cli_bench_offers_every_prompt_kind_by_default():
 
     args = build_parser().parse_args(["bench"])
     assert tuple(args.kinds) == KINDS and "unfamiliar" in KINDS
+
+
+@pytest.mark.slow
+def test_quick_bench_scores_a_candidate_against_the_reference(tmp_path, capsys):
+    """The capstone's scoring run, end to end, with the committed fast draft as the candidate."""
+    from qdlib.bench import capstone_score
+    from qdlib.cli import main
+
+    assert main(["bench", "--quick", "--candidate", str(paths.FAST_DRAFT_DIR), "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = load_report(tmp_path)
+    assert {r["method"] for r in report["rows"]} == {"teacher_generate", "teacher_plain", "spec_no_cache", "fast"}
+    assert all(r["identical"] == r["prompts"] == 3 and r["mode"] == "greedy" for r in report["rows"])
+    s = capstone_score(report)
+    assert s["exact"] and f"score {s['score']:.2f}" in out and "capstone: the candidate is" in out
+
+
+def test_capstone_score_gives_nothing_to_a_candidate_that_changes_the_output():
+    from qdlib.bench import capstone_score
+
+    row = dict(kind="unfamiliar", mode="greedy", prompts=3)
+    report = {"rows": [{**row, "method": "spec_no_cache", "speedup_vs_plain": 1.2, "identical": 3},
+                       {**row, "method": "fast", "speedup_vs_plain": 3.0, "identical": 2}]}
+    s = capstone_score(report)
+    assert s == {**s, "exact": False, "score": 0.0, "beats_reference": False}
+    with pytest.raises(ValueError, match=r"no greedy unfamiliar rows for \['fast'\]"):
+        capstone_score({"rows": report["rows"][:1]})

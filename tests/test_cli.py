@@ -107,6 +107,8 @@ def test_bad_options_end_in_one_line(capsys, argv, message):
     (["build-cache", "--items", "/no/such/items.yaml"], "error: --items /no/such/items.yaml: no such file"),
     (["bench", "--methods", "spec", "warp"], "error: unknown bench method(s) ['warp']"),
     (["bench", "--draft", "/no/such/draft"], "error: /no/such/draft is not a draft folder"),
+    (["bench", "--quick", "--candidate", "outputs/reference_draft"],
+     "error: --candidate outputs/reference_draft is a layer-sampled draft; the candidate is a feature-fed draft"),
     (["distill", "--config", "/no/such.yaml"], "error: config file /no/such.yaml does not exist"),
     (["distill", "--run-dir", "/no/such/run", "--export-only", "/no/out"], "error: /no/such/run/best holds no trained draft"),
     (["train-teacher", "--export", "--run-dir", "/no/such/run"], "error: /no/such/run holds no trained teacher"),

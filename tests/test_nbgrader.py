@@ -7,6 +7,7 @@ none, because a failing check raises under nbgrader.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,27 @@ def test_exercise_cells_carry_nbgrader_metadata(path):
         assert "check(" in "".join(grade["source"]) or "check_that(" in "".join(grade["source"]), "the grade cell is the exercise's check cell"
         ids += [s["grade_id"], g["grade_id"]]
     assert len(ids) == len(set(ids)), f"{path.name}: grade ids must be unique"
+
+
+LABEL = re.compile(r"\*\*Exercise \d+ \((implementation|derivation|conceptual)\)\.\*\*")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_asks_for_an_implementation_and_a_derivation_or_concept(path):
+    """At least three exercises; one that needs real code (its reference solution is 8 or more lines) and one
+    conceptual or derivation question with a checked answer (a solution cell and its check cell)."""
+    nb_cells = cells(path)
+    assert len(exercise_pairs(nb_cells)) >= 3, f"{path.name}: fewer than three exercises"
+    kinds = {}
+    for i, c in enumerate(nb_cells):
+        found = LABEL.search("".join(c["source"])) if c["cell_type"] == "markdown" else None
+        if found:
+            solution = next((d for d in nb_cells[i + 1:] if d["cell_type"] == "code"), None)
+            assert solution is not None and BEGIN in "".join(solution["source"]), \
+                f"{path.name}: {found.group(0)} is not followed by a solution cell"
+            kinds.setdefault(found.group(1), []).append(len(solution_lines("".join(solution["source"]))))
+    assert max(kinds.get("implementation", [0])) >= 8, f"{path.name}: no implementation exercise of 8+ lines ({kinds})"
+    assert kinds.keys() & {"derivation", "conceptual"}, f"{path.name}: no derivation or conceptual exercise"
 
 
 def nbgrader(course, *args):
