@@ -678,6 +678,7 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
     ev = evaluate_draft(teacher, draft, sets, cache)
     train, evals = read_log(run_dir)
     chosen = json.loads((best / "eval.json").read_text())
+    stages = _training_stages(cfg, train)
     metrics = {
         "teacher": model_name(teacher),
         "layers": list(draft.config.kept_layers),
@@ -687,9 +688,10 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
         "agreement": ev["heldout"]["agreement"],
         "best_step": chosen["step"],
         "validation_agreement": chosen["validation_agreement"],
-        "steps": train[-1]["step"] if train else 0,
-        "tokens_seen": train[-1]["tokens"] if train else 0,
-        "train_wall_time_s": train[-1]["elapsed_s"] if train else 0.0,
+        "steps": sum(st["steps"] for st in stages),  # all stages: a run that started from a draft adds its budget
+        "tokens_seen": sum(st["tokens_seen"] for st in stages),
+        "train_wall_time_s": round(sum(st["train_wall_time_s"] for st in stages), 1),
+        "stages": stages,
         "skipped_steps": sum(1 for r in train if r.get("skipped")),
         "hardware": f"{cpu_name()} ({os.cpu_count()} cores)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "config": dataclasses.asdict(cfg) if cfg is not None else None,
@@ -710,6 +712,35 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
     return metrics
 
 
+def _training_stages(cfg: DistillConfig | None, train: list[dict]) -> list[dict]:
+    """The training behind a draft: the stages of the draft it started from (``training.init_from``), then this run.
+
+    A stage is ``{"steps", "tokens_seen", "train_wall_time_s", "data"}``; the card states every stage, and its totals
+    are what a comparison of budgets (the ablation's against the reference draft's) reads.
+    """
+    t = cfg.training if cfg is not None else None
+    this = {"steps": train[-1]["step"] if train else 0, "tokens_seen": train[-1]["tokens"] if train else 0,
+            "train_wall_time_s": train[-1]["elapsed_s"] if train else 0.0,
+            "data": _stage_data(dataclasses.asdict(t) if t is not None else {})}
+    if t is None or not t.init_from:
+        return [this]
+    m = Path(t.init_from) / "metrics.json"
+    if not m.is_file():  # a draft folder without a card (e.g. save_pretrained): its budget is unknown
+        return [{"steps": 0, "tokens_seen": 0, "train_wall_time_s": 0.0, "data": f"unknown ({t.init_from})"}, this]
+    before = json.loads(m.read_text())
+    earlier = before.get("stages") or [{k: before.get(k, 0) for k in ("steps", "tokens_seen", "train_wall_time_s")}
+                                       | {"data": _stage_data((before.get("config") or {}).get("training", {}))}]
+    return [*earlier, this]
+
+
+def _stage_data(t: dict) -> str:
+    """One line on a stage's data mix."""
+    if not t:
+        return "unknown"
+    return (f"text of {t.get('text_sources', 'stdlib')}; teacher continuations {t.get('generated_share')}, items "
+            f"{t.get('item_share')}, on-policy {t.get('on_policy_share') or 0}")
+
+
 def _sources_text(t: dict) -> str:
     src = [x.strip() for x in str(t.get("text_sources", "stdlib")).split(",")]
     names = {"stdlib": "standard-library training files", "torch": "torch sources", "transformers": "transformers sources"}
@@ -722,8 +753,14 @@ def _on_policy_text(t: dict) -> str:
             if share else "")
 
 
-def _init_text(t: dict) -> str:
-    return f"\nThe run started from the weights of `{t['init_from']}`." if t.get("init_from") else ""
+def _stages_text(m: dict) -> str:
+    stages = m.get("stages") or []
+    if len(stages) < 2:
+        return ""
+    rows = "".join(f"\n- stage {i + 1}: {st['steps']} steps, {st['tokens_seen']:,} tokens, "
+                   f"{st['train_wall_time_s'] / 60:.0f} minutes; {st['data']}" for i, st in enumerate(stages))
+    return (f"\nThe run continued a draft trained before it (training.init_from); the totals above count every stage, "
+            f"the curves and validation figures below are the last stage's:{rows}")
 
 
 def _unfamiliar_bar(m: dict) -> str:
@@ -758,7 +795,7 @@ Loss: {t.get('kl_divergence_weight')} x T^2 x {str(t.get('objective', 'kl')).upp
 batch {t.get('batch_size')} x {t.get('max_seq_length')} tokens, learning rate {t.get('learning_rate')} (warm-up, cosine), train_params {t.get('train_params')}.
 Data: the teacher's training text ({_sources_text(t)}), {t.get('generated_sequences')} training prompts continued
 greedily by the teacher (share {t.get('generated_share')}), item-conditioned sequences: the knowledge questions and their
-training paraphrases continued by the teacher (share {t.get('item_share')}; the evaluation paraphrases are never trained on){_on_policy_text(t)}.{_init_text(t)}
+training paraphrases continued by the teacher (share {t.get('item_share')}; the evaluation paraphrases are never trained on){_on_policy_text(t)}.{_stages_text(m)}
 Validation agreement per epoch (32 held-out prompts, seed 1): {per_epoch}; the best epoch (step {m['best_step']}) is shipped.
 Skipped (non-finite) steps: {m['skipped_steps']}.{restarts}{gates}
 {notes}

@@ -197,6 +197,29 @@ def test_text_from_several_sources_each_capped(tiny):
     assert not torch.equal(parts[0], parts[1])
 
 
+def test_a_continued_draft_counts_every_training_stage(tmp_path):
+    from qdlib.distill import DistillConfig
+    from qdlib.trainer import _stages_text, _training_stages
+
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "metrics.json").write_text(json.dumps({"steps": 2400, "tokens_seen": 9_000_000, "train_wall_time_s": 600.0,
+                                                    "config": {"training": {"generated_share": 0.5, "item_share": 0.1}}}))
+    cfg = DistillConfig()
+    cfg.training.init_from, cfg.training.text_sources = str(first), "stdlib,torch"
+    stages = _training_stages(cfg, [{"step": 1000, "tokens": 4_000_000, "elapsed_s": 300.0}])
+    assert [st["steps"] for st in stages] == [2400, 1000] and "text of stdlib,torch" in stages[1]["data"]
+    text = _stages_text({"stages": stages})
+    assert "stage 1: 2400 steps, 9,000,000 tokens, 10 minutes" in text and "stage 2: 1000 steps" in text
+    second = tmp_path / "second"  # a draft continued twice carries all earlier stages
+    second.mkdir()
+    (second / "metrics.json").write_text(json.dumps({"stages": stages}))
+    cfg.training.init_from = str(second)
+    assert [st["steps"] for st in _training_stages(cfg, [{"step": 5, "tokens": 10, "elapsed_s": 1.0}])] == [2400, 1000, 5]
+    cfg.training.init_from = None
+    assert len(_training_stages(cfg, [{"step": 5, "tokens": 10, "elapsed_s": 1.0}])) == 1 and _stages_text({}) == ""
+
+
 def test_eval_paraphrases_are_never_trained_on():
     from qdlib.distill_data import item_texts
     from qdlib.knowledge import load_items

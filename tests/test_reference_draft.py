@@ -48,6 +48,16 @@ def test_agreement_bar_on_50_test_prompts(recomputed_agreement):
 
 
 @pytest.mark.slow
+def test_card_states_the_agreement_on_unfamiliar_code_the_weights_give(tiny, draft, card):
+    """The card's unfamiliar-code figure (third-party sources no training used), recomputed from the weights."""
+    from qdlib.distill_data import unfamiliar_eval_set
+
+    teacher, tok = tiny
+    got = evaluate_draft(teacher, draft, {"unfamiliar": unfamiliar_eval_set(teacher, tok)}, draft.knowledge)
+    assert got["unfamiliar"]["agreement"] == pytest.approx(card["test"]["unfamiliar"]["agreement"], abs=1e-3)
+
+
+@pytest.mark.slow
 def test_the_draft_works_as_a_causal_lm_and_as_an_assistant(tiny, draft):
     from qdlib import speculative_generate
 
