@@ -12,11 +12,16 @@ that follows them.
     (1, 0)
     >>> accept_round([1, 0], logits, None, s)            # both kept, bonus token 1
     (2, 1)
+
+:func:`count_positions` counts the token positions a model runs through while a block runs, which is how
+notebook 00 shows what a KV cache saves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
@@ -119,3 +124,38 @@ def accept_round(proposals: list[int], target_logits: torch.Tensor, qs: list[tor
         if not bool(ok):
             return j, int(tok)
     return g, s.pick(s.dist(target_logits[g]))
+
+
+@dataclass
+class PositionCount:
+    """Token positions a model embedded, one entry per forward call (see :func:`count_positions`)."""
+
+    calls: list[int] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls)
+
+
+@contextmanager
+def count_positions(model: torch.nn.Module) -> Iterator[PositionCount]:
+    """Count the token positions that ``model`` runs through while the ``with`` block runs.
+
+    A forward hook on the input embedding (``model.get_input_embeddings()``, or ``model`` itself when it is an
+    ``nn.Embedding``) records how many token ids each forward call embeds (batch x length): a call without a
+    KV cache embeds the whole sequence again, a call with one only the new tokens. The hook is removed on exit.
+
+    >>> emb = torch.nn.Embedding(10, 4)
+    >>> with count_positions(emb) as seen:
+    ...     _ = emb(torch.tensor([[1, 2, 3]]))   # a prefill: the three prompt tokens
+    ...     _ = emb(torch.tensor([[4]]))         # then one new token
+    >>> seen.calls, seen.total
+    ([3, 1], 4)
+    """
+    embed = model if isinstance(model, torch.nn.Embedding) else model.get_input_embeddings()
+    seen = PositionCount()
+    handle = embed.register_forward_hook(lambda module, args, output: seen.calls.append(args[0].numel()))
+    try:
+        yield seen
+    finally:
+        handle.remove()

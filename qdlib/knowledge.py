@@ -237,6 +237,29 @@ def teacher_answer(teacher, tokenizer, question: str, max_new_tokens: int = 48) 
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad per-item states ``(T_i, D)`` into one ``(N, M, D)`` tensor, M = the longest T_i, with its mask.
+
+    Padding slots hold zeros; the mask ``(N, M)`` is True for real tokens, the cache's convention
+    (the opposite of ``nn.MultiheadAttention``'s ``key_padding_mask``, which marks the padding).
+
+    >>> states, mask = pad_states([torch.ones(2, 3), torch.full((4, 3), 2.0)])
+    >>> tuple(states.shape), mask.tolist()
+    ((2, 4, 3), [[True, True, False, False], [True, True, True, True]])
+    >>> states[0, 2:].abs().sum().item(), states.dtype
+    (0.0, torch.float32)
+    """
+    if not states:
+        raise ConfigError("pad_states needs at least one item's states")
+    M = max(s.shape[0] for s in states)
+    padded = states[0].new_zeros(len(states), M, states[0].shape[-1])  # (N, M, D)
+    mask = torch.zeros(len(states), M, dtype=torch.bool, device=states[0].device)  # (N, M)
+    for i, s in enumerate(states):
+        padded[i, : s.shape[0]] = s
+        mask[i, : s.shape[0]] = True
+    return padded, mask
+
+
 @torch.no_grad()
 def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathLike | None = None, *,
                           layer: int | None = None, answer_tokens: int = 48, progress: bool = True) -> KnowledgeCache:
@@ -265,15 +288,9 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
         rows.append((ids[0].cpu(), state.float().cpu()))
         qlens.append(len(q_ids))
         out_items.append({**it, "answer": answer})
-    M = max(r[0].numel() for r in rows)
-    D = rows[0][1].shape[-1]
-    states = torch.zeros(len(rows), M, D)
-    mask = torch.zeros(len(rows), M, dtype=torch.bool)
-    input_ids = torch.full((len(rows), M), tokenizer.pad_token_id, dtype=torch.long)
-    for i, (ids, st) in enumerate(rows):
-        states[i, : ids.numel()] = st
-        mask[i, : ids.numel()] = True
-        input_ids[i, : ids.numel()] = ids
+    states, mask = pad_states([st for _, st in rows])  # (N, M, D), (N, M)
+    input_ids = torch.full(mask.shape, tokenizer.pad_token_id, dtype=torch.long)  # (N, M)
+    input_ids[mask] = torch.cat([ids for ids, _ in rows])  # each row's real tokens are a prefix, filled in row order
     return KnowledgeCache(states=states, mask=mask, input_ids=input_ids, question_lengths=qlens, items=out_items,
                           layer=layer, teacher_name=model_name(teacher), fingerprint=teacher_fingerprint(teacher))
 

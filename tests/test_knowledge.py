@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qdlib import KnowledgeCacheError, build_draft, build_knowledge_cache, load_knowledge_cache
-from qdlib.knowledge import load_items, nearest_items, teacher_answer, teacher_fingerprint
+from qdlib.knowledge import load_items, nearest_items, pad_states, teacher_answer, teacher_fingerprint
 from qdlib.sampling import run_layers
 from qdlib import paths
 
@@ -45,6 +45,17 @@ def test_cache_holds_teacher_states_for_question_and_own_answer(small, cache):
         assert not cache.mask[i, n:].any() and (cache.states[i, n:] == 0).all()
     assert cache.layer == 3
     assert cache.memory_bytes() == cache.states.numel() * 4 + cache.mask.numel() + cache.input_ids.numel() * 8
+
+
+def test_pad_states_rebuilds_the_cache_from_its_rows(cache):
+    lengths = cache.mask.sum(1).tolist()
+    rows = [cache.states[i, :n] for i, n in enumerate(lengths)]
+    states, mask = pad_states(rows)
+    assert torch.equal(states, cache.states) and torch.equal(mask, cache.mask) and mask.dtype == torch.bool
+    states, mask = pad_states(rows[::-1])  # the longest row anywhere; real tokens first, True where real
+    assert mask.sum(1).tolist() == lengths[::-1] and mask[:, 0].all()
+    assert torch.equal(states[0, : lengths[-1]], rows[-1]) and (states[~mask] == 0).all()
+    assert pad_states([torch.ones(2, 3, dtype=torch.bfloat16)])[0].dtype == torch.bfloat16
 
 
 def test_other_layer_and_bad_layer(small):

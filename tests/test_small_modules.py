@@ -5,6 +5,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from qdlib import costs, sample_layers
+from qdlib.decoding import count_positions
 from qdlib.exercises import check
 from qdlib.metrics import (compare_strategies, distribution_metrics, expected_tokens_per_call, format_table,
                            layer_similarity, logit_lens, text_windows)
@@ -117,3 +118,21 @@ def test_speedup_explorer_follows_its_sliders():
     assert describe_speedup(0.5, 0.2, 3, 1.0) in out.value
     box.children[1].children[0].value = 6  # gamma slider
     assert describe_speedup(0.5, 0.2, 6, 1.0) in out.value
+
+
+def test_count_positions_sees_the_cache_and_removes_its_hook():
+    model = tiny_qwen3(layers=2)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    runs = {}
+    with torch.no_grad():
+        for cached in (False, True):
+            with count_positions(model) as seen:
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
+                               do_sample=False, use_cache=cached, pad_token_id=1)
+            runs[cached] = seen
+    assert runs[False].calls == [4, 5, 6] and runs[True].calls == [4, 1, 1]  # no cache: the whole sequence again
+    assert runs[True].total == 6
+    with pytest.raises(RuntimeError), count_positions(model) as seen:
+        raise RuntimeError("a failing block")
+    model(ids)
+    assert seen.calls == [] and not model.get_input_embeddings()._forward_hooks  # the hook is gone either way
