@@ -66,13 +66,19 @@ def as_javascript_writes(value):
     return value
 
 
-def store_as_jupyterlab_would(path) -> bool:
-    """Rewrite the notebook at ``path`` as JupyterLab writes it (see :func:`as_javascript_writes`); True if changed."""
+def jupyterlab_text(text: str) -> str:
+    """The notebook file ``text`` as saving it from JupyterLab writes it: the frontend holds the notebook as
+    JavaScript values (:func:`as_javascript_writes`), the server writes them through nbformat (sorted keys,
+    indent 1) with a final newline."""
     import nbformat
 
+    return nbformat.writes(nbformat.from_dict(as_javascript_writes(json.loads(text)))) + "\n"
+
+
+def store_as_jupyterlab_would(path) -> bool:
+    """Rewrite the notebook at ``path`` as JupyterLab writes it (see :func:`jupyterlab_text`); True if changed."""
     text = open(path, encoding="utf-8").read()
-    nb = nbformat.from_dict(as_javascript_writes(json.loads(text)))
-    new = nbformat.writes(nb) + "\n"
+    new = jupyterlab_text(text)
     if new == text:
         return False
     tmp = f"{path}.tmp"

@@ -17,7 +17,7 @@ import pytest
 from ipykernel.ipkernel import IPythonKernel
 
 from qdlib import paths
-from qdlib.notebook import as_javascript_writes
+from qdlib.notebook import jupyterlab_text
 
 NOTEBOOKS = sorted((paths.REPO_DIR / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 WIDGET = "application/vnd.jupyter.widget-view+json"
@@ -128,8 +128,7 @@ def not_as_jupyter_writes(path):
     """True when saving the file from JupyterLab would change its bytes: the frontend holds the notebook as
     JavaScript values (``0.0`` becomes ``0``), the server writes it through nbformat (sorted keys, indent 1)."""
     text = path.read_text(encoding="utf-8")
-    canonical = nbformat.writes(nbformat.from_dict(as_javascript_writes(json.loads(text))))
-    return text != (canonical if canonical.endswith("\n") else canonical + "\n")
+    return text != jupyterlab_text(text)
 
 
 def test_file_is_byte_for_byte_what_jupyter_saves(notebook):
