@@ -199,8 +199,9 @@ def capstone_score(report: dict, kind: str = "unfamiliar") -> dict:
 # ----------------------------------------------------------------------------- prompts
 
 
-def bench_prompts(teacher, tokenizer, cfg: BenchConfig) -> dict[str, list[list[int]]]:
-    """Token ids per kind: held-out code prompts, and the knowledge items' evaluation paraphrases."""
+def bench_prompts(teacher, tokenizer, cfg: BenchConfig, items: list[dict] | None = None) -> dict[str, list[list[int]]]:
+    """Token ids per kind: held-out code prompts, and the evaluation paraphrases of the knowledge ``items`` (default:
+    the built-in ones; :func:`run_bench` passes the items of the draft's attached cache)."""
     out = {}
     if "code" in cfg.kinds:
         code = heldout_prompts(tokenizer, heldout_texts(), n_prompts=cfg.n_prompts, prompt_tokens=cfg.prompt_tokens,
@@ -211,7 +212,10 @@ def bench_prompts(teacher, tokenizer, cfg: BenchConfig) -> dict[str, list[list[i
     if "unfamiliar" in cfg.kinds:
         out["unfamiliar"] = heldout_code_prompts(tokenizer, cfg.n_prompts, cfg.prompt_tokens, seed=cfg.seed)
     if "paraphrase" in cfg.kinds:
-        texts = [p for it in load_items(None, teacher) for p in it["eval_paraphrases"]]
+        texts = [p for it in (items or load_items(None, teacher)) for p in it.get("eval_paraphrases", [])]
+        if not texts:
+            raise ValueError("the knowledge items have no eval_paraphrases, so there are no paraphrase prompts; "
+                             "drop the paraphrase kind or give the items eval_paraphrases")
         out["paraphrase"] = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[: cfg.n_prompts]]
     return out
 
@@ -528,7 +532,8 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
     cfg = (cfg or BenchConfig()).validate()
     teacher.eval()
     draft.eval()
-    prompts = bench_prompts(teacher, tokenizer, cfg)
+    attached = getattr(draft, "knowledge", None)
+    prompts = bench_prompts(teacher, tokenizer, cfg, attached.items if attached is not None else None)
     extra = extra_drafts if extra_drafts is not None else ablation_drafts(teacher, draft, cfg.method_names)
     if fast_draft is not None and "fast" in cfg.method_names:
         extra = {**extra, "fast": fast_draft.eval()}

@@ -327,6 +327,38 @@ def cmd_train_fast(args) -> int:
     return 0
 
 
+def cmd_train_memory(args) -> int:
+    from . import paths
+    from .draft import load_draft
+    from .memory import code_items
+    from .memory_train import RetrievalConfig, export_fusion, load_fusion, measure_trained, retrieval_data, train_retrieval
+
+    cfg = RetrievalConfig(items=args.items, steps=args.steps, learning_rate=args.lr, gate_init=args.gate_init,
+                          swapped_share=args.swapped_share, question_rows=not args.no_question_rows,
+                          fusion_init=args.fusion_init)
+    run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "memory_retrieval"
+    teacher, tok = _load_teacher(args)
+    held_out = {it["id"].split("::")[1] for it in code_items(48)}  # the protocol's items never become training items
+    data = retrieval_data(teacher, tok, cfg, run_dir, exclude=held_out)
+    best = train_retrieval(teacher, load_draft(), data, cfg, run_dir, log=lambda s: print(s, flush=True))
+    weights = run_dir / "best.pt"
+    if args.export:  # measure the exported (bf16) weights, so that the file and the protocol agree exactly
+        weights = export_fusion(run_dir / "best.pt", args.export)
+        print(f"fusion weights written to {weights}")
+    trained = load_draft()
+    load_fusion(trained, weights)
+    out = Path(args.measure) if args.measure else run_dir / "protocol.json"
+    r = measure_trained(out, trained, load_draft(), teacher, tok, training={**best, "config": vars(cfg)})
+    for kind in ("paraphrase", "question"):
+        gains = {name: r[kind][name]["gain"] for name in ("reference", "retrieval")}
+        print(f"{kind} rows: gain over detached (own / swapped / shuffled): "
+              + "; ".join(f"{n} {g['own']:+.3f} / {g['swapped']:+.3f} / {g['shuffled']:+.3f}" for n, g in gains.items())
+              + f"; copy bound own {r[kind]['copy_bound']['own']['copy_only']:.3f}, "
+              f"swapped {r[kind]['copy_bound']['others']['copy_only']:.3f}")
+    print(f"protocol written to {out}")
+    return 0
+
+
 def cmd_export_draft(args) -> int:
     from transformers import AutoTokenizer
 
@@ -355,6 +387,20 @@ def cmd_student(args) -> int:
     return 0
 
 
+def _load_fusion_option(draft, path) -> None:
+    """``--fusion FILE``: fusion weights from `qd train-memory --export FILE` put into the draft."""
+    from .memory_train import load_fusion
+
+    if not Path(path).is_file():
+        raise MissingFileError(f"--fusion {path}: no such file; write one with `qd train-memory --export FILE`")
+    if not len(getattr(draft, "fusion", {})):
+        raise ConfigError(f"--fusion {path}: this draft has no knowledge path to put fusion weights into")
+    try:
+        load_fusion(draft, path)
+    except (RuntimeError, KeyError) as exc:
+        raise ConfigError(f"--fusion {path} does not fit this draft's fusion blocks ({str(exc).splitlines()[0]})") from exc
+
+
 def cmd_bench(args) -> int:
     from . import paths
     from .bench import capstone_score, run_bench
@@ -365,10 +411,15 @@ def cmd_bench(args) -> int:
 
     cfg = _bench_config(args)
     _check_device(args.device)
+    if args.cache is not None and not (Path(args.cache) / "cache.json").is_file():
+        raise MissingFileError(f"--cache {args.cache}: no knowledge cache there (no cache.json); build one with "
+                               f"`qd build-cache --items FILE --out {args.cache}`")
     if args.draft is None and args.model is not None and not is_bundled(args.model):
         raise ConfigError(f"--model {args.model}: the reference draft belongs to the bundled teacher; pass --draft "
                           f"with a draft distilled from this teacher (`qd distill --config qwen3 --export <folder>`)")
     draft = load_draft(args.draft, device=resolve_device(args.device))  # before the teacher: fails faster
+    if args.fusion is not None:
+        _load_fusion_option(draft, args.fusion)
     # the "fast" rows: a candidate (the capstone), else the course's fast draft for the bundled teacher
     fast = None
     if args.candidate is not None:
@@ -380,6 +431,10 @@ def cmd_bench(args) -> int:
             and (paths.FAST_DRAFT_DIR / "config.json").is_file():
         fast = load_draft("fast", device=resolve_device(args.device))
     teacher, tok = _load_teacher(args)
+    if args.cache is not None:  # a memory of the user's own items (`qd build-cache --items FILE`), no retraining
+        from .knowledge import load_knowledge_cache
+
+        draft.set_knowledge(load_knowledge_cache(args.cache, teacher=teacher))
     report = run_bench(teacher, tok, draft, cfg, progress=not args.quiet, fast_draft=fast)
     out = Path(args.out) if args.out else paths.runs_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
     write_report(report, out)
@@ -464,6 +519,7 @@ KEPT_ON_INTERRUPT = {
     "export-draft": lambda args: "nothing was written (the folder is replaced only when complete)",
     "distill": _kept_by_distill,
     "build-cache": lambda args: "no cache was written (it is saved whole at the end)",
+    "train-memory": lambda args: "the last checkpoint (every 100 steps) is kept; rerun the same command to resume",
     "bench": lambda args: "no report was written (it is written at the end); rerun the same command to measure",
     "student": lambda args: "the copies already written are complete; rerun the same command to write them all",
     "tour": lambda args: "the tour writes only under outputs/runs/tour; rerun `qd tour` to start again",
@@ -483,6 +539,26 @@ def _opt(parser, *names, **kwargs):
 def _common(parser, *, device: str = "cpu (default), cuda, cuda:N, mps or auto (cuda, then mps, then cpu)"):
     _opt(parser, "--model", default=None, help="teacher: 'tiny' (bundled), a hub id or a folder; default: $QD_MODEL or tiny")
     _opt(parser, "--device", type=_device, default=None, help=device)
+
+
+def _add_memory_command(sub) -> None:
+    """``train-memory``: retrieval training of the knowledge path, measured by the three-arm protocol."""
+    m = sub.add_parser("train-memory", help="retrieval training of the draft's fusion blocks, then the three-arm "
+                                            "protocol on held-out items (resumable)")
+    _common(m)
+    _opt(m, "--items", type=_int_at_least(80), default=400, help="training items (stdlib training functions; default 400)")
+    _opt(m, "--steps", type=_int_at_least(1), default=1200, help="optimizer steps (default 1200)")
+    _opt(m, "--lr", type=_number_at_least(0.0), default=3e-3, help="peak learning rate of the fusion blocks (default 3e-3)")
+    _opt(m, "--gate-init", type=_number_at_least(0.0), default=0.1, help="tanh(gate) at the start, below 1 (default 0.1)")
+    _opt(m, "--swapped-share", type=_number_at_least(0.0), default=0.25,
+         help="share of steps whose memory holds none of the batch's items, below 1 (default 0.25)")
+    _opt(m, "--no-question-rows", action="store_true", help="train on the paraphrase rows only")
+    _opt(m, "--fusion-init", choices=["keep", "similarity"], default="keep",
+         help="start from the distilled fusion weights (keep, the default) or from a similarity lookup")
+    _opt(m, "--run-dir", default=None, help="default: outputs/runs/memory_retrieval")
+    _opt(m, "--measure", default=None, help="protocol JSON to write; default: <run-dir>/protocol.json")
+    _opt(m, "--export", default=None, help="also write the best fusion weights here (bf16 .safetensors)")
+    m.set_defaults(func=cmd_train_memory)
 
 
 def _add_fast_draft_commands(sub) -> None:
@@ -549,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(b, "--answer-tokens", type=at_least_1, default=48, help="teacher answer tokens cached per item (default 48)")
     _opt(b, "--out", default=None, help="output folder; default: outputs/runs/knowledge_cache/<teacher>")
     b.set_defaults(func=cmd_build_cache)
+    _add_memory_command(sub)
 
     d = sub.add_parser("distill", help="distil a draft from the teacher (resumable; runs under accelerate launch)")
     _opt(d, "--config", default="tiny", help="'tiny', 'qwen3' or a YAML file (see qdlib/configs)")
@@ -593,6 +670,11 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(be, "--candidate", default=None, metavar="DIR",
          help="a feature-fed draft folder (`qd train-fast --export DIR`) measured in the fast rows instead of the "
               "committed one; with --quick, prints its capstone score against the reference draft")
+    _opt(be, "--cache", default=None, metavar="DIR",
+         help="attach this knowledge cache (`qd build-cache --items FILE`); its items' eval_paraphrases become the "
+              "paraphrase prompts")
+    _opt(be, "--fusion", default=None, metavar="FILE",
+         help="fusion weights for the draft (`qd train-memory --export FILE`)")
     _opt(be, "--out", default=None, help="report folder; default: outputs/runs/bench/<time>")
     _opt(be, "--quiet", action="store_true", help="no progress bar")
     be.set_defaults(func=cmd_bench)

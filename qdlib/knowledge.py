@@ -33,7 +33,7 @@ import torch
 
 from . import paths
 from .errors import ConfigError, MissingFileError, QdError
-from .io import atomic_dir, write_json_atomic
+from .io import atomic_dir, atomic_path, write_json_atomic
 from .models import is_bundled, model_name
 from .progress import progress_bar
 from .sampling import run_layers
@@ -77,6 +77,18 @@ def load_items(path: str | os.PathLike | None = None, teacher=None) -> list[dict
         it.setdefault("train_paraphrases", [])
         it.setdefault("eval_paraphrases", [])
     return items
+
+
+def save_items(items: list[dict], path: str | os.PathLike) -> Path:
+    """Write knowledge items as the YAML that :func:`load_items` reads (atomically), e.g. the held-out items of
+    :func:`qdlib.memory.code_items` for `qd build-cache --items FILE`. Only the item keys are kept."""
+    import yaml
+
+    rows = [{k: it[k] for k in ("id", "question", "reference_answer", "train_paraphrases", "eval_paraphrases") if k in it}
+            for it in items]
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump({"items": rows}, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- fingerprint

@@ -139,16 +139,21 @@ def memory_arms(teacher, tokenizer, draft, items: list[dict], other_items: list[
                           f"against {len(items)}")
     es = paraphrase_eval_set(teacher, tokenizer, items, new_tokens)
     own = build_knowledge_cache(teacher, tokenizer, items, answer_tokens=answer_tokens, progress=False)
-    caches = {"own": own, "detached": None,
-              "swapped": build_knowledge_cache(teacher, tokenizer, other_items, answer_tokens=answer_tokens,
-                                               progress=False),
-              "shuffled": shuffled_cache(own, derangement(len(items), seed))}
+    other = build_knowledge_cache(teacher, tokenizer, other_items, answer_tokens=answer_tokens, progress=False)
+    return arms_on(teacher, draft, es, own, other, seed=seed)
+
+
+def arms_on(teacher, draft, es, own: KnowledgeCache, other: KnowledgeCache, *, seed: int = 0) -> dict:
+    """:func:`memory_arms` on rows ``es`` already continued by the teacher, with the memory under test ``own`` and
+    the swapped memory ``other`` already built (the shuffled one is made from ``own``)."""
+    caches = {"own": own, "detached": None, "swapped": other,
+              "shuffled": shuffled_cache(own, derangement(own.num_items, seed))}
     out, kl = {}, {}
     for arm, cache in caches.items():
         m = evaluate_draft(teacher, draft, {"p": es}, cache)["p"]
         out[arm], kl[arm] = m["agreement"], m["kl"]
     return {**out, "gain": {arm: out[arm] - out["detached"] for arm in ARMS if arm != "detached"}, "kl": kl,
-            "items": len(items), "positions": int(es.mask.sum())}
+            "items": own.num_items, "positions": int(es.mask.sum())}
 
 
 def measure_reference(out_path, draft=None, teacher=None, tokenizer=None, *, n_items: int = 24, new_tokens: int = 32,

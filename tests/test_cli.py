@@ -78,7 +78,7 @@ def test_every_option_has_help_text():
                if action.option_strings and not isinstance(action, argparse._HelpAction) and not action.help]
     assert missing == []
     assert set(subparsers.choices) == {"generate", "train-teacher", "train-fast", "export-draft", "compare-layers",
-                                       "build-cache", "distill",
+                                       "build-cache", "train-memory", "distill",
                                        "student", "bench", "tour"}
 
 
@@ -109,6 +109,12 @@ def test_bad_options_end_in_one_line(capsys, argv, message):
     (["bench", "--draft", "/no/such/draft"], "error: /no/such/draft is not a draft folder"),
     (["bench", "--quick", "--candidate", "outputs/reference_draft"],
      "error: --candidate outputs/reference_draft is a layer-sampled draft; the candidate is a feature-fed draft"),
+    (["bench", "--cache", "/no/such/cache"], "error: --cache /no/such/cache: no knowledge cache there"),
+    (["bench", "--fusion", "/no/such/fusion.safetensors"], "error: --fusion /no/such/fusion.safetensors: no such file"),
+    (["bench", "--fusion", "outputs/memory_protocol/README.md", "--draft", "outputs/ablation_no_knowledge"],
+     "error: --fusion outputs/memory_protocol/README.md: this draft has no knowledge path"),
+    (["train-memory", "--gate-init", "1.5"], "error: gate_init=1.5 must be in [0, 1)"),
+    (["train-memory", "--swapped-share", "1"], "error: swapped_share=1.0 must be in [0, 1)"),
     (["distill", "--config", "/no/such.yaml"], "error: config file /no/such.yaml does not exist"),
     (["distill", "--run-dir", "/no/such/run", "--export-only", "/no/out"], "error: /no/such/run/best holds no trained draft"),
     (["train-teacher", "--export", "--run-dir", "/no/such/run"], "error: /no/such/run holds no trained teacher"),
