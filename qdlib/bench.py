@@ -561,6 +561,7 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
         "environment": environment(),
         "teacher": model_name(teacher),
         "draft": {"layers": draft.config.kept_layers, "knowledge": draft.knowledge is not None,
+                  "memory_items": [it["id"] for it in draft.knowledge.items] if draft.knowledge is not None else [],
                   "path": _display_path(getattr(draft.config, "_name_or_path", None)), "card": draft_card(draft)},
         "fast_draft": None if fast_draft is None else {k: getattr(fast_draft.config, k) for k in
                                                        ("num_layers", "gamma", "draft_vocab", "init_layers")},

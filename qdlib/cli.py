@@ -436,6 +436,7 @@ def cmd_bench(args) -> int:
 
         draft.set_knowledge(load_knowledge_cache(args.cache, teacher=teacher))
     report = run_bench(teacher, tok, draft, cfg, progress=not args.quiet, fast_draft=fast)
+    report["draft"]["fusion"] = args.fusion  # None: the draft's own fusion weights
     out = Path(args.out) if args.out else paths.runs_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
     write_report(report, out)
     print(report_markdown(report))

@@ -274,13 +274,15 @@ def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathLike | None = None, *,
-                          layer: int | None = None, answer_tokens: int = 48, progress: bool = True) -> KnowledgeCache:
+                          layer: int | None = None, answer_tokens: int = 48, progress: bool = True,
+                          answers: list[str] | None = None) -> KnowledgeCache:
     """Run the teacher once per item and keep one layer's hidden states for question + answer.
 
     Args:
         items: a list of item dicts, a YAML path, or None for the built-in set for this teacher.
         layer: teacher decoder layer whose output is kept (default: the last, after the final norm's input).
         answer_tokens: length of the teacher's greedy answer stored after each question.
+        answers: the answer text of each item instead of the teacher's (the memory protocol's shuffled control).
     """
     if items is None or isinstance(items, (str, os.PathLike)):
         items = load_items(items, teacher)
@@ -288,9 +290,11 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
     layer = L - 1 if layer is None else layer
     if not isinstance(layer, int) or not 0 <= layer < L:
         raise ConfigError(f"layer={layer!r} is not a decoder layer of this teacher; allowed: 0..{L - 1}")
+    if answers is not None and len(answers) != len(items):
+        raise ConfigError(f"answers: {len(answers)} given for {len(items)} items; give one per item, or None")
     rows, qlens, out_items = [], [], []
-    for it in progress_bar(items, desc="knowledge cache", enabled=progress):
-        answer = teacher_answer(teacher, tokenizer, it["question"], answer_tokens)
+    for k, it in enumerate(progress_bar(items, desc="knowledge cache", enabled=progress)):
+        answer = teacher_answer(teacher, tokenizer, it["question"], answer_tokens) if answers is None else answers[k]
         q_ids = tokenizer(it["question"], add_special_tokens=False)["input_ids"]
         a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([q_ids + a_ids], device=teacher.device)

@@ -6,7 +6,8 @@ test time (the weights untouched), and compare its agreement with the teacher on
 - ``own``: the cache holds exactly those items;
 - ``detached``: no cache at all;
 - ``swapped``: the cache holds as many *other* items;
-- ``shuffled``: each cached row pairs one item's question with another item's answer.
+- ``shuffled``: each cached row pairs one item's question with another item's answer (the teacher run again over
+  each mismatched text, :func:`shuffled_memory`).
 
 The path is proven only if ``own`` beats ``detached`` and the gain disappears under ``swapped`` and
 ``shuffled``; a gain that survives them comes from having *a* memory, not from what is in it.
@@ -25,7 +26,6 @@ and the first line of its docstring, the way the course's own items are written.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import random
 
 import torch
@@ -89,24 +89,21 @@ def code_items(n: int = 48, *, source: str = "stdlib", split: str = "val", seed:
     return items
 
 
-def shuffled_cache(cache: KnowledgeCache, perm: list[int]) -> KnowledgeCache:
-    """The cache with row ``i`` made of item ``i``'s question states and item ``perm[i]``'s answer states."""
-    rows = []
-    for i, j in enumerate(perm):
-        qi, qj = cache.question_lengths[i], cache.question_lengths[j]
-        nj = int(cache.mask[j].sum())
-        ids = torch.cat([cache.input_ids[i, :qi], cache.input_ids[j, qj:nj]])
-        states = torch.cat([cache.states[i, :qi], cache.states[j, qj:nj]])
-        rows.append((ids, states))
-    M = max(len(ids) for ids, _ in rows)
-    states = cache.states.new_zeros(len(rows), M, cache.hidden_size)
-    mask = torch.zeros(len(rows), M, dtype=torch.bool)
-    input_ids = cache.input_ids.new_full((len(rows), M), int(cache.input_ids[~cache.mask][0]) if (~cache.mask).any() else 0)
-    for r, (ids, st) in enumerate(rows):
-        states[r, : len(ids)], mask[r, : len(ids)], input_ids[r, : len(ids)] = st, True, ids
-    items = [{**cache.items[i], "answer": cache.items[j]["answer"], "shuffled_answer_of": cache.items[j]["id"]}
-             for i, j in enumerate(perm)]
-    return dataclasses.replace(cache, states=states, mask=mask, input_ids=input_ids, items=items)
+def shuffled_memory(teacher, tokenizer, cache: KnowledgeCache, perm: list[int]) -> KnowledgeCache:
+    """The memory of ``cache``'s items with item ``i``'s question followed by item ``perm[i]``'s answer, the teacher
+    run again over each mismatched text.
+
+    Re-pairing the stored states would test nothing: the fusion reads all items' slots as one unordered memory (no
+    positions), so the same states in another arrangement read exactly the same. Run again, each answer's states
+    carry the wrong question as their context, while the set of answer tokens stays the same.
+    """
+    if sorted(perm) != list(range(cache.num_items)):
+        raise ConfigError(f"perm must be a permutation of range({cache.num_items}), got {perm}")
+    shuffled = build_knowledge_cache(teacher, tokenizer, cache.items, layer=cache.layer, progress=False,
+                                     answers=[cache.items[j]["answer"] for j in perm])
+    shuffled.items = [{**cache.items[i], "answer": cache.items[j]["answer"], "shuffled_answer_of": cache.items[j]["id"]}
+                      for i, j in enumerate(perm)]
+    return shuffled
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:
@@ -140,14 +137,14 @@ def memory_arms(teacher, tokenizer, draft, items: list[dict], other_items: list[
     es = paraphrase_eval_set(teacher, tokenizer, items, new_tokens)
     own = build_knowledge_cache(teacher, tokenizer, items, answer_tokens=answer_tokens, progress=False)
     other = build_knowledge_cache(teacher, tokenizer, other_items, answer_tokens=answer_tokens, progress=False)
-    return arms_on(teacher, draft, es, own, other, seed=seed)
+    return arms_on(teacher, tokenizer, draft, es, own, other, seed=seed)
 
 
-def arms_on(teacher, draft, es, own: KnowledgeCache, other: KnowledgeCache, *, seed: int = 0) -> dict:
+def arms_on(teacher, tokenizer, draft, es, own: KnowledgeCache, other: KnowledgeCache, *, seed: int = 0) -> dict:
     """:func:`memory_arms` on rows ``es`` already continued by the teacher, with the memory under test ``own`` and
     the swapped memory ``other`` already built (the shuffled one is made from ``own``)."""
     caches = {"own": own, "detached": None, "swapped": other,
-              "shuffled": shuffled_cache(own, derangement(own.num_items, seed))}
+              "shuffled": shuffled_memory(teacher, tokenizer, own, derangement(own.num_items, seed))}
     out, kl = {}, {}
     for arm, cache in caches.items():
         m = evaluate_draft(teacher, draft, {"p": es}, cache)["p"]

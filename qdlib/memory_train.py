@@ -13,9 +13,13 @@ the memory is the only route to the answer's item-specific part:
   layers on a frozen backbone), with the gate started slightly open (``gate_init``) so the cross-attention gets a
   gradient from the first step. Detached, the trained draft is the distilled draft exactly.
 
-The loss is KL(teacher || draft) on the teacher's greedy continuation of each paraphrase, the positions the
-protocol scores. Checkpoints are chosen by the validation items' agreement with their own memory, never by the
-protocol's held-out items. :func:`copy_bound` says how much any lookup could add at most on a set of rows.
+The rows are each item's two paraphrases and its question itself (a positive control: after the question the
+teacher's continuation *is* the cached answer), each continued greedily by the teacher; the loss is
+KL(teacher || draft) on those continuations, the positions the protocol scores. The fusion blocks start from the
+distilled weights (``fusion_init="keep"``) or as a similarity lookup (:func:`similarity_init`). Checkpoints are
+chosen by the validation items' paraphrase agreement with their own memory, never by the protocol's held-out items.
+:func:`copy_bound` says how much any lookup could add at most on a set of rows; :func:`measure_trained` runs the
+protocol on a trained draft (``qd train-memory`` does all of it; notebook 04, section 7, reads the result).
 
     >>> cfg = RetrievalConfig(steps=10)
     >>> cfg.memory_items > cfg.batch_items
@@ -39,7 +43,6 @@ from .knowledge import KnowledgeCache, build_knowledge_cache, load_knowledge_cac
 from .memory import arms_on, code_items
 from .trainer import evaluate_draft
 from .training import adamw, config_changes
-
 
 FUSION_INITS = ("keep", "similarity")
 
@@ -363,7 +366,7 @@ def measure_trained(out_path, trained, reference, teacher, tokenizer, *, n_items
                       ("question", [{**it, "eval_paraphrases": [it["question"]]} for it in items[:n_items]])):
         es = paraphrase_eval_set(teacher, tokenizer, its, new_tokens)
         per_item = len(es.ids) // n_items
-        record[kind] = {name: arms_on(teacher, d, es, own, other, seed=seed)
+        record[kind] = {name: arms_on(teacher, tokenizer, d, es, own, other, seed=seed)
                         for name, d in (("reference", reference), ("retrieval", trained))}
         record[kind]["copy_bound"] = lookup_ceiling(es, [r // per_item for r in range(len(es.ids))], own, other,
                                                     _top1_correct(reference, es))

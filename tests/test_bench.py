@@ -192,3 +192,28 @@ def test_capstone_score_gives_nothing_to_a_candidate_that_changes_the_output():
     assert s == {**s, "exact": False, "score": 0.0, "beats_reference": False}
     with pytest.raises(ValueError, match=r"no greedy unfamiliar rows for \['fast'\]"):
         capstone_score({"rows": report["rows"][:1]})
+
+
+@pytest.mark.slow
+def test_bench_uses_a_cache_of_the_users_own_items_without_retraining(tmp_path, capsys):
+    """`qd build-cache --items FILE`, then `qd bench --cache DIR`: the paraphrase prompts are that file's, the draft is
+    unchanged but for the memory it reads (and, with --fusion, retrieval-trained fusion weights)."""
+    from qdlib.cli import main
+    from qdlib.knowledge import load_knowledge_cache, save_items
+    from qdlib.memory import code_items
+
+    items = code_items(2, seed=5)
+    save_items(items, tmp_path / "items.yaml")
+    assert main(["build-cache", "--items", str(tmp_path / "items.yaml"), "--answer-tokens", "8",
+                 "--out", str(tmp_path / "cache")]) == 0
+    assert [it["id"] for it in load_knowledge_cache(tmp_path / "cache").items] == [it["id"] for it in items]
+    argv = ["bench", "--cache", str(tmp_path / "cache"), "--kinds", "paraphrase", "--prompts", "4", "--new-tokens", "8",
+            "--repeats", "1", "--temperature", "0", "--sweep-prompts", "0", "--quiet",
+            "--methods", "teacher_plain", "spec", "spec_no_cache", "--out", str(tmp_path / "bench")]
+    fusion = paths.OUTPUTS_DIR / "memory_protocol" / "retrieval_keep_fusion.safetensors"
+    assert main(argv + ["--fusion", str(fusion)]) == 0
+    report = load_report(tmp_path / "bench")
+    assert {(r["kind"], r["method"]) for r in report["rows"]} == {  # the teacher's generate is always the baseline
+        ("paraphrase", m) for m in ("teacher_generate", "teacher_plain", "spec", "spec_no_cache")}
+    assert all(r["prompts"] == r["identical"] == 4 for r in report["rows"])  # 2 items x 2 paraphrases, all exact
+    assert report["draft"]["memory_items"] == [it["id"] for it in items] and report["draft"]["fusion"] == str(fusion)

@@ -5,7 +5,7 @@ import torch
 
 from qdlib import build_draft, build_knowledge_cache, paths
 from qdlib.corpus import corpus_files
-from qdlib.memory import code_items, derangement, memory_arms, shuffled_cache
+from qdlib.memory import code_items, derangement, memory_arms, shuffled_memory
 
 from helpers import tiny_qwen3
 
@@ -35,13 +35,21 @@ def test_shuffled_memory_pairs_each_question_with_another_items_answer(small):
     teacher, tok = small
     cache = build_knowledge_cache(teacher, tok, code_items(4), answer_tokens=6, progress=False)
     perm = derangement(4, seed=3)
-    shuf = shuffled_cache(cache, perm)
+    shuf = shuffled_memory(teacher, tok, cache, perm)
     for i, j in enumerate(perm):
         qi, qj, nj = cache.question_lengths[i], cache.question_lengths[j], int(cache.mask[j].sum())
         n = qi + nj - qj
-        assert torch.equal(shuf.states[i, :qi], cache.states[i, :qi])
-        assert torch.equal(shuf.states[i, qi:n], cache.states[j, qj:nj]) and not shuf.mask[i, n:].any()
+        assert shuf.question_lengths[i] == qi and int(shuf.mask[i].sum()) == n
+        assert torch.equal(shuf.input_ids[i, :qi], cache.input_ids[i, :qi])  # item i's question ...
+        assert torch.equal(shuf.input_ids[i, qi:n], cache.input_ids[j, qj:nj])  # ... then item j's answer tokens
+        torch.testing.assert_close(shuf.states[i, :qi], cache.states[i, :qi])  # causal: the question reads the same
+        # the answer was read again after the wrong question, so its states are not item j's stored ones
+        assert not torch.allclose(shuf.states[i, qi:n], cache.states[j, qj:nj], atol=1e-3)
         assert shuf.items[i]["shuffled_answer_of"] == cache.items[j]["id"]
+    with pytest.raises(ValueError, match="permutation"):
+        shuffled_memory(teacher, tok, cache, [0, 0, 1, 2])
+    with pytest.raises(ValueError, match="3 given for 4 items"):
+        build_knowledge_cache(teacher, tok, code_items(4), answers=["a", "b", "c"], progress=False)
 
 
 def test_a_closed_gate_reads_nothing_and_an_open_one_does(small):
@@ -59,7 +67,10 @@ def test_a_closed_gate_reads_nothing_and_an_open_one_does(small):
         for f in opened.fusion.values():
             f.attn.o_proj.weight.mul_(50)  # make what it reads loud enough to move the argmax
     r = memory_arms(teacher, tok, opened, items[:3], items[3:], new_tokens=8, answer_tokens=6)
-    assert len(set(r["kl"].values())) == 4  # every memory reads differently, and none is the detached draft
+    # every memory reads differently, and none like no memory at all (a random model may give every item the same
+    # greedy answer, so the shuffled memory may read like the own one)
+    kl = r["kl"]
+    assert len({kl["own"], kl["detached"], kl["swapped"]}) == 3 and kl["shuffled"] != kl["detached"]
     with pytest.raises(ValueError, match="as many items"):
         memory_arms(teacher, tok, opened, items[:3], items[3:5])
 

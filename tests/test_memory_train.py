@@ -137,3 +137,42 @@ def test_a_similarity_lookup_starts_with_queries_and_keys_alike(small):
         assert torch.equal(a.q_norm.weight, torch.full_like(a.q_norm.weight, 2.0))
     with pytest.raises(ConfigError, match="fusion_init='nearest'"):
         RetrievalConfig(fusion_init="nearest")
+
+
+@pytest.mark.slow
+def test_committed_retrieval_result_is_reproduced_from_its_weights(tiny, tmp_path):
+    from qdlib import load_draft
+    from qdlib.memory_train import measure_trained
+
+    teacher, tok = tiny
+    folder = paths.OUTPUTS_DIR / "memory_protocol"
+    committed = json.loads((folder / "retrieval_keep.json").read_text())
+    trained = load_draft()
+    load_fusion(trained, folder / "retrieval_keep_fusion.safetensors")
+    got = measure_trained(tmp_path / "r.json", trained, load_draft(), teacher, tok, **{
+        k: committed["config"][k] for k in ("n_items", "new_tokens", "seed")})
+    assert got["item_ids"] == committed["item_ids"]
+    for kind in ("paraphrase", "question"):
+        assert got[kind]["copy_bound"] == committed[kind]["copy_bound"]
+        for name in ("reference", "retrieval"):
+            for arm in ("own", "detached", "swapped", "shuffled"):
+                assert got[kind][name][arm] == pytest.approx(committed[kind][name][arm], abs=0.003), (kind, name, arm)
+    assert got["largest_gate"]["retrieval"] == pytest.approx(committed["largest_gate"]["retrieval"], rel=1e-3)
+    # what the course says of it: the memory is read, but not for what it holds
+    para = committed["paraphrase"]["retrieval"]["gain"]
+    assert committed["paraphrase"]["copy_bound"]["own"]["copy_only"] < 0.05  # the ceiling is below the bar
+    assert abs(para["own"] - para["swapped"]) < 0.02
+
+
+def test_committed_memory_bench_is_lossless_and_its_tables_come_from_its_json():
+    from qdlib.report import load_report, report_markdown
+
+    folder = paths.OUTPUTS_DIR / "memory_protocol" / "bench_keep"
+    report = load_report(folder)
+    committed = json.loads((paths.OUTPUTS_DIR / "memory_protocol" / "retrieval_keep.json").read_text())
+    rows = {r["method"]: r for r in report["rows"] if r["mode"] == "greedy" and r["kind"] == "paraphrase"}
+    assert set(rows) == {"teacher_generate", "teacher_plain", "spec", "spec_no_cache"}
+    assert all(r["identical"] == r["prompts"] == 2 * committed["config"]["n_items"] for r in rows.values())
+    assert (folder / "report.md").read_text() == report_markdown(report)
+    assert report["draft"]["memory_items"] == committed["item_ids"][: committed["config"]["n_items"]]
+    assert report["draft"]["fusion"].endswith("retrieval_keep_fusion.safetensors")
