@@ -286,7 +286,7 @@ def _copy_prediction(context: list[int], memory_rows: list[list[int]], max_n: in
 
 def copy_bound(ids: torch.Tensor, mask: torch.Tensor, memories: list[list[list[int]]], correct: torch.Tensor,
                max_n: int = 4) -> dict:
-    """How much a perfect lookup could add: at each scored position, the token that follows the longest match
+    """How much a copying lookup could add at most: at each scored position, the token that follows the longest match
     (up to ``max_n`` tokens) of the context's suffix in that row's memory (prompt lookup's rule).
 
     ``memories[r]``: the token rows row ``r`` may look up; ``correct``: ``(N, T)`` bool, where the draft's own top-1
