@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from .distill_data import EvalSet, pad_id, paraphrase_eval_set
+from .distill_data import EvalSet, paraphrase_eval_set
 from .errors import ConfigError
 from .io import append_jsonl, atomic_path, torch_load_safe, torch_save_atomic, write_json_atomic
 from .knowledge import KnowledgeCache, build_knowledge_cache, load_knowledge_cache
@@ -101,18 +101,12 @@ def retrieval_data(teacher, tokenizer, cfg: RetrievalConfig, run_dir, *, exclude
         if len(items) < cfg.items:
             raise ConfigError(f"only {len(items)} training items are left after excluding {len(exclude)} names")
         build_knowledge_cache(teacher, tokenizer, items, answer_tokens=cfg.answer_tokens, progress=False).save(cache_dir)
-        para = paraphrase_eval_set(teacher, tokenizer, items, cfg.new_tokens)
-        same = paraphrase_eval_set(teacher, tokenizer, [{**it, "eval_paraphrases": [it["question"]]} for it in items],
-                                   cfg.new_tokens)
-        per_item = len(items[0]["eval_paraphrases"])
-        T = max(para.ids.shape[1], same.ids.shape[1])
-        ids = torch.full((len(para.ids) + len(same.ids), T), pad_id(tokenizer), dtype=torch.long)
-        mask = torch.zeros(ids.shape, dtype=torch.bool)
-        for k, es in ((0, para), (len(para.ids), same)):
-            ids[k : k + len(es.ids), : es.ids.shape[1]] = es.ids
-            mask[k : k + len(es.ids), : es.ids.shape[1]] = es.mask
-        row_item = torch.cat([torch.arange(len(items)).repeat_interleave(per_item), torch.arange(len(items))])
-        kind = torch.cat([torch.zeros(len(para.ids), dtype=torch.long), torch.ones(len(items), dtype=torch.long)])
+        per_item = len(items[0]["eval_paraphrases"])  # each item's rows: its paraphrases, then its question
+        with_question = [{**it, "eval_paraphrases": it["eval_paraphrases"] + [it["question"]]} for it in items]
+        es = paraphrase_eval_set(teacher, tokenizer, with_question, cfg.new_tokens)
+        ids, mask = es.ids, es.mask
+        row_item = torch.arange(len(items)).repeat_interleave(per_item + 1)
+        kind = torch.tensor([0] * per_item + [1]).repeat(len(items))
         torch_save_atomic({"ids": ids, "mask": mask, "row_item": row_item, "kind": kind}, rows_path)
     rows = torch_load_safe(rows_path)
     return {"cache": load_knowledge_cache(cache_dir, teacher=teacher), **rows}
