@@ -47,3 +47,16 @@ def qwen3_06b(qwen3_06b_dir):
     from qdlib import load_teacher
 
     return load_teacher(str(qwen3_06b_dir))
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A random 4-layer, 32-wide Qwen3 with the bundled teacher's vocabulary, and that tokenizer (each test module
+    gets its own copy, so no module sees another's changes)."""
+    from transformers import AutoTokenizer
+
+    from helpers import tiny_qwen3
+    from qdlib import paths
+
+    tok = AutoTokenizer.from_pretrained(paths.TEACHER_DIR)
+    return tiny_qwen3(vocab=len(tok), hidden=32, layers=4, seed=12), tok

@@ -7,16 +7,6 @@ from qdlib import build_draft, build_knowledge_cache, paths
 from qdlib.corpus import corpus_files
 from qdlib.memory import code_items, derangement, memory_arms, shuffled_memory
 
-from helpers import tiny_qwen3
-
-
-@pytest.fixture(scope="module")
-def small():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(paths.TEACHER_DIR)
-    return tiny_qwen3(vocab=len(tok), hidden=32, layers=4, seed=12), tok
-
 
 def test_code_items_come_from_held_out_files_and_say_the_same_thing_twice():
     items = code_items(12)

@@ -11,17 +11,8 @@ from qdlib.memory import code_items
 from qdlib.memory_train import (RetrievalConfig, copy_bound, freeze_all_but_fusion, load_fusion, retrieval_data,
                                 step_memory, sub_cache, train_retrieval)
 
-from helpers import tiny_qwen3
 
 KNOWLEDGE = {"enabled": True, "cache_dim": 32, "num_heads": 1}
-
-
-@pytest.fixture(scope="module")
-def small():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(paths.TEACHER_DIR)
-    return tiny_qwen3(vocab=len(tok), hidden=32, layers=4, seed=12), tok
 
 
 @pytest.fixture(scope="module")
