@@ -11,9 +11,9 @@ its weights:
     >>> round(draft_cost_ratio(cfg, 6), 2)
     0.42
 
-Multiply-adds (MACs) per generated token ignore the attention-score work,
-which grows with the context (:func:`attention_macs`) and is small at short
-contexts, and the norms and activations, which are cheap.
+Multiply-adds (MACs) per generated token ignore the attention-score work
+(about ``2 * heads * head_dim * context`` per layer and token, small at short
+contexts) and the norms and activations, which are cheap.
 """
 
 from __future__ import annotations
@@ -40,12 +40,6 @@ def mlp_macs(cfg) -> int:
 def layer_macs(cfg) -> int:
     """One decoder layer, per token (projections + MLP)."""
     return attn_proj_macs(cfg) + mlp_macs(cfg)
-
-
-def attention_macs(cfg, context: int) -> int:
-    """Attention scores and weighted sum of one layer for one new token at ``context`` positions."""
-    _, h, _, hd, _ = _dims(cfg)
-    return 2 * h * hd * context
 
 
 def head_macs(cfg) -> int:

@@ -8,8 +8,7 @@ standard library, torch and transformers). Notebook 00 introduces it.
     qd train-teacher --export              # writes outputs/teacher (bf16 safetensors, card)
 
 The corpus, its split, the tokenizer, the prompts and the held-out measures live in
-:mod:`qdlib.corpus`; the names notebooks import from here (``heldout_prompts``,
-``heldout_texts``, ``repeated_ngram_share``, ...) are re-exported from there.
+:mod:`qdlib.corpus`; import them from there.
 """
 
 from __future__ import annotations
@@ -25,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from . import paths
-from .corpus import (SOURCES, CorpusFile, bits_per_byte, build_manifest, corpus_files, loss_by_position,  # noqa: F401
-                     greedy_repetition, heldout_files, heldout_prompts, heldout_texts, random_prompts, read_source,
-                     repeated_ngram_share, tokenize_corpus, train_tokenizer)
+from .corpus import (SOURCES, bits_per_byte, build_manifest, corpus_files, greedy_repetition, heldout_files,
+                     heldout_prompts, loss_by_position, random_prompts, read_source, repeated_ngram_share,
+                     tokenize_corpus, train_tokenizer)
+from .corpus import heldout_texts  # noqa: F401  notebooks 01 and 05 import it from here: remove once they use qdlib.corpus
 from .errors import ConfigError
 from .hardware import cpu_name, cpu_supports_bf16
 from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
@@ -360,30 +360,6 @@ by position: with the whole window before each token, and with a sliding window 
 
 {verdict}
 """
-
-
-def add_context_section(folder: str | os.PathLike | None = None) -> dict:
-    """Measure :func:`loss_by_position` on a shipped teacher folder and add it to its ``metrics.json`` and card.
-
-    For a teacher exported before ``export_teacher`` measured it; both files are rewritten atomically.
-    """
-    from transformers import AutoTokenizer, Qwen3ForCausalLM
-
-    folder = Path(folder) if folder else paths.TEACHER_DIR
-    model = Qwen3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    texts = [t for t in (read_source(p) for p in heldout_files(manifest)[0]) if t]
-    cfg = json.loads((folder / "train_config.json").read_text())
-    rows = loss_by_position(model, tokenizer, texts, context=model.config.max_position_embeddings, short=cfg["seq_len"])
-    metrics = json.loads((folder / "metrics.json").read_text()) | {"context_loss": rows}
-    card = (folder / "README.md").read_text()
-    card = card.split("\n## Context length")[0].rstrip("\n") + "\n" + context_section(rows, cfg["seq_len"])
-    write_json_atomic(folder / "metrics.json", metrics)
-    tmp = folder / "README.md.tmp"
-    tmp.write_text(card, encoding="utf-8")
-    os.replace(tmp, folder / "README.md")
-    return metrics
 
 
 def _active_time(rows) -> float:

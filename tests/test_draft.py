@@ -122,7 +122,7 @@ def test_knowledge_block_defaults_and_errors():
 @pytest.mark.slow
 def test_assisted_generation_equals_teacher_greedy_on_20_heldout_prompts(tiny):
     """The bundled teacher with its uniform 6-of-28 draft as assistant_model, on held-out code."""
-    from qdlib.teacher import heldout_prompts, heldout_texts
+    from qdlib.corpus import heldout_prompts, heldout_texts
 
     teacher, tok = tiny
     draft = build_draft(teacher, sample_layers(28, 6))

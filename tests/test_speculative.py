@@ -148,7 +148,7 @@ def test_greedy_equals_generate_small_random_qwen3():
 
 @pytest.mark.slow
 def test_greedy_equals_generate_bundled_teacher_many_prompts(tiny):
-    from qdlib.teacher import heldout_prompts, heldout_texts
+    from qdlib.corpus import heldout_prompts, heldout_texts
 
     teacher, tok = tiny
     draft = build_draft(teacher, sample_layers(28, 6))

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from qdlib import paths
-from qdlib.teacher import bits_per_byte, greedy_repetition, heldout_files, heldout_prompts, read_source, \
-    repeated_ngram_share
+from qdlib.corpus import (bits_per_byte, greedy_repetition, heldout_files, heldout_prompts, read_source,
+                          repeated_ngram_share)
 
 BPB_BAR = 1.40
 REPETITION_BAR = 0.50

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import qdlib.teacher as teacher_mod
+from qdlib.corpus import train_tokenizer
 from qdlib.errors import ConfigError
 from qdlib.io import torch_load_safe
-from qdlib.teacher import TeacherTrainConfig, train_teacher, train_tokenizer
+from qdlib.teacher import TeacherTrainConfig, train_teacher
 
 
 def tiny_cfg(**kw):
