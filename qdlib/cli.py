@@ -377,13 +377,13 @@ def cmd_export_draft(args) -> int:
 
 
 def cmd_student(args) -> int:
-    from .student import write_student_copies
+    from .handouts import write_student_copies
 
     if args.notebooks is not None and not Path(args.notebooks).is_dir():
         raise MissingFileError(f"--notebooks {args.notebooks}: no such folder; omit it for the course's notebooks")
     written = write_student_copies(args.notebooks, args.out)
-    print(f"{len(written)} student notebooks (solutions replaced by `raise NotImplementedError()`, outputs cleared) "
-          f"-> {written[0].parent}")
+    print(f"{len(written)} student notebooks (solutions replaced by `raise NotImplementedError()`, the outputs that "
+          f"would reveal an answer cleared) -> {written[0].parent}")
     return 0
 
 
@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(export, "--export-only", default=None, metavar="DIR", help="skip training; export the run's best draft to DIR")
     d.set_defaults(func=cmd_distill)
 
-    s = sub.add_parser("student", help="write student copies of the notebooks (no solutions, no outputs)")
+    s = sub.add_parser("student", help="write student copies of the notebooks (no solutions; figures and outputs kept)")
     _opt(s, "--notebooks", default=None, help="source folder; default: the course's notebooks/")
     _opt(s, "--out", default=None, help="target folder; default: outputs/runs/student")
     s.set_defaults(func=cmd_student)

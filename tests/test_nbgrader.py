@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from qdlib import paths
-from qdlib.student import solution_lines
+from qdlib.handouts import solution_lines
 
 NOTEBOOKS = sorted((paths.REPO_DIR / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 BEGIN = "### BEGIN SOLUTION"

@@ -1,4 +1,4 @@
-"""Student copies of the course notebooks (`qd student`).
+"""Handouts: student copies of the course notebooks (`qd student`).
 
 Every exercise solution in ``notebooks/`` sits between nbgrader's markers::
 
@@ -8,9 +8,18 @@ Every exercise solution in ``notebooks/`` sits between nbgrader's markers::
         ### END SOLUTION
 
 A student copy replaces each such block with ``raise NotImplementedError()`` at the
-same indentation, drops ``### BEGIN HIDDEN TESTS`` / ``### END HIDDEN TESTS``
-blocks, and clears every output, so the check cell that follows tells the student
-"not attempted yet" until they write their own code.
+same indentation and drops ``### BEGIN HIDDEN TESTS`` / ``### END HIDDEN TESTS``
+blocks, so the check cell that follows tells the student "not attempted yet" until
+they write their own code. It keeps the stored outputs (figures, tables, printed
+numbers), so a student can read a notebook before running it, except where an output
+would give an answer away (:func:`reveals_answer`): those of
+
+- a solution cell (one with a solution or hidden-test block),
+- a check cell (nbgrader's grade cell after each solution),
+- any later cell that uses a name a solution cell defines (it would print the
+  instructor's result, e.g. ``print(alpha_needed(2.0, ...))``),
+- a cell tagged ``hide-output-in-student`` (an author's mark for anything else, e.g.
+  a cell above an exercise that prints its answer).
 
     qd student                       # -> outputs/runs/student/NN_topic.ipynb
     qd student --out handout/        # another folder
@@ -30,6 +39,7 @@ from . import paths
 BEGIN_SOLUTION, END_SOLUTION = "### BEGIN SOLUTION", "### END SOLUTION"
 BEGIN_HIDDEN, END_HIDDEN = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 STUB = "raise NotImplementedError()"
+HIDE_TAG = "hide-output-in-student"
 
 
 def _blocks(lines: list[str], begin: str, end: str):
@@ -76,20 +86,59 @@ def solution_lines(source: str) -> list[str]:
     return inner
 
 
+def defined_names(source: str) -> set[str]:
+    """Names a cell defines at its top level (functions, classes, assignments).
+
+    >>> sorted(defined_names("def alpha(p, q):\\n    return 1\\nx, y = 1, 2"))
+    ['alpha', 'x', 'y']
+    """
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # IPython magics: no names to follow
+        return set()
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def reveals_answer(cell, answers: set[str]) -> bool:
+    """Whether a code cell's stored output could give an exercise away (see the module's docstring).
+
+    ``answers`` holds the names that earlier solution cells define.
+    """
+    if HIDE_TAG in cell.metadata.get("tags", ()) or cell.metadata.get("nbgrader", {}).get("grade"):
+        return True
+    if solution_lines(cell.source) or BEGIN_SOLUTION in cell.source:
+        return True
+    return any(re.search(rf"\b{re.escape(name)}\b", cell.source) for name in answers)
+
+
 def student_notebook(nb):
-    """A copy of an ``nbformat`` notebook with solutions stubbed and every output cleared."""
+    """A copy of an ``nbformat`` notebook with solutions stubbed and the outputs that reveal an answer cleared."""
     import copy
 
     nb = copy.deepcopy(nb)
+    answers: set[str] = set()
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
         try:
+            hide = reveals_answer(cell, answers)
+            if BEGIN_SOLUTION in cell.source:
+                answers |= defined_names(cell.source)
             cell.source = strip_solutions(cell.source)
         except ValueError as exc:
             raise ValueError(f"cell {i}: {exc}") from exc
-        cell.outputs = []
-        cell.execution_count = None
+        if hide:
+            cell.outputs = []
+            cell.execution_count = None
         cell.metadata.pop("execution", None)
     return nb
 

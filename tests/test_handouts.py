@@ -1,4 +1,5 @@
-"""`qd student`: student copies carry no solution, are valid notebooks, and their checks say "not attempted"."""
+"""`qd student`: student copies carry no solution, keep the outputs that give nothing away, are valid notebooks,
+and their checks say "not attempted"."""
 
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import nbformat
 import pytest
 
 from qdlib import paths
-from qdlib.student import STUB, solution_lines, strip_solutions, student_notebook, write_student_copies
+from qdlib.handouts import HIDE_TAG, STUB, solution_lines, strip_solutions, student_notebook, write_student_copies
 
 NOTEBOOKS = sorted((paths.REPO_DIR / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -43,7 +44,47 @@ def test_every_course_notebook_has_exercises_and_no_solution_leaks(tmp_path):
         # every solution line that is specific enough to give an answer away is gone
         leaks = [s for s in secret if len(s) > 12 and s in code and not s.startswith(("#", "return"))]
         assert not leaks, f"{dst.name} leaks {leaks[:3]}"
-        assert all(not c.get("outputs") and c.get("execution_count") is None for c in student.cells if c.cell_type == "code")
+        # outputs: the ordinary cells keep theirs (figures included), no stored output says an answer was right
+        pairs = [(a, b) for a, b in zip(teacher_nb.cells, student.cells) if a.cell_type == "code"]
+        kept = [b for a, b in pairs if b.outputs]
+        assert all(b.outputs == a.outputs for a, b in pairs if b.outputs)
+        assert len(kept) >= len([a for a, _ in pairs if a.outputs]) // 2, f"{dst.name} lost most of its outputs"
+        if any("image/png" in o.get("data", {}) for a, _ in pairs for o in a.outputs):
+            assert any("image/png" in o.get("data", {}) for b in kept for o in b.outputs), f"{dst.name} lost its figures"
+        shown = "".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for b in kept for o in b.outputs)
+        assert "correct!" not in shown, f"{dst.name} shows a check's verdict"
+        assert all(not b.outputs for a, b in pairs if a.metadata.get("nbgrader", {}).get("solution")
+                   or a.metadata.get("nbgrader", {}).get("grade")), f"{dst.name} keeps an exercise cell's output"
+
+
+def _cell(source, outputs=(), **metadata):
+    return nbformat.v4.new_code_cell(source, outputs=list(outputs), metadata=metadata, execution_count=1)
+
+
+def test_outputs_are_kept_except_those_that_reveal_an_answer():
+    png = nbformat.v4.new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})
+    text = nbformat.v4.new_output("stream", text="0.73\n")
+    nb = nbformat.v4.new_notebook(cells=[
+        _cell("plot()", [png]),                                                          # 0 a figure: kept
+        _cell("def best(a):\n    ### BEGIN SOLUTION\n    return 0.73\n    ### END SOLUTION", [text]),  # 1 solution
+        _cell("check('Ex 1', best, 1)", [text], nbgrader={"grade": True}),            # 2 its check cell
+        _cell("print(best(2))", [text]),                                                 # 3 prints the answer
+        _cell("print(table)", [text], tags=[HIDE_TAG]),                                  # 4 marked by its author
+        _cell("print(best_gamma_table)", [text]),                                        # 5 another name: kept
+        nbformat.v4.new_markdown_cell("**Exercise**"),
+    ])
+    student = student_notebook(nb)
+    assert [bool(c.get("outputs")) for c in student.cells[:6]] == [True, False, False, False, False, True]
+    assert student.cells[0].outputs == [png] and student.cells[0].execution_count == 1
+    assert all(c.execution_count is None for c in student.cells[1:5])
+    assert nb.cells[3].outputs == [text], "the instructor's notebook is left as it was"
+
+
+def test_a_name_defined_before_its_solution_hides_nothing_earlier():
+    text = nbformat.v4.new_output("stream", text="x\n")
+    nb = nbformat.v4.new_notebook(cells=[_cell("print(best)", [text]),
+                                         _cell("def best():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION")])
+    assert student_notebook(nb).cells[0].outputs == [text]
 
 
 @pytest.mark.slow
