@@ -45,7 +45,7 @@ from . import paths
 from .errors import ConfigError, QdError
 from .feature_draft import is_feature_draft_folder, load_feature_draft
 from .fusion import GATES, GatedFusion, Memory, RMSNorm
-from .io import atomic_dir, write_json_atomic
+from .io import atomic_dir, check_model_folder, write_json_atomic
 from .knowledge import load_knowledge_cache, teacher_fingerprint
 from .models import default_teacher_name, is_bundled, quiet_loading, resolve_device, resolve_dtype
 from .schema import Boolean, Choice, Integer, IntList, Number, OrNull, field_problems, raise_problems, setting, unknown_key_problems
@@ -444,6 +444,8 @@ def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torc
     if not (folder / "config.json").is_file():
         raise DraftLoadError(f"{folder} is not a draft folder (no config.json); expected the output of "
                              f"`qd distill --export` or DraftForCausalLM.save_pretrained")
+    check_model_folder(folder, what="draft", error=DraftLoadError, fix="export it again (`qd distill --export "
+                       "FOLDER`, or qdlib.feature_train.export_fast_draft for a feature-fed draft)")
     dev = resolve_device(device)
     if is_feature_draft_folder(folder):
         return load_feature_draft(folder, device=dev, dtype=resolve_dtype(dtype, dev) or torch.float32)

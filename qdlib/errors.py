@@ -32,3 +32,8 @@ class ConfigError(QdError, ValueError):
 
 class MissingFileError(QdError, FileNotFoundError):
     """A file the user named (a config, an item list) does not exist; the message says what to use instead."""
+
+
+class DamagedFileError(QdError, RuntimeError):
+    """A file qdlib reads (weights, a knowledge cache, a checkpoint) is truncated or corrupt; the message names it
+    and says how to get a good copy (``git checkout`` for a committed one, or the command that writes it)."""

@@ -42,8 +42,8 @@ from torch import nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from .errors import ConfigError, MissingFileError
-from .io import atomic_dir, write_json_atomic
+from .errors import ConfigError, DamagedFileError, MissingFileError
+from .io import atomic_dir, how_to_restore, load_safetensors, read_json, write_json_atomic
 
 FORMAT = "qd_feature_draft"
 
@@ -277,23 +277,27 @@ def is_feature_draft_folder(path: str | os.PathLike) -> bool:
 
 
 def load_feature_draft(path: str | os.PathLike, device=None, dtype=torch.float32) -> FeatureDraft:
-    """Load a draft written by :func:`save_feature_draft` (safetensors only: nothing is unpickled)."""
-    from safetensors.torch import load_file
+    """Load a draft written by :func:`save_feature_draft` (safetensors only: nothing is unpickled).
 
+    A missing folder raises :class:`~qdlib.errors.MissingFileError`; a damaged file, one that is not this format, or
+    weights that do not fit it raise :class:`~qdlib.errors.DamagedFileError`, naming the file.
+    """
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise MissingFileError(f"{path} is not a feature-draft folder (no config.json)")
-    raw = json.loads(cfg_path.read_text())
+    fix = "export it again (qdlib.feature_train.export_fast_draft, or save_feature_draft)"
+    raw = read_json(cfg_path, what="feature-draft config", fix=fix)
     if raw.pop("format", None) != FORMAT:
-        raise ValueError(f"{cfg_path} is not a {FORMAT} config")
+        raise DamagedFileError(f"{cfg_path} is not a {FORMAT} config; {how_to_restore(cfg_path, fix)}")
     raw["init_layers"] = tuple(raw.get("init_layers", ()))
     draft = FeatureDraft(FeatureDraftConfig(**raw))
-    state = load_file(str(path / "model.safetensors"))
+    state = load_safetensors(path / "model.safetensors", what="feature-draft weights", fix=fix)
     draft.load_state_dict(state, strict=False)
     missing = set(draft.state_dict()) - set(state) - {k for k in draft.state_dict() if k.startswith("rotary.")}
     if missing:
-        raise ValueError(f"{path}/model.safetensors lacks {sorted(missing)}")
+        raise DamagedFileError(f"{path}/model.safetensors lacks {sorted(missing)}; "
+                               f"{how_to_restore(path / 'model.safetensors', fix)}")
     for p in draft.parameters():
         p.requires_grad_(False)
     return draft.to(device=device or "cpu", dtype=dtype).eval()

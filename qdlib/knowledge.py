@@ -33,7 +33,7 @@ import torch
 
 from . import paths
 from .errors import ConfigError, MissingFileError, QdError
-from .io import atomic_dir, atomic_path, write_json_atomic
+from .io import atomic_dir, atomic_path, how_to_restore, load_safetensors, read_json, write_json_atomic
 from .models import is_bundled, model_name
 from .progress import progress_bar
 from .sampling import run_layers
@@ -190,19 +190,15 @@ def load_knowledge_cache(path: str | os.PathLike, teacher=None) -> KnowledgeCach
     Given ``teacher``, its fingerprint must match the cache's; otherwise a
     :class:`KnowledgeCacheError` says what differs and how to rebuild.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     st, js = path / "cache.safetensors", path / "cache.json"
     if not st.is_file() or not js.is_file():
+        build = "build one with `qd build-cache` or qdlib.build_knowledge_cache"
         raise KnowledgeCacheError(f"no knowledge cache at {path} (expected cache.safetensors and cache.json); "
-                                  f"build one with `qd build-cache` or qdlib.build_knowledge_cache")
-    try:
-        meta = json.loads(js.read_text(encoding="utf-8"))
-        tensors = load_file(str(st))
-    except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as exc:
-        raise KnowledgeCacheError(f"knowledge cache at {path} is corrupt ({exc}); rebuild it with `qd build-cache`") from exc
+                                  f"{how_to_restore(path, build)}")
+    fix = "rebuild it with `qd build-cache`"
+    meta = read_json(js, what="knowledge cache metadata", fix=fix, error=KnowledgeCacheError)
+    tensors = load_safetensors(st, what="knowledge cache", fix=fix, error=KnowledgeCacheError)
     if meta.get("format_version") != FORMAT_VERSION:
         raise KnowledgeCacheError(f"knowledge cache at {path} has format version {meta.get('format_version')}, "
                                   f"this qdlib reads {FORMAT_VERSION}; rebuild it with `qd build-cache`")

@@ -33,6 +33,7 @@ import torch
 
 from . import paths
 from .errors import ConfigError, QdError
+from .io import check_model_folder
 
 TINY = "tiny"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -181,6 +182,10 @@ def load_teacher(name: str | None = None, device: str | torch.device | None = No
     looks_local = local.exists() or where.startswith((".", "/", "~")) or os.sep + os.sep in where
     if looks_local and not (local / "config.json").is_file():
         raise TeacherLoadError(f"{local} is not a model folder (no config.json there)")
+    if looks_local:  # a damaged file named before from_pretrained reports it without its name
+        fix = "retrain it: `qd train-teacher`, then `qd train-teacher --export`" if is_bundled(name) else \
+            "save or download the model again"
+        check_model_folder(local, what="teacher", fix=fix, error=TeacherLoadError)
     kwargs = {"dtype": dt} if dt is not None else {}
     local_only = {}
     if not looks_local and (hub_offline() or not hub_reachable()):

@@ -130,8 +130,8 @@ def test_the_pipeline_goes_one_way():
     """The stages of shared/notes/architecture.md: nothing low imports anything above it."""
     graph, _ = import_graph(PACKAGE)
     low = {"qdlib.paths", "qdlib.io", "qdlib.progress", "qdlib.hardware", "qdlib.training"}
-    for mod in low:
-        assert not {t for t in graph[mod] if t != "qdlib.paths"}, f"{mod} imports {graph[mod]}"
+    for mod in low:  # errors.py imports nothing, so anything may raise its classes
+        assert not graph[mod] - {"qdlib.paths", "qdlib.errors"}, f"{mod} imports {graph[mod]}"
     assert graph["qdlib.errors"] == set() and graph["qdlib.corpus"] <= {"qdlib.paths", "qdlib.errors"}
     assert "qdlib.draft" not in graph["qdlib.models"] and "qdlib.knowledge" not in graph["qdlib.models"]
     assert "qdlib.teacher" not in set().union(*(graph[m] for m in graph if m not in ("qdlib.cli", "qdlib.teacher")))
