@@ -5,8 +5,6 @@ import pytest
 from qdlib import paths
 from qdlib.report import METHODS, headline, load_report, report_markdown
 
-pytestmark = pytest.mark.skipif(not (paths.BENCH_DIR / "report.json").exists(), reason="no committed bench report")
-
 
 @pytest.fixture(scope="module")
 def report():

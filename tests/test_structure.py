@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qdlib"
+TESTS = Path(__file__).resolve().parent
 MAX_FUNCTION_LINES = 100
 
 # Function-level imports of qdlib's own modules that are allowed, each with its reason.
@@ -22,6 +23,15 @@ ALLOWED_FUNCTION_LEVEL = {
 
 # Functions allowed over MAX_FUNCTION_LINES for now, each with its reason.
 KNOWN_LONG_FUNCTIONS: set = set()  # none left (speculative_generate became a loop over a drafter)
+
+# The tests that may skip, each with the condition of the machine it depends on. A skip on the state of a committed
+# file is not one: the file is the same on every clone, so such a test always skips (it cannot fail) or never does.
+ALLOWED_SKIPS = {
+    "test_cli.py::test_a_missing_gpu_is_refused_before_loading": "the machine has a GPU",
+    "test_teacher_quality.py::heldout": "this Python's standard library differs from the one the teacher saw",
+    "test_browser.py::lab": "Chromium, chromedriver or selenium is not installed",
+    "test_nbgrader.py::course": "nbgrader (the dev extra) is not installed",
+}
 
 
 def module_name(path: Path, package: Path) -> str:
@@ -111,6 +121,67 @@ def long_functions(package: Path, limit: int = MAX_FUNCTION_LINES) -> dict[str, 
     return out
 
 
+def stale_exceptions(package: Path, known_long=frozenset(), allowed_function_level=(), limit=MAX_FUNCTION_LINES):
+    """Listed exceptions that no longer excuse anything (each would hide the next offender of that name)."""
+    long = long_functions(package, limit)
+    importers = {module_name(path, package) for path in package.glob("*.py")
+                 if any(in_function for _, in_function, _ in qdlib_imports(path, package))}
+    return sorted([f"{f} (not over {limit} lines)" for f in set(known_long) - set(long)]
+                  + [f"{m} (no function-level import)" for m in set(allowed_function_level) - importers])
+
+
+def _test_scopes(path: Path):
+    """``(name, node)`` for each top-level statement of a test file: a function's name, or ``<module>``."""
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        yield (node.name if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else "<module>"), node
+
+
+def vacuous_subset_asserts(path: Path) -> list[str]:
+    """``file:line`` of each ``assert EMPTY <= x`` (or ``<``, ``.issubset``) whose ``EMPTY`` is a module-level name
+    bound to an empty container: it holds whatever ``x`` is."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    empty = set()
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        value = getattr(node, "value", None)
+        if isinstance(target, ast.Name) and value is not None and ast.unparse(value) in (
+                "set()", "frozenset()", "{}", "[]", "()", "dict()", "list()", "tuple()"):
+            empty.add(target.id)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assert):
+            t = node.test
+            if isinstance(t, ast.Compare) and isinstance(t.ops[0], (ast.LtE, ast.Lt)):
+                left = t.left
+            elif isinstance(t, ast.Call) and isinstance(t.func, ast.Attribute) and t.func.attr == "issubset":
+                left = t.func.value
+            else:
+                continue
+            if isinstance(left, ast.Name) and left.id in empty:
+                out.append(f"{path.name}:{node.lineno}")
+    return out
+
+
+def skipping_tests(path: Path) -> set[str]:
+    """``file::name`` of each test function or fixture (``<module>`` for the whole file) that may skip."""
+    skips = {"pytest.skip", "pytest.importorskip", "pytest.mark.skip", "pytest.mark.skipif"}
+    return {f"{path.name}::{name}" for name, top in _test_scopes(path)
+            if any(isinstance(n, ast.Attribute) and ast.unparse(n) in skips for n in ast.walk(top))}
+
+
+def unbounded_failure_counts(path: Path) -> list[str]:
+    """``file::function`` of each test asserting that a count of failures (``x.failed == 0``) is zero without an
+    assert on how many were tried (``x.attempted``): zero failures of zero attempts passes having checked nothing."""
+    out = []
+    for name, top in _test_scopes(path):
+        asserts = [n.test for n in ast.walk(top) if isinstance(n, ast.Assert)]
+        counts_failures = any(isinstance(t, ast.Compare) and isinstance(t.left, ast.Attribute)
+                              and t.left.attr == "failed" for t in asserts)
+        if counts_failures and not any("attempted" in ast.unparse(t) for t in asserts):
+            out.append(f"{path.name}::{name}")
+    return out
+
+
 # ----------------------------------------------------------------------------- the checks on qdlib
 
 
@@ -143,10 +214,30 @@ def test_no_function_over_100_lines():
     assert long == {}, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
 
 
-def test_the_known_long_functions_still_exist():
-    """A stale exception would hide the next long function of that name: remove entries once they are short."""
-    long = long_functions(PACKAGE)
-    assert KNOWN_LONG_FUNCTIONS <= set(long), f"no longer long, remove from KNOWN_LONG_FUNCTIONS: {KNOWN_LONG_FUNCTIONS - set(long)}"
+def test_every_listed_exception_still_excuses_something():
+    """A stale exception would hide the next offender of that name: remove entries once they are not needed."""
+    assert ALLOWED_FUNCTION_LEVEL, "nothing listed: this test would check nothing"
+    assert stale_exceptions(PACKAGE, KNOWN_LONG_FUNCTIONS, ALLOWED_FUNCTION_LEVEL) == []
+
+
+# ----------------------------------------------------------------------------- the checks on the tests
+
+
+def test_no_test_asserts_that_an_empty_constant_is_a_subset():
+    files = sorted(TESTS.glob("test_*.py"))
+    assert len(files) > 20
+    assert [hit for f in files for hit in vacuous_subset_asserts(f)] == []
+
+
+def test_only_the_listed_tests_skip_and_each_listed_one_still_can():
+    """A skip depends on the machine (a GPU, an optional package), never on a committed file."""
+    found = set().union(*(skipping_tests(f) for f in sorted(TESTS.glob("test_*.py"))))
+    assert found - set(ALLOWED_SKIPS) == set(), "unlisted skips (list them with the machine condition, or measure)"
+    assert set(ALLOWED_SKIPS) - found == set(), "listed but no longer skipping: remove from ALLOWED_SKIPS"
+
+
+def test_no_test_counts_failures_without_counting_attempts():
+    assert [hit for f in sorted(TESTS.glob("test_*.py")) for hit in unbounded_failure_counts(f)] == []
 
 
 # ----------------------------------------------------------------------------- the checks can fail
@@ -178,3 +269,39 @@ def test_an_acyclic_graph_passes():
 def test_a_long_function_is_measured(toy):
     assert long_functions(toy) == {"toy.b.long": 102}
     assert long_functions(toy, limit=200) == {}
+
+
+def test_a_stale_exception_is_found(toy):
+    assert stale_exceptions(toy, {"toy.b.long"}, {"toy.b": "*"}) == []  # both still needed
+    assert stale_exceptions(toy, {"toy.b.long", "toy.a.f"}, {"toy.b": "*", "toy.a": "*"}) == [
+        "toy.a (no function-level import)", "toy.a.f (not over 100 lines)"]
+    assert stale_exceptions(toy, {"toy.b.long"}, limit=200) == ["toy.b.long (not over 200 lines)"]
+
+
+@pytest.fixture
+def toy_tests(tmp_path):
+    """Made-up test files with each of the three mistakes, and with their fixes."""
+    (tmp_path / "test_empty.py").write_text(
+        "KNOWN: set = set()\nALLOWED = frozenset()\n\n"
+        "def test_stale():\n    assert KNOWN <= set(found())\n\n"  # the mistake: holds for anything found
+        "def test_stale_too():\n    assert ALLOWED.issubset(found())\n\n"
+        "def test_fine():\n    assert found() <= KNOWN and {1} <= {1, 2}\n")
+    (tmp_path / "test_skip.py").write_text(
+        "import pytest\n\npytestmark = pytest.mark.skipif(not READY, reason='no report')\n\n"
+        "def test_card(card):\n    if 'unfamiliar' not in card:\n        pytest.skip('the card predates it')\n\n"
+        "@pytest.mark.skip(reason='later')\ndef test_later():\n    pass\n\n"
+        "def test_measures():\n    assert measure() > 0\n")
+    (tmp_path / "test_counts.py").write_text(
+        "def test_examples(name):\n    r = testmod(name)\n    assert r.failed == 0, f'{r.failed} of {r.attempted}'\n\n"
+        "def test_examples_fixed(name):\n    r = testmod(name)\n    assert r.failed == 0\n    assert r.attempted > 0\n")
+    return tmp_path
+
+
+def test_the_checks_on_the_tests_find_each_mistake(toy_tests):
+    assert vacuous_subset_asserts(toy_tests / "test_empty.py") == ["test_empty.py:5", "test_empty.py:8"]
+    assert skipping_tests(toy_tests / "test_skip.py") == {"test_skip.py::<module>", "test_skip.py::test_card",
+                                                          "test_skip.py::test_later"}
+    assert unbounded_failure_counts(toy_tests / "test_counts.py") == ["test_counts.py::test_examples"]
+    for check in (vacuous_subset_asserts, unbounded_failure_counts):  # nothing found where there is no mistake
+        assert not check(toy_tests / "test_skip.py")
+    assert not skipping_tests(toy_tests / "test_counts.py")

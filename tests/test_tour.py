@@ -37,7 +37,6 @@ def test_tour_without_a_reference_draft_says_so_and_still_decodes(other_teacher,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (paths.DRAFT_DIR / "config.json").exists(), reason="the reference draft is not committed yet")
 def test_tour_with_the_reference_draft(capsys):
     torch.manual_seed(0)
     assert main(["tour", "--model", "tiny"]) == 0

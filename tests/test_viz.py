@@ -4,10 +4,8 @@ import base64
 
 import pytest
 
-pytest.importorskip("ipywidgets")
-
-from qdlib.metrics import expected_speedup  # noqa: E402
-from qdlib.viz import describe_sampling, describe_speedup, layer_explorer, plot_speedup, speedup_explorer  # noqa: E402
+from qdlib.metrics import expected_speedup
+from qdlib.viz import describe_sampling, describe_speedup, layer_explorer, plot_speedup, speedup_explorer
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
