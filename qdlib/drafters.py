@@ -22,16 +22,19 @@ processed (the prompt's, then the verified ones); only drafters with
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
 from .decoding import Settings
+from .trees import TreeShape
 
 
 class Proposal(NamedTuple):
     tokens: list[int]
-    qs: list[torch.Tensor] | None  # the draft's distribution for each token (sampling), else None
+    qs: list[torch.Tensor] | None  # the draft's distribution for each token (sampling, chains only), else None
+    parents: list[int] | None = None  # a token tree (:mod:`qdlib.trees`): each token's parent; None: a chain
 
 
 class Drafter:
@@ -140,9 +143,10 @@ class FeatureDrafter(Drafter):
 
     needs_features = True
 
-    def __init__(self, draft, settings: Settings, confidence_threshold: float | None = None, max_len: int | None = None):
+    def __init__(self, draft, settings: Settings, confidence_threshold: float | None = None, max_len: int | None = None,
+                 tree: TreeShape | None = None):
         super().__init__(settings)
-        self.draft, self.threshold, self.max_len = draft, confidence_threshold, max_len
+        self.draft, self.threshold, self.max_len, self.tree = draft, confidence_threshold, max_len, tree
 
     def begin(self, seq, features):
         self.kv = self.draft.new_cache(self.max_len)
@@ -165,6 +169,8 @@ class FeatureDrafter(Drafter):
         f_in = self.feats[done : len(seq) - 1][None].to(dev)  # (1, n, H): f[i-1] for positions done+1 .. L-1
         pred, logits = self.draft(f_in, torch.tensor([seq[done + 1 :]], device=dev), self.kv)
         self.calls += 1
+        if self.tree is not None:
+            return self._grow_tree(pred[0, -1], logits[0, -1], k)
         true_len = self.kv.length
         tokens, qs = [], []
         for j in range(k):
@@ -180,6 +186,62 @@ class FeatureDrafter(Drafter):
 
     def commit(self, seq, features):
         self.feats = torch.cat([self.feats, features.to(self.feats.device)])  # now f[0 .. len(seq)-2]
+
+    def _grow_tree(self, root_pred: torch.Tensor, root_logits: torch.Tensor, k: int) -> Proposal:
+        """A token tree of depth <= ``k`` grown level by level (:class:`qdlib.trees.TreeShape`), one draft call a level.
+
+        A node reads its parent's predicted feature and its own token, at position ``prefix + depth - 1``, and
+        attends to the verified prefix, its ancestors and itself; the drafted entries leave the cache afterwards.
+        """
+        shape, true_len, dev = self.tree, self.kv.length, self.draft.device
+        tokens, parents, slot, node_pred = [], [], {}, {}  # slot: node -> its row in the draft's cache
+        frontier = [(-1, root_logits, root_pred, 0.0)]  # (node, logits, predicted feature, log path probability)
+        for depth in range(1, k + 1):
+            level = _best_children(frontier, shape, self.draft.vocab_ids, room=shape.budget - len(tokens),
+                                   keep_one=depth == 1)
+            if not level:
+                break
+            for _, parent, tok in level:
+                tokens.append(tok)
+                parents.append(parent)
+            if depth == k or len(tokens) >= shape.budget:
+                break
+            new = list(range(len(tokens) - len(level), len(tokens)))
+            mask = torch.zeros(len(new), self.kv.length + len(new), dtype=torch.bool, device=dev)
+            mask[:, :true_len] = True
+            feats_in = []
+            for r, node in enumerate(new):
+                mask[r, self.kv.length + r] = True
+                p = parents[node]
+                feats_in.append(root_pred if p < 0 else node_pred[p])
+                while p >= 0:
+                    mask[r, slot[p]] = True
+                    p = parents[p]
+            for r, node in enumerate(new):
+                slot[node] = self.kv.length + r
+            pos = torch.full((len(new),), true_len + depth - 1, device=dev)
+            pred, logits = self.draft(torch.stack(feats_in)[None], torch.tensor([[tokens[i] for i in new]], device=dev),
+                                      self.kv, positions=pos, mask=mask)
+            self.calls += 1
+            node_pred.update({n: pred[0, r] for r, n in enumerate(new)})
+            frontier = [(n, logits[0, r], pred[0, r], level[r][0]) for r, n in enumerate(new)]
+        self.kv.crop(true_len)
+        return Proposal(tokens, None, parents)
+
+
+def _best_children(frontier, shape, vocab_ids, room: int, keep_one: bool) -> list:
+    """The next level: ``(log path probability, parent, token)`` of the best children of ``frontier``."""
+    cands = []
+    for node, logits, _, logp in frontier:
+        lp = torch.log_softmax(logits.float(), -1)
+        top = lp.topk(min(shape.branch, lp.shape[-1]))
+        vals, idx = top.values.tolist(), top.indices.tolist()
+        n = 1 if math.exp(vals[0]) >= shape.sure else len(vals)
+        cands += [(logp + v, node, int(vocab_ids[i])) for v, i in zip(vals[:n], idx[:n])]
+    cands.sort(key=lambda c: -c[0])
+    cands = cands[: min(shape.width, room)]
+    kept = [c for c in cands if math.exp(c[0]) >= shape.min_prob]
+    return kept or (cands[:1] if keep_one else [])
 
 
 class HybridDrafter(Drafter):
@@ -242,14 +304,17 @@ class HybridDrafter(Drafter):
 
 
 def as_drafter(draft, settings: Settings, *, confidence_threshold: float | None = None, vocab_size: int | None = None,
-               max_len: int | None = None) -> Drafter:
+               max_len: int | None = None, tree: TreeShape | None = None) -> Drafter:
     """The right :class:`Drafter` for ``draft``: a drafter is returned as it is, a feature-fed draft, a causal LM,
-    or a model-free object with ``propose(context, k)``."""
+    or a model-free object with ``propose(context, k)``. ``tree``: grow token trees (feature-fed drafts only)."""
     if isinstance(draft, Drafter):
         return draft.configure(settings, confidence_threshold=confidence_threshold, vocab_size=vocab_size,
-                               max_len=max_len)
+                               max_len=max_len, tree=tree)
     if getattr(draft, "needs_target_features", False):
-        return FeatureDrafter(draft, settings, confidence_threshold, max_len)
+        return FeatureDrafter(draft, settings, confidence_threshold, max_len, tree)
+    if tree is not None:
+        raise ValueError(f"tree={tree!r}: token trees are grown by feature-fed drafts (qdlib.load_draft('fast')); "
+                         f"a {type(draft).__name__} drafts chains (tree=None)")
     if isinstance(draft, torch.nn.Module):
         return ModelDrafter(draft, settings, confidence_threshold)
     if callable(getattr(draft, "propose", None)):

@@ -112,7 +112,7 @@ class FeatureDraft(nn.Module):
         return self.fc.weight.device
 
     # ------------------------------------------------------------------ the layer, written out
-    def _attend(self, layer, x, cos, sin, kv: KVBuffer | None, li: int):
+    def _attend(self, layer, x, cos, sin, kv: KVBuffer | None, li: int, mask: torch.Tensor | None = None):
         """Self-attention of one Qwen3 layer over ``x`` ``(B, T, H)``, with an optional cache (batch 1)."""
         at = layer.self_attn
         B, T, _ = x.shape
@@ -129,33 +129,36 @@ class FeatureDraft(nn.Module):
             kv.k[li, :, :, s : s + T] = k
             kv.v[li, :, :, s : s + T] = v
             K, Vv = kv.k[li, :, :, : s + T], kv.v[li, :, :, : s + T]  # (1, kvh, s+T, hd)
-            mask = None
-            if T > 1:  # new token t may see cached positions and new tokens up to itself
+            if mask is None and T > 1:  # new token t may see cached positions and new tokens up to itself
                 mask = torch.ones(T, s + T, dtype=torch.bool, device=x.device).tril(diagonal=s)  # (T, s+T)
             y = F.scaled_dot_product_attention(q, K, Vv, attn_mask=mask, enable_gqa=True)
         return at.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H)
 
-    def hidden(self, features: torch.Tensor, input_ids: torch.Tensor, kv: KVBuffer | None = None) -> torch.Tensor:
+    def hidden(self, features: torch.Tensor, input_ids: torch.Tensor, kv: KVBuffer | None = None,
+               positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted teacher features ``(B, T, H)`` from teacher features ``(B, T, H)`` and tokens ``(B, T)``.
 
         ``features[:, t]`` must be the teacher's feature at the position *before* ``input_ids[:, t]``.
-        With ``kv`` (batch 1) the new positions follow the cached ones and are appended to the cache.
+        With ``kv`` (batch 1) the new positions follow the cached ones and are appended to the cache;
+        ``positions`` ``(T,)`` and ``mask`` ``(T, cached + T)`` bool (which cached and new entries each new
+        token sees) override the causal chain, as drafting a token tree needs.
         """
         start = kv.length if kv is not None else 0
         T = input_ids.shape[1]
         x = self.fc(torch.cat([features.to(self.fc.weight.dtype), self.embed(input_ids)], dim=-1))  # (B, T, H)
-        pos = torch.arange(start, start + T, device=x.device)[None]  # (1, T)
+        pos = (torch.arange(start, start + T, device=x.device) if positions is None else positions)[None]  # (1, T)
         cos, sin = self.rotary(x, pos)  # (1, T, hd) each
         for li, layer in enumerate(self.layers):
-            x = x + self._attend(layer, layer.input_layernorm(x), cos, sin, kv, li)
+            x = x + self._attend(layer, layer.input_layernorm(x), cos, sin, kv, li, mask)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if kv is not None:
             kv.length = start + T
         return self.norm(x)
 
-    def forward(self, features: torch.Tensor, input_ids: torch.Tensor, kv: KVBuffer | None = None):
+    def forward(self, features: torch.Tensor, input_ids: torch.Tensor, kv: KVBuffer | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """``(predicted features (B, T, H), logits over the draft vocabulary (B, T, Vd))``."""
-        f = self.hidden(features, input_ids, kv)
+        f = self.hidden(features, input_ids, kv, positions, mask)
         return f, self.head(f)
 
     def new_cache(self, max_len: int | None = None) -> KVBuffer:

@@ -33,7 +33,9 @@ from typing import NamedTuple
 import torch
 
 from .decoding import Settings, accept_or_resample, accept_round, process_logits  # noqa: F401 (public names)
-from .drafters import Drafter, as_drafter, rollback
+from .drafters import Drafter, Proposal, as_drafter, rollback
+from .target_engine import verifier
+from .trees import TreeShape, accept_tree, chain_parents, tree_depths, tree_mask
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -160,40 +162,29 @@ _rollback = rollback  # the name the tests use
 # ----------------------------------------------------------------------------- decoding
 
 
-class _Target:
-    """The target's forward passes, with its KV cache; returns logits and, for drafters that read it, features."""
+def _draft_defaults(draft, gamma, confidence_threshold, tree):
+    """Explicit arguments win; else the draft's own tuned settings (when its config carries them); else gamma 4.
 
-    def __init__(self, model, want_features: bool):
-        from transformers import DynamicCache
-
-        self.model, self.want_features = model, want_features
-        self.cache = DynamicCache(config=model.config)
-        self.device = model.device
-
-    def __call__(self, tokens: list[int], keep: int):
-        """Logits ``(keep, V)`` of the last ``keep`` positions, and features ``(len(tokens), H)`` or None."""
-        ids = torch.tensor([tokens], device=self.device)
-        if not self.want_features:
-            out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
-            return out.logits[0], None
-        h = self.model.model(input_ids=ids, cache=self.cache, use_cache=True).last_hidden_state[0]  # (T, H)
-        return self.model.lm_head(h[-keep:]), h
-
-
-def _draft_defaults(draft, gamma, confidence_threshold):
-    """Explicit arguments win; else the draft's own tuned settings (when its config carries them); else gamma 4."""
+    ``tree=False`` forces chains; ``tree=None`` takes the draft's tree shape if its config has one."""
     cfg = getattr(draft, "config", None)
     if gamma is None:
         gamma = getattr(cfg, "gamma", None) or 4
     if confidence_threshold is None:
         confidence_threshold = getattr(cfg, "confidence_threshold", None)
-    return gamma, confidence_threshold
+    if tree is None:
+        tree = TreeShape.from_dict(getattr(cfg, "tree", None))
+    elif tree is False:
+        tree = None
+    elif not isinstance(tree, TreeShape):
+        raise ValueError(f"tree={tree!r} must be a qdlib.trees.TreeShape, False (chains) or None (the draft's own)")
+    return gamma, confidence_threshold, tree
 
 
 @torch.no_grad()
 def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int | None = None, max_new_tokens: int = 64,
                          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None,
-                         generator: torch.Generator | None = None, confidence_threshold: float | None = None):
+                         generator: torch.Generator | None = None, confidence_threshold: float | None = None,
+                         tree=None, engine: str = "auto"):
     """Generate with ``draft`` proposing and ``target`` verifying; returns ``(output_ids, SpecStats)``.
 
     ``output_ids`` is ``(1, T_prompt + new)`` like ``generate``'s output.
@@ -202,28 +193,35 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     means the target's end-of-text token; generation stops right after it or at
     ``max_new_tokens``. ``confidence_threshold`` (going beyond fixed gamma) stops
     a round's drafting early once the draft's top probability falls below it.
-    ``gamma`` and ``confidence_threshold`` left as None take the draft's own tuned
-    settings where its config carries them (gamma 4 otherwise).
+    ``tree`` (a :class:`qdlib.trees.TreeShape`) lets a feature-fed draft propose a token tree of depth
+    ``gamma`` each round, verified in one target pass; ``False`` forces chains.
+    ``gamma``, ``confidence_threshold`` and ``tree`` left as None take the draft's own tuned
+    settings where its config carries them (gamma 4, chains otherwise).
+    ``engine``: the target's forward, "auto" (qdlib's lean :class:`~qdlib.target_engine.TargetEngine` where it
+    supports the model, else transformers'), "qdlib" or "transformers".
 
     ``draft`` is anything :func:`qdlib.drafters.as_drafter` accepts: a draft model (it
     uses whatever knowledge cache is attached to it), a feature-fed draft, a
     :class:`~qdlib.drafters.Drafter`, or a model-free drafter with
     ``propose(context, k)`` such as :class:`qdlib.NgramDrafter`.
     """
-    gamma, confidence_threshold = _draft_defaults(draft, gamma, confidence_threshold)
+    gamma, confidence_threshold, tree = _draft_defaults(draft, gamma, confidence_threshold, tree)
     _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, gamma, draft)
     if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
         raise ValueError(f"confidence_threshold={confidence_threshold} must be in [0, 1]")
     s = Settings(temperature, top_k, top_p, generator)
+    n_prompt = input_ids.shape[1]
+    max_len = n_prompt + max_new_tokens + max(gamma, tree.budget if tree else 0) + 1  # the most a round can hold
     drafter = as_drafter(draft, s, confidence_threshold=confidence_threshold, vocab_size=target.config.vocab_size,
-                         max_len=input_ids.shape[1] + max_new_tokens + gamma + 1)  # the most a round can hold
+                         max_len=max_len, tree=tree)
+    verify = verifier(target, drafter.needs_features, max_len, engine)
+    if tree is not None and not verify.trees:
+        raise ValueError(f"tree={tree!r} needs engine='qdlib' or 'auto' on a model qdlib's engine supports")
     calls_before = drafter.calls
     eos = _eos_set(target, eos_token_id)
     stats = SpecStats(proposed_at=[0] * gamma, accepted_at=[0] * gamma)
     t_start = time.perf_counter()
     seq = input_ids[0].tolist()
-    n_prompt = len(seq)
-    verify = _Target(target, drafter.needs_features)
 
     # Prefill: the target's cache (and the drafter's) hold all prompt tokens but the last, always seq[:-1] or less.
     t0 = time.perf_counter()
@@ -239,24 +237,29 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
 
     while len(seq) - n_prompt < max_new_tokens:
         remaining = max_new_tokens - (len(seq) - n_prompt)
-        # 1. the drafter proposes up to g tokens (never past the budget)
+        # 1. the drafter proposes up to g tokens deep (never past the budget)
         t0 = time.perf_counter()
         prop = drafter.propose(seq, min(gamma, remaining))
         stats.time_draft += time.perf_counter() - t0
-        g = len(prop.tokens)
         # 2. the target scores the last accepted token + all proposals in one pass
         t0 = time.perf_counter()
-        logits, feats = verify(seq[verify.cache.get_seq_length():] + prop.tokens, g + 1)  # (g + 1, V)
+        start = verify.length
+        logits, feats = _verify(verify, seq[start:], prop)
         stats.target_calls += 1
         stats.time_verify += time.perf_counter() - t0
-        # 3. accept a prefix of the proposals, then one token from the target
-        n, next_token = accept_round(prop.tokens, logits, prop.qs, s)
-        new = _record_round(stats, prop.tokens, n, next_token, eos, remaining)
+        # 3. accept a prefix (a path of the tree), then one token from the target
+        if prop.parents is None:
+            n, next_token = accept_round(prop.tokens, logits, prop.qs, s)
+            path = list(range(n))
+        else:
+            path, next_token = accept_tree(prop.tokens, prop.parents, logits, s)
+        new = _record_round(stats, prop, path, next_token, eos, remaining)
         seq += new
-        # 4. roll both back to the accepted prefix (the target's cache must not hold more than seq[:-1])
-        rollback(verify.cache, len(seq) - 1)
+        # 4. keep the accepted rows: the target's cache holds exactly seq[:-1] again; the drafter reads their features
+        rows = ([0] + [1 + i for i in path])[: len(new)]  # the last accepted token, then the kept path
+        verify.keep_rows(start, rows)
         t0 = time.perf_counter()
-        drafter.commit(seq, None if feats is None else feats[: len(new)])
+        drafter.commit(seq, None if feats is None else feats[rows])
         stats.time_draft += time.perf_counter() - t0
         if new[-1] in eos:
             break
@@ -267,34 +270,54 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     return torch.tensor([seq], device=input_ids.device), stats
 
 
-def _record_round(stats: SpecStats, proposals: list[int], n: int, next_token: int, eos: set, remaining: int) -> list[int]:
-    """Count the round in ``stats`` and return its new tokens, cut after an EOS and at the budget."""
-    g = len(proposals)
-    for j in range(min(n + 1, g)):  # positions the target judged: the kept ones and the first rejected
+def _verify(verify, pending: list[int], prop: Proposal):
+    """The target's pass over the last accepted token (``pending``, the one token its cache lacks) and the
+    proposals, a chain or a tree: logits ``(1 + proposals, V)`` and features or None."""
+    g = len(prop.tokens)
+    assert len(pending) == 1, "the target's cache must hold all but the last accepted token"
+    if prop.parents is None or prop.parents == chain_parents(g):
+        return verify(pending + prop.tokens, g + 1)
+    base = verify.length  # the position of the last accepted token
+    pos = torch.tensor([base] + [base + d for d in tree_depths(prop.parents)], device=verify.device)
+    return verify(pending + prop.tokens, g + 1, positions=pos, mask=tree_mask(prop.parents, verify.device))
+
+
+def _record_round(stats: SpecStats, prop: Proposal, path: list[int], next_token: int, eos: set,
+                  remaining: int) -> list[int]:
+    """Count the round in ``stats`` and return its new tokens, cut after an EOS and at the budget.
+
+    A chain's path is its kept prefix; a tree's, the nodes kept from the root down. Depth ``j``'s counts are
+    the positions the target judged there: the kept ones and the first rejected depth (where the tree had one).
+    """
+    depths = tree_depths(prop.parents) if prop.parents is not None else list(range(1, len(prop.tokens) + 1))
+    n, deepest = len(path), max(depths, default=0)
+    for j in range(min(n + 1, deepest)):
         stats.proposed_at[j] += 1
         stats.accepted_at[j] += j < n
-    stats.proposed += g
+    stats.proposed += len(prop.tokens)
     stats.accepted += n
     stats.rounds += 1
-    new = proposals[:n] + [next_token]
+    kept = [prop.tokens[i] for i in path]
+    new = kept + [next_token]
     for i, tok in enumerate(new):
         if tok in eos:
             new = new[: i + 1]
             break
     new = new[:remaining]
+    shown = prop.tokens if prop.parents is None else kept  # a tree's trace shows the path it kept
     if len(new) == n + 1:
-        stats.trace.append(Round(proposals, n, next_token))
+        stats.trace.append(Round(shown, n, next_token))
     else:  # cut short by EOS or the budget: only the kept draft tokens, no target token
-        stats.trace.append(Round(proposals[: len(new)], len(new), None))
+        stats.trace.append(Round(kept[: len(new)], len(new), None))
     return new
 
 
 @torch.no_grad()
 def generate_plain(target, input_ids: torch.Tensor, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                   top_p: float = 1.0, top_k: int = 0, eos_token_id=None, generator: torch.Generator | None = None):
-    """One target call per token with the same machinery: the fair baseline. Returns ``(output_ids, SpecStats)``."""
-    from transformers import DynamicCache
-
+                   top_p: float = 1.0, top_k: int = 0, eos_token_id=None, generator: torch.Generator | None = None,
+                   engine: str = "auto"):
+    """One target call per token with the same machinery (the same ``engine`` as :func:`speculative_generate`):
+    the fair baseline. Returns ``(output_ids, SpecStats)``."""
     _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k)
     s = Settings(temperature, top_k, top_p, generator)
     eos = _eos_set(target, eos_token_id)
@@ -302,12 +325,11 @@ def generate_plain(target, input_ids: torch.Tensor, *, max_new_tokens: int = 64,
     t_start = time.perf_counter()
     seq = input_ids[0].tolist()
     n_prompt = len(seq)
-    cache = DynamicCache(config=target.config)
+    verify = verifier(target, False, n_prompt + max_new_tokens + 1, engine)
     feed = seq
     while len(seq) - n_prompt < max_new_tokens:
         t0 = time.perf_counter()
-        logits = target(input_ids=torch.tensor([feed], device=target.device), cache=cache, use_cache=True,
-                        logits_to_keep=1).logits[0, -1]
+        logits = verify(feed, 1)[0][-1]
         stats.time_verify += time.perf_counter() - t0
         stats.target_calls += 1
         tok = s.pick(s.dist(logits))

@@ -1,0 +1,104 @@
+"""qdlib's lean target forward: the same logits as transformers' for chains and trees, and a cache that keeps
+exactly the verified text."""
+
+import pytest
+import torch
+
+from qdlib.errors import ConfigError
+from qdlib.target_engine import TargetEngine, supports, verifier
+from qdlib.trees import tree_depths, tree_mask
+
+from helpers import tiny_qwen3
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(2, 1), (4, 4)])
+def test_logits_and_features_equal_transformers(heads, kv_heads):
+    m = tiny_qwen3(layers=4, heads=heads, kv_heads=kv_heads, seed=1)
+    ids = torch.randint(2, 256, (1, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, hidden = m(input_ids=ids).logits[0], m.model(input_ids=ids).last_hidden_state[0]
+    eng = TargetEngine(m, 64)
+    first, h1 = eng(ids[0, :15].tolist(), keep=15)  # a prefill, then more tokens after the cached ones
+    rest, h2 = eng(ids[0, 15:].tolist(), keep=8)
+    torch.testing.assert_close(torch.cat([first, rest]), logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([h1, h2]), hidden, rtol=1e-5, atol=1e-5)  # the features a draft reads
+    assert eng.length == 23
+
+
+def _random_tree(g, n):
+    parents, tokens = [], []
+    for i in range(n):
+        parents.append(int(torch.randint(-1, i, (1,), generator=g)) if i else -1)
+        tokens.append(int(torch.randint(2, 256, (1,), generator=g)))
+    return tokens, parents
+
+
+def test_a_tree_pass_scores_each_node_as_its_own_path_would():
+    """Row ``i + 1`` of one tree pass equals the last logits of a plain forward over the prefix + the path to node i."""
+    m = tiny_qwen3(layers=3, seed=2)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(2, 256, (9,), generator=g).tolist()
+    for n in (1, 4, 9):
+        tokens, parents = _random_tree(g, n)
+        eng = TargetEngine(m, 64)
+        eng(prefix[:-1])
+        base = eng.length
+        pos = torch.tensor([base] + [base + d for d in tree_depths(parents)])
+        logits, _ = eng([prefix[-1]] + tokens, keep=n + 1, positions=pos, mask=tree_mask(parents))
+        for i in range(n):
+            path, j = [], i
+            while j >= 0:
+                path.append(tokens[j])
+                j = parents[j]
+            with torch.no_grad():
+                ref = m(input_ids=torch.tensor([prefix + path[::-1]])).logits[0, -1]
+            torch.testing.assert_close(logits[i + 1], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_moves_the_accepted_path_into_place():
+    """After keeping a path of a tree, the cache equals a fresh prefill of the verified text."""
+    m = tiny_qwen3(layers=3, seed=4)
+    prefix = [5, 9, 17, 33]
+    tokens, parents = [40, 41, 42, 43, 44], [-1, -1, 1, 0, 2]  # paths: 40 -> 43 and 41 -> 42 -> 44
+    eng = TargetEngine(m, 32)
+    eng(prefix[:-1])
+    start = eng.length
+    pos = torch.tensor([start] + [start + d for d in tree_depths(parents)])
+    eng([prefix[-1]] + tokens, keep=6, positions=pos, mask=tree_mask(parents))
+    eng.keep(start, [0, 2, 3, 5])  # the root, then nodes 1, 2, 4: the text 33 41 42 44
+    fresh = TargetEngine(m, 32)
+    fresh(prefix + [41, 42, 44])
+    assert eng.length == fresh.length == 7
+    torch.testing.assert_close(eng.k[:, :, :, :7], fresh.k[:, :, :, :7], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eng.v[:, :, :, :7], fresh.v[:, :, :, :7], rtol=1e-5, atol=1e-6)
+    nxt, _ = eng([7])
+    ref, _ = fresh([7])
+    torch.testing.assert_close(nxt, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_what_it_does_not_cover():
+    assert supports(tiny_qwen3(layers=2)) is None
+    biased = tiny_qwen3(layers=2, attention_bias=True)
+    assert "bias" in supports(biased)
+    with pytest.raises(ConfigError, match="attention biases"):
+        TargetEngine(biased, 8)
+    with pytest.raises(ConfigError, match="engine='qdlib' cannot run this model: attention biases"):
+        verifier(biased, False, 8, "qdlib")
+    assert type(verifier(biased, False, 8, "auto")).__name__ == "HFVerifier"  # auto falls back to transformers
+    with pytest.raises(ConfigError, match="engine='fast' is not one of auto, qdlib, transformers"):
+        verifier(tiny_qwen3(layers=2), False, 8, "fast")
+    eng = TargetEngine(tiny_qwen3(layers=2), 4)
+    with pytest.raises(ConfigError, match="0 cached \\+ 5 new tokens exceed the engine's max_len=4"):
+        eng([1, 2, 3, 4, 5])
+
+
+@pytest.mark.slow
+def test_logits_equal_transformers_on_qwen3_0_6b_widths(qwen3_06b):
+    model, _ = qwen3_06b
+    ids = torch.tensor([[151643, 5, 77, 1024, 9, 33, 4000, 12]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits[0]
+    eng = TargetEngine(model, 16)
+    a, _ = eng(ids[0, :5].tolist(), keep=5)
+    b, _ = eng(ids[0, 5:].tolist(), keep=3)
+    torch.testing.assert_close(torch.cat([a, b]), ref, rtol=1e-4, atol=1e-4)
