@@ -206,7 +206,7 @@ def draw(layout: Layout, title: str = "", width: float = 10.0):
     xs = [v for b in layout.boxes for v in (b.x, b.x + b.w)] + [x + 0.18 * len(t.split("\n")[0]) for x, _, t in layout.notes]
     ys = [v for b in layout.boxes for v in (b.y, b.y + b.h)] + [y for _, y, _ in layout.notes]
     (x0, x1), (y0, y1) = (min(xs) - 0.3, max(xs) + 0.3), (min(ys) - 0.6, max(ys) + 0.6)
-    fig, ax = plt.subplots(figsize=(width, max(1.5, width * (y1 - y0) / (x1 - x0))))
+    fig, ax = plt.subplots(figsize=(width, max(1.5, round(width * (y1 - y0) / (x1 - x0), 1))))  # whole pixels
     for b in layout.boxes:
         ax.add_patch(FancyBboxPatch((b.x, b.y), b.w, b.h, boxstyle="round,pad=0.02,rounding_size=0.12",
                                     facecolor=b.colour, edgecolor="#444444", linewidth=0.7))
