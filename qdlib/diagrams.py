@@ -125,7 +125,7 @@ def round_layout(proposals: Sequence[str], n_accepted: int, next_token: str) -> 
     arrows += [Arrow((b.x + b.w / 2, teacher.y), _top(b)) for b in kept]
     x = 1.7 * (gamma + 1) + 0.2
     notes = [(x, 4.4, f"draft proposes γ = {gamma} (γ draft steps)"), (x, 2.4, "verifies all proposals at once"),
-             (x, 0.4, f"kept: {n_accepted} accepted + 1 {kind} = {n_accepted + 1} tokens"),
+             (x, 0.4, f"kept: {n_accepted} accepted + 1 {kind} = {n_accepted + 1} token{'s' * (n_accepted > 0)}"),
              (0, -0.8, "green accepted, red rejected, grey discarded unchecked; blue the teacher's correction, gold the bonus")]
     return Layout(boxes + [teacher] + kept, arrows, notes)
 
