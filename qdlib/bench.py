@@ -54,7 +54,7 @@ import torch
 from . import __version__, paths
 from .corpus import heldout_prompts, heldout_texts
 from .draft import build_draft
-from .drafters import HybridDrafter
+from .drafters import HybridDrafter, LookupBranches
 from .heldout_code import heldout_code_prompts
 from .hardware import cpu_name
 from .knowledge import load_items
@@ -64,7 +64,7 @@ from .progress import progress_bar
 from .retrieval import NgramDrafter
 from .sampling import first_k_layers, sample_layers
 from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
-from .timing import feature_step_time, step_time  # noqa: F401 (step_time: part of bench's public names)
+from .timing import feature_step_time, step_time, verify_split  # noqa: F401 (step_time: public name)
 
 # name -> (label, group, needs). Groups order the table; needs says what the method uses.
 METHODS: dict[str, tuple[str, str]] = {
@@ -80,15 +80,23 @@ METHODS: dict[str, tuple[str, str]] = {
     "hybrid": ("qdlib speculative, item lookup then the draft (hybrid)", "qdlib"),
     "untrained_uniform": ("qdlib speculative, untrained uniform draft", "ablation"),
     "early_exit": ("qdlib speculative, untrained first-k-layers draft", "ablation"),
-    "fast": ("qdlib speculative, fast draft (feature-fed)", "qdlib"),
+    "fast": ("qdlib speculative, fast draft (feature-fed, its own settings)", "qdlib"),
+    "fast_chain": ("qdlib speculative, fast draft, chains (no tree)", "qdlib"),
+    "fast_lookup": ("qdlib speculative, fast draft + lookup branches", "qdlib"),
+    "context_lookup": ("qdlib speculative, lookup in the text so far (no draft)", "lookup"),
+    "teacher_plain_hf": ("teacher alone: plain loop on transformers' forward", "baseline"),
 }
 # the draft behind each drafting method, as named in the report's costs["c"] (baselines and lookups have none)
 DRAFT_OF = {"spec": "spec", "spec_no_cache": "spec_no_cache", "spec_dynamic": "spec", "assisted_default": "spec",
             "assisted_matched": "spec", "untrained_uniform": "untrained_uniform", "early_exit": "early_exit",
-            "fast": "fast", "hybrid": "spec"}
-SAMPLING_METHODS = ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "fast")
-# held-out standard-library code, third-party code no training used (qdlib.heldout_code), knowledge paraphrases
-KINDS = ("code", "unfamiliar", "paraphrase")
+            "fast": "fast", "hybrid": "spec", "fast_chain": "fast", "fast_lookup": "fast"}
+SAMPLING_METHODS = ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "fast", "fast_chain",
+                    "fast_lookup")
+# held-out standard-library code, third-party code no training used (qdlib.heldout_code), knowledge paraphrases,
+# and the learner's own code (``qd bench --code PATH``)
+KINDS = ("code", "unfamiliar", "paraphrase", "yours")
+# repeats of one method whose tokens/s differ by more than this share of their median mark the row unreliable
+BUSY_MARGIN = 0.25
 
 
 @dataclass
@@ -106,6 +114,7 @@ class BenchConfig:
         gammas: the sweep; sweep_prompts: code prompts used for it (0 disables the sweep).
         methods: names from :data:`METHODS` (None: all). kinds: prompt kinds to run.
         seed: the held-out prompt seed and the sampling generator's seed.
+        code: a file or folder of the learner's own Python code; its prompts are the kind "yours".
     """
 
     n_prompts: int = 8
@@ -120,8 +129,9 @@ class BenchConfig:
     gammas: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
     sweep_prompts: int = 4
     methods: tuple | None = None
-    kinds: tuple = KINDS
+    kinds: tuple = ("code", "unfamiliar", "paraphrase")
     seed: int = 0
+    code: str | None = None
 
     def validate(self) -> "BenchConfig":
         for key in ("n_prompts", "prompt_tokens", "max_new_tokens", "gamma", "dynamic_max", "repeats"):
@@ -146,6 +156,10 @@ class BenchConfig:
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown or not self.kinds:
             raise ValueError(f"bench kinds {list(self.kinds)} invalid; allowed: {', '.join(KINDS)}")
+        if ("yours" in self.kinds) != (self.code is not None):
+            raise ValueError("the kind 'yours' needs code=PATH (qd bench --code PATH), and code=PATH adds it")
+        if self.code is not None and not Path(self.code).exists():
+            raise ValueError(f"bench code={self.code!r}: no such file or folder")
         return self
 
     @property
@@ -211,6 +225,8 @@ def bench_prompts(teacher, tokenizer, cfg: BenchConfig, items: list[dict] | None
         out["code"] = code
     if "unfamiliar" in cfg.kinds:
         out["unfamiliar"] = heldout_code_prompts(tokenizer, cfg.n_prompts, cfg.prompt_tokens, seed=cfg.seed)
+    if "yours" in cfg.kinds:
+        out["yours"] = code_prompts(tokenizer, cfg.code, cfg.n_prompts, cfg.prompt_tokens, cfg.seed)
     if "paraphrase" in cfg.kinds:
         texts = [p for it in (items or load_items(None, teacher)) for p in it.get("eval_paraphrases", [])]
         if not texts:
@@ -218,6 +234,23 @@ def bench_prompts(teacher, tokenizer, cfg: BenchConfig, items: list[dict] | None
                              "drop the paraphrase kind or give the items eval_paraphrases")
         out["paraphrase"] = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[: cfg.n_prompts]]
     return out
+
+
+def code_prompts(tokenizer, path, n_prompts: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
+    """Prompts cut from the learner's own code (a ``.py`` file, or every ``.py`` file under a folder) as the
+    unfamiliar set is cut: ``n_prompts`` prompts of ``prompt_tokens`` ids, each starting at a line boundary with
+    at least 128 more tokens of the file after it. A clear error when ``path`` holds too little code."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if p.is_file())
+    texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    if not texts:
+        raise ValueError(f"{path} holds no Python files (.py); give a file or a folder of your code")
+    prompts = heldout_prompts(tokenizer, texts, n_prompts=n_prompts, prompt_tokens=prompt_tokens, seed=seed)
+    if len(prompts) < n_prompts:
+        raise ValueError(f"{path} gives only {len(prompts)} prompt(s) of {prompt_tokens} tokens with 128 more after "
+                         f"each ({len(files)} file(s)); the bench needs {n_prompts}: give more code, or fewer prompts "
+                         f"(--n-prompts)")
+    return prompts
 
 
 def knowledge_datastore(draft, teacher, tokenizer) -> list[list[int]]:
@@ -363,24 +396,31 @@ def make_methods(teacher, tokenizer, draft, cfg: BenchConfig, extra_drafts: dict
             if cache != "keep":
                 model.set_knowledge(cache)
             try:
-                # the fast draft decodes with its own tuned gamma (None: from its config)
+                # the fast draft decodes with its own tuned gamma and tree (None: from its config)
                 out, stats = speculative_generate(teacher, model, torch.tensor([ids]), gamma=kw.get("gamma", cfg.gamma),
                                                   max_new_tokens=budget, temperature=temperature, generator=generator,
-                                                  confidence_threshold=kw.get("confidence_threshold"))
+                                                  confidence_threshold=kw.get("confidence_threshold"),
+                                                  tree=kw.get("tree"))
             finally:
                 if cache != "keep":
                     model.set_knowledge(attached)
             return _from_stats(out, stats)
         return run
 
-    def plain(ids, temperature, generator):
-        out, stats = generate_plain(teacher, torch.tensor([ids]), max_new_tokens=budget, temperature=temperature,
-                                    generator=generator)
-        return _from_stats(out, stats)
+    def plain(engine):
+        def run(ids, temperature, generator):
+            out, stats = generate_plain(teacher, torch.tensor([ids]), max_new_tokens=budget, temperature=temperature,
+                                        generator=generator, engine=engine)
+            return _from_stats(out, stats)
+        return run
+
+    fast = extra.get("fast")
+    context = NgramDrafter([], max_n=4, min_n=2, include_context=True)
 
     table = {
         "teacher_generate": lambda ids, t, g: hf(ids, t, g),
-        "teacher_plain": plain,
+        "teacher_plain": plain("auto"),
+        "teacher_plain_hf": plain("transformers"),
         "spec": spec(draft),
         "spec_no_cache": spec(draft, cache=None),
         "spec_dynamic": spec(draft, gamma=cfg.dynamic_max, confidence_threshold=cfg.dynamic_threshold),
@@ -391,7 +431,10 @@ def make_methods(teacher, tokenizer, draft, cfg: BenchConfig, extra_drafts: dict
         "hybrid": spec(HybridDrafter(lookup, draft)) if lookup is not None else None,
         "untrained_uniform": spec(extra["untrained_uniform"]) if "untrained_uniform" in extra else None,
         "early_exit": spec(extra["early_exit"]) if "early_exit" in extra else None,
-        "fast": spec(extra["fast"], gamma=None) if "fast" in extra else None,
+        "fast": spec(fast, gamma=None) if fast is not None else None,
+        "fast_chain": spec(fast, gamma=None, tree=False) if fast is not None else None,
+        "fast_lookup": spec(LookupBranches(fast, context), gamma=None) if fast is not None else None,
+        "context_lookup": spec(context),
     }
     if attached is None:  # without a cache there is nothing to detach
         table["spec_no_cache"] = None
@@ -468,8 +511,26 @@ def _measure_rows(methods: dict, prompts: dict, cfg: BenchConfig, modes: list, j
             row["speedup"] = row["tokens_per_s"] / base[mode]  # over the teacher's own generate ...
             if mode in plain:  # ... and over the same engine without a draft: the gain that is speculation's
                 row["speedup_vs_plain"] = row["tokens_per_s"] / plain[mode]
+            row["per_prompt"] = per_prompt_spread(per[(mode, name)], per[(mode, "teacher_generate")])
+            speeds = row["tokens_per_s_all"]
+            row["repeat_spread"] = (max(speeds) - min(speeds)) / row["tokens_per_s"]
+            row["unreliable"] = row["repeat_spread"] > BUSY_MARGIN
             rows.append(row)
     return rows, refs
+
+
+def per_prompt_spread(runs: list[list[Run]], base: list[list[Run]]) -> dict:
+    """Worst, median and best speed-up over ``base`` across prompts (each prompt's median over repeats).
+
+    >>> r = lambda s: Run(out=[], seconds=s, new_tokens=10, target_calls=1)
+    >>> per_prompt_spread([[r(1.0), r(4.0)], [r(1.0), r(2.0)]], [[r(2.0), r(2.0)], [r(2.0), r(2.0)]])
+    {'worst': 0.75, 'median': 1.375, 'best': 2.0}
+    """
+    def speed(rs, i):
+        return statistics.median(rep[i].new_tokens / max(rep[i].seconds, 1e-9) for rep in rs)
+
+    ups = sorted(speed(runs, i) / speed(base, i) for i in range(len(runs[0])))
+    return {"worst": ups[0], "median": statistics.median(ups), "best": ups[-1]}
 
 
 def measure_costs(teacher, draft, extra: dict, cfg: BenchConfig) -> dict:
@@ -487,6 +548,8 @@ def measure_costs(teacher, draft, extra: dict, cfg: BenchConfig) -> dict:
         finally:
             draft.set_knowledge(attached)
     costs["verify_cost"] = {str(g): step_time(teacher, ctx, tokens=g + 1) / t_step for g in sorted(set(cfg.gammas) | {cfg.gamma})}
+    # where v(g) - 1 goes, with transformers' forward (before) and qdlib's engine (after, what the loops use)
+    costs["verify_split"] = {e: verify_split(teacher, (1, 2, 4, 6, 8), ctx, engine=e) for e in ("transformers", "qdlib")}
     return costs
 
 

@@ -427,7 +427,8 @@ def cmd_bench(args) -> int:
         if not isinstance(fast, FeatureDraft):
             raise ConfigError(f"--candidate {args.candidate} is a layer-sampled draft; the candidate is a feature-fed "
                               f"draft (`qd train-fast --export DIR`). Compare layer-sampled drafts with --draft")
-    elif "fast" in cfg.method_names and args.draft is None and (args.model is None or is_bundled(args.model)) \
+    elif {"fast", "fast_chain", "fast_lookup"} & set(cfg.method_names) and args.draft is None \
+            and (args.model is None or is_bundled(args.model)) \
             and (paths.FAST_DRAFT_DIR / "config.json").is_file():
         fast = load_draft("fast", device=resolve_device(args.device))
     teacher, tok = _load_teacher(args)
@@ -457,10 +458,11 @@ def _bench_config(args):
     try:
         if args.quick:
             return quick_config()
+        kinds = tuple(args.kinds) + (("yours",) if args.code is not None else ())
         return BenchConfig(n_prompts=args.prompts, max_new_tokens=args.new_tokens, gamma=args.gamma,
                            repeats=args.repeats, temperature=args.temperature, sweep_prompts=args.sweep_prompts,
                            gammas=tuple(args.gammas), methods=tuple(args.methods) if args.methods else None,
-                           kinds=tuple(args.kinds)).validate()
+                           kinds=kinds, code=args.code).validate()
     except ValueError as exc:  # bench.py's checks predate QdError
         raise ConfigError(str(exc)) from exc
 
@@ -665,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
          choices=["code", "unfamiliar", "paraphrase"],
          help="prompt kinds: held-out standard-library code, unfamiliar third-party code, knowledge paraphrases "
               "(default: all three)")
+    _opt(be, "--code", default=None, metavar="PATH",
+         help="your own Python code (a .py file or a folder): prompts are cut from it as from the unfamiliar set and "
+              "every method is measured on them (add --kinds unfamiliar to skip the other kinds)")
     _opt(be, "--quick", action="store_true",
          help="the capstone's scoring run (about a minute): 3 unfamiliar-code prompts, 48 tokens, greedy, 2 repeats; "
               "generate, generate_plain, the reference draft and the fast draft or --candidate; other settings ignored")

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 
 from .decoding import Settings
-from .trees import TreeShape
+from .trees import TreeShape, chain_parents, merge_chain
 
 
 class Proposal(NamedTuple):
@@ -297,6 +297,59 @@ class HybridDrafter(Drafter):
             self.from_lookup += 1
             return prop
         return self.fallback.propose(seq, k)
+
+    def commit(self, seq, features):
+        for part in self._parts:
+            part.commit(seq, features)
+
+
+class LookupBranches(Drafter):
+    """A drafter's proposal plus a branch that costs nothing: the continuation a lookup finds (prompt lookup over
+    the text so far, an n-gram store), merged into one token tree (shared prefixes become shared nodes).
+
+    The merged proposal is a tree verified with the multi-candidate rule (:func:`qdlib.trees.accept_tree`), so
+    it stays exact when greedy and keeps the target's distribution when sampling, whatever the lookup finds.
+    ``extra`` caps the nodes the lookup may add.
+
+        >>> from qdlib.retrieval import NgramDrafter
+        >>> class Two:  # a stand-in drafter: always proposes the chain [1, 2]
+        ...     def propose(self, context, k): return [1, 2][:k]
+        >>> d = LookupBranches(Two(), NgramDrafter([], max_n=2, include_context=True)).configure(Settings(), vocab_size=10)
+        >>> d.begin([1, 5, 6, 1, 5], None); d.propose([1, 5, 6, 1, 5], 3)
+        Proposal(tokens=[1, 2, 6, 1, 5], qs=None, parents=[-1, 0, -1, 2, 3])
+    """
+
+    def __init__(self, drafter, lookup, *, extra: int = 4):
+        super().__init__(Settings())
+        if not isinstance(extra, int) or extra < 1:
+            raise ValueError(f"extra={extra!r} must be an integer >= 1 (nodes the lookup may add)")
+        self.source, self.lookup_source, self.extra = drafter, lookup, extra
+        self.config = getattr(drafter, "config", None)  # the drafter's tuned settings (gamma, tree) carry over
+        self.needs_features = getattr(drafter, "needs_target_features", getattr(drafter, "needs_features", False))
+        self._parts = ()
+        self.from_lookup = 0
+
+    def configure(self, settings, **context):
+        self.s = settings
+        self.drafter = as_drafter(self.source, settings, **context)
+        self.lookup = LookupDrafter(self.lookup_source, settings, context["vocab_size"])
+        self._parts = (self.drafter, self.lookup)
+        return self
+
+    calls = HybridDrafter.calls
+
+    def begin(self, seq, features):
+        self.from_lookup = 0
+        for part in self._parts:
+            part.begin(seq, features)
+
+    def propose(self, seq, k):
+        prop = self.drafter.propose(seq, k)
+        chain = self.lookup.propose(seq, k).tokens
+        parents = prop.parents if prop.parents is not None else chain_parents(len(prop.tokens))
+        tokens, parents = merge_chain(prop.tokens, parents, chain, limit=self.extra)
+        self.from_lookup += len(tokens) > len(prop.tokens)
+        return Proposal(tokens, None, parents)
 
     def commit(self, seq, features):
         for part in self._parts:

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from .bench import DRAFT_OF, KINDS, METHODS
+from .bench import BUSY_MARGIN, DRAFT_OF, KINDS, METHODS
 from .errors import MissingFileError
 from .io import atomic_dir, write_json_atomic
 
@@ -68,26 +68,38 @@ def report_markdown(report: dict) -> str:
             rows = [r for r in report["rows"] if r["kind"] == kind and r["mode"] == mode]
             if not rows:
                 continue
-            what = {"code": "held-out code", "unfamiliar": "unfamiliar third-party code"}.get(kind, "knowledge paraphrases")
+            what = {"code": "held-out code", "unfamiliar": "unfamiliar third-party code", "yours": "your code"}.get(
+                kind, "knowledge paraphrases")
             lines += [f"## {what}, {mode}" + (f" (temperature {report['config']['temperature']})" if mode == "sampling" else ""),
-                      "", "| method | tokens/s | speed-up | vs plain loop | acceptance | tokens/target call | c | identical |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                      "", "| method | tokens/s | speed-up | vs plain loop | worst / median / best prompt | acceptance rate "
+                      "| tokens/target call | c | identical |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in rows:
                 cc = c["c"].get(DRAFT_OF.get(r["method"]))
                 ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "(sampled)"
                 vs_plain = _vs_plain(r, rows)
-                lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {vs_plain} "
+                pp = r.get("per_prompt")
+                spread = f"{pp['worst']:.2f} / {pp['median']:.2f} / {pp['best']:.2f}" if pp else "–"
+                speed = (f"unreliable (busy machine: repeats differ by {r['repeat_spread']:.0%})" if r.get("unreliable")
+                         else f"{r['speedup']:.2f}x")
+                lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {speed} | {vs_plain} | {spread} "
                              f"| {_fmt(r.get('acceptance'))} | {_fmt(r['tokens_per_target_call'])} | {_fmt(cc)} | {ident} |")
+            busy = [r for r in rows if r.get("unreliable")]
+            if busy:
+                lines += ["", f"**The machine was busy**: the repeats of {len(busy)} method(s) differ by more than "
+                              f"{BUSY_MARGIN:.0%} of their median, so those rows are not results. Rerun with nothing "
+                              "else running."]
             a = report["alpha"].get(kind)
             if a:
                 lines += ["", f"Teacher-forced agreement of the draft on these prompts: {a['agreement']:.3f} "
-                              f"(sum-min alpha {a['alpha']:.3f}, {a['positions']} positions). \"acceptance\" in the table "
+                              f"(sum-min alpha {a['alpha']:.3f}, {a['positions']} positions). \"acceptance rate\" in the table "
                               "is accepted over proposed draft tokens: a round stops at its first rejection, so it is "
                               "lower than the per-token agreement."]
             lines.append("")
     lines += ["## Costs", "", f"One teacher step: {c['teacher_step_ms']:.2f} ms. Draft/teacher step ratio c: " +
               ", ".join(f"{k} {v:.3f}" for k, v in c["c"].items()) + ". Verification of g+1 tokens, in teacher steps: " +
               ", ".join(f"g={g}: {v:.2f}" for g, v in c["verify_cost"].items()) + ".", ""]
+    lines += _split_lines(c.get("verify_split"))
     split = [r for r in report["rows"] if "time_split" in r and r["mode"] == "greedy" and r["kind"] == "code"]
     if split:
         lines += ["Where the time goes (held-out code, greedy):", "", "| method | draft | verify | other |", "|---|---:|---:|---:|"]
@@ -112,6 +124,21 @@ def report_markdown(report: dict) -> str:
                   + (f", {h['over_assisted_matched']:.2f}x transformers assisted generation with matched settings"
                      if "over_assisted_matched" in h else "") + ".", ""]
     return "\n".join(lines)
+
+
+def _split_lines(split: dict | None) -> list[str]:
+    """The verification cost v(g), split into arithmetic and overhead, before (transformers) and after (qdlib)."""
+    if not split:
+        return []
+    lines = ["Where a verification pass's extra cost goes (`qdlib.timing.verify_split`, isolated, medians): v(g) = one "
+             "pass over g+1 tokens / one step of the same forward = 1 + arithmetic + overhead, where arithmetic is the "
+             "teacher's matmuls at this machine's rate and overhead everything else.", "",
+             "| forward | step (ms) | g | v(g) | arithmetic | overhead |", "|---|---:|---:|---:|---:|---:|"]
+    for engine, sp in split.items():
+        for r in sp["rows"]:
+            lines.append(f"| {engine} | {sp['step_ms']:.1f} | {r['gamma']} | {r['v']:.2f} | {r['v_arithmetic']:+.2f} "
+                         f"| {r['v_overhead']:+.2f} |")
+    return lines + [""]
 
 
 def plot_report(report: dict):

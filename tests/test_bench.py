@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from qdlib import build_draft, paths, sample_layers
-from qdlib.bench import METHODS, BenchConfig, CallCounter, run_bench, teacher_forced_alpha
+from qdlib.bench import (BUSY_MARGIN, METHODS, SAMPLING_METHODS, BenchConfig, CallCounter, code_prompts, run_bench,
+                         teacher_forced_alpha)
 from qdlib.report import headline, load_report, report_markdown, write_report
 from qdlib.feature_draft import build_feature_draft
 from qdlib.retrieval import NgramDrafter
@@ -106,8 +107,7 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     assert greedy == expected
     assert r["config"]["method_names"] == [m for m in METHODS if m != "spec_no_cache"]  # what ran, recorded
     sampled = {(x["method"], x["kind"]) for x in r["rows"] if x["mode"] == "sampling"}
-    assert sampled == {(m, k) for m in ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "fast")
-                       for k in ("code", "unfamiliar", "paraphrase")}
+    assert sampled == {(m, k) for m in SAMPLING_METHODS for k in ("code", "unfamiliar", "paraphrase")}
     for x in r["rows"]:  # every row has both speed-ups: over generate and over the same engine without a draft
         assert x["speedup_vs_plain"] == pytest.approx(x["speedup"] * r_plain_over_generate(r, x), rel=1e-9)
     for x in r["rows"]:
@@ -118,7 +118,7 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
             assert 0.0 <= x["acceptance"] <= 1.0
         if x["mode"] == "greedy":
             assert x["tokens_per_target_call"] >= 1.0
-            if x["group"] in ("baseline", "qdlib", "ablation") or x["method"] == "retrieval":
+            if x["group"] in ("baseline", "qdlib", "ablation") or x["method"] in ("retrieval", "context_lookup"):
                 assert x["identical"] == x["prompts"] == 2, x["label"]  # qdlib's own loops are lossless
     assert set(r["costs"]["c"]) == {"spec", "untrained_uniform", "early_exit", "fast"}
     assert r["fast_draft"]["num_layers"] == 1
@@ -127,6 +127,13 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     a = r["alpha"]["code"]["agreement"]
     assert r["sweep"][1]["theory_tokens_per_call"] == pytest.approx((1 - a ** 5) / (1 - a))
     assert r["environment"]["torch"] == torch.__version__ and r["environment"]["cpu"]
+    for x in r["rows"]:  # the per-prompt spread and the busy-machine check
+        pp = x["per_prompt"]
+        assert pp["worst"] <= pp["median"] <= pp["best"]
+        assert x["unreliable"] == (x["repeat_spread"] > BUSY_MARGIN)
+    for engine in ("transformers", "qdlib"):  # v(g) split into arithmetic and overhead, before and after
+        for row in r["costs"]["verify_split"][engine]["rows"]:
+            assert row["v"] == pytest.approx(1 + row["v_arithmetic"] + row["v_overhead"])
 
     out = write_report(r, tmp_path / "bench")
     assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "bench.png"}
@@ -141,6 +148,12 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="qd bench"):
         load_report(tmp_path / "nothing")
     assert report_markdown(r) == md
+    assert "worst / median / best prompt" in md and "| qdlib | " in md and "The machine was busy" not in md
+    busy = json.loads(json.dumps(r))
+    row = next(x for x in busy["rows"] if x["method"] == "fast")
+    row.update(unreliable=True, repeat_spread=0.4)
+    md = report_markdown(busy)
+    assert "The machine was busy" in md and "unreliable (busy machine: repeats differ by 40%)" in md
 
 
 def test_the_report_names_the_trained_draft_behind_it(tiny, tmp_path):
@@ -217,3 +230,25 @@ def test_bench_uses_a_cache_of_the_users_own_items_without_retraining(tmp_path, 
         ("paraphrase", m) for m in ("teacher_generate", "teacher_plain", "spec", "spec_no_cache")}
     assert all(r["prompts"] == r["identical"] == 4 for r in report["rows"])  # 2 items x 2 paraphrases, all exact
     assert report["draft"]["memory_items"] == [it["id"] for it in items] and report["draft"]["fusion"] == str(fusion)
+
+
+def test_code_prompts_come_from_the_learners_own_files(tiny, tmp_path):
+    _, tok = tiny
+    src = paths.REPO_DIR / "qdlib"
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("bench.py", "cli.py", "speculative.py"):
+        (folder / name).write_text((src / name).read_text())
+    prompts = code_prompts(tok, folder, 4, 32)
+    assert len(prompts) == 4 and all(len(p) == 32 for p in prompts)
+    assert prompts == code_prompts(tok, folder, 4, 32)  # deterministic
+    (tmp_path / "small.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="small.py gives only 0 prompt\\(s\\) of 32 tokens .* needs 4"):
+        code_prompts(tok, tmp_path / "small.py", 4, 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no Python files"):
+        code_prompts(tok, tmp_path / "empty", 4, 32)
+    with pytest.raises(ValueError, match="needs code=PATH"):
+        BenchConfig(kinds=("yours",)).validate()
+    with pytest.raises(ValueError, match="no such file or folder"):
+        BenchConfig(kinds=("yours",), code=str(tmp_path / "nope")).validate()
