@@ -138,6 +138,9 @@ def tour(model: str | None = None, *, distill: bool = False, device=None) -> int
     md = report_markdown(report).split("\n## ")
     print("## " + md[1].strip())
     print(f"\ntour finished in {time.perf_counter() - t_start:.0f} s")
+    print("\nNext, measure it on your own code (a .py file or a project folder; nothing else should run meanwhile):\n"
+          "  qd bench --code path/to/your/project --kinds unfamiliar --temperature 0 --sweep-prompts 0 \\\n"
+          "           --methods teacher_generate teacher_plain fast")
     return 0 if same else 1
 
 

@@ -34,6 +34,7 @@ def test_tour_without_a_reference_draft_says_so_and_still_decodes(other_teacher,
     assert "[0, 5, 11, 16, 22, 27]" in out
     assert "identical to the teacher's own greedy output: True" in out
     assert "transformers assisted, matched settings" in out and "tour finished" in out
+    assert "qd bench --code path/to/your/project" in out  # the learner is told how to measure their own code
 
 
 @pytest.mark.slow
