@@ -356,6 +356,68 @@ class LookupBranches(Drafter):
             part.commit(seq, features)
 
 
+class Pausing(Drafter):
+    """Speculation that stops paying pauses by itself: a wrapper that proposes nothing (a plain target step) for
+    ``pause`` rounds whenever the last ``window`` rounds kept fewer than ``min_kept`` draft tokens per round on
+    average, then tries again. Only *when* it drafts changes, never what is accepted, so it stays lossless.
+
+        >>> class Wrong:  # a stand-in drafter whose proposals are never kept
+        ...     def propose(self, context, k): return [0] * k
+        >>> d = Pausing(Wrong(), window=2, pause=3).configure(Settings(), vocab_size=10)
+        >>> d.begin([1, 2], None)
+        >>> sizes = []
+        >>> for step in range(7):
+        ...     seq = [1, 2] + [5] * step       # each round the target keeps none and adds one token
+        ...     sizes.append(len(d.propose(seq, 2).tokens)); d.commit(seq + [5], None)
+        >>> sizes                               # two unpaid rounds, three paused, then a new try
+        [2, 2, 0, 0, 0, 2, 2]
+    """
+
+    def __init__(self, drafter, *, window: int = 4, min_kept: float = 0.5, pause: int = 8):
+        super().__init__(Settings())
+        for name, v in (("window", window), ("pause", pause)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        if min_kept < 0:
+            raise ValueError(f"min_kept={min_kept!r} must be >= 0 (draft tokens kept per round)")
+        self.source, self.window, self.min_kept, self.pause = drafter, window, min_kept, pause
+        self.config = getattr(drafter, "config", None)
+        self.needs_features = getattr(drafter, "needs_target_features", getattr(drafter, "needs_features", False))
+        self._parts = ()
+
+    def configure(self, settings, **context):
+        self.s = settings
+        self.drafter = as_drafter(self.source, settings, **context)
+        self._parts = (self.drafter,)
+        return self
+
+    calls = HybridDrafter.calls
+
+    def begin(self, seq, features):
+        self.kept, self.paused, self.paused_rounds, self.last = [], 0, 0, None
+        self.drafter.begin(seq, features)
+
+    def propose(self, seq, k):
+        if self.paused > 0:
+            self.paused -= 1
+            self.paused_rounds += 1
+            self.last = None
+            return Proposal([], None if self.s.greedy else [])
+        prop = self.drafter.propose(seq, k)
+        self.last = (len(seq), prop)
+        return prop
+
+    def commit(self, seq, features):
+        self.drafter.commit(seq, features)
+        if self.last is None:
+            return
+        n_before, prop = self.last
+        self.kept.append(len(seq) - n_before - 1)  # draft tokens kept this round (the target adds one)
+        recent = self.kept[-self.window :]
+        if len(recent) == self.window and sum(recent) / self.window < self.min_kept:
+            self.paused, self.kept = self.pause, []
+
+
 def as_drafter(draft, settings: Settings, *, confidence_threshold: float | None = None, vocab_size: int | None = None,
                max_len: int | None = None, tree: TreeShape | None = None) -> Drafter:
     """The right :class:`Drafter` for ``draft``: a drafter is returned as it is, a feature-fed draft, a causal LM,

@@ -258,3 +258,24 @@ def _broken_threshold_tree(tokens, parents, logits, s):
             return path, s.pick(p)
         path.append(nxt)
         cur = nxt
+
+
+def test_pausing_and_lookup_branches_stay_exact():
+    """Wrappers that change when and what is drafted never change the output."""
+    from qdlib.drafters import LookupBranches, Pausing
+    from qdlib.retrieval import NgramDrafter
+
+    target = tiny_qwen3(layers=6, seed=5)
+    draft = build_feature_draft(tiny_qwen3(layers=6, seed=6), 1)  # another model's: most proposals are rejected
+    g = torch.Generator().manual_seed(4)
+    for i in range(3):
+        ids = torch.randint(2, 40, (1, 6 + 5 * i), generator=g)  # a small id range: the lookup finds repeats
+        ref, _ = generate_plain(target, ids, max_new_tokens=24, eos_token_id=-1)
+        paused = Pausing(draft, window=2, min_kept=1.0, pause=3)
+        out, stats = speculative_generate(target, paused, ids, gamma=3, max_new_tokens=24, eos_token_id=-1,
+                                          tree=SHAPES[1])
+        assert torch.equal(out, ref) and paused.paused_rounds > 0
+        merged = LookupBranches(draft, NgramDrafter([], max_n=2, include_context=True))
+        out, _ = speculative_generate(target, merged, ids, gamma=3, max_new_tokens=24, eos_token_id=-1, tree=SHAPES[2])
+        assert torch.equal(out, ref)
+    assert merged.from_lookup > 0
