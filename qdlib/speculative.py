@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 
 from .decoding import Settings, accept_or_resample, accept_round, process_logits  # noqa: F401 (public names)
-from .drafters import Drafter, Proposal, as_drafter, rollback
+from .drafters import Drafter, Pausing, Proposal, as_drafter, rollback
 from .target_engine import verifier
 from .trees import TreeShape, accept_tree, chain_parents, tree_depths, tree_mask
 
@@ -212,8 +212,9 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     s = Settings(temperature, top_k, top_p, generator)
     n_prompt = input_ids.shape[1]
     max_len = n_prompt + max_new_tokens + max(gamma, tree.budget if tree else 0) + 1  # the most a round can hold
-    drafter = as_drafter(draft, s, confidence_threshold=confidence_threshold, vocab_size=target.config.vocab_size,
-                         max_len=max_len, tree=tree)
+    pause = getattr(getattr(draft, "config", None), "pause", None)  # the draft's own fallback, where it has one
+    drafter = as_drafter(Pausing(draft, **pause) if pause else draft, s, confidence_threshold=confidence_threshold,
+                         vocab_size=target.config.vocab_size, max_len=max_len, tree=tree)
     verify = verifier(target, drafter.needs_features, max_len, engine)
     if tree is not None and not verify.trees:
         raise ValueError(f"tree={tree!r} needs engine='qdlib' or 'auto' on a model qdlib's engine supports")

@@ -21,7 +21,6 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # without examples would pass the test below having checked nothing).
 NO_EXAMPLES = {
     "qdlib.cli": "the `qd` command line: tests/test_cli.py runs its commands",
-    "qdlib.timing": "wall-clock medians, different on every run: the bench tests use them",
     "qdlib.tour": "`qd tour` runs the course end to end for minutes: tests/test_tour.py runs it",
 }
 
