@@ -341,9 +341,9 @@ def cmd_train_memory(args) -> int:
     held_out = {it["id"].split("::")[1] for it in code_items(48)}  # the protocol's items never become training items
     data = retrieval_data(teacher, tok, cfg, run_dir, exclude=held_out)
     best = train_retrieval(teacher, load_draft(), data, cfg, run_dir, log=lambda s: print(s, flush=True))
-    weights = run_dir / "best.pt"
+    weights = run_dir / "best" / "fusion.pt"
     if args.export:  # measure the exported (bf16) weights, so that the file and the protocol agree exactly
-        weights = export_fusion(run_dir / "best.pt", args.export)
+        weights = export_fusion(weights, args.export)
         print(f"fusion weights written to {weights}")
     trained = load_draft()
     load_fusion(trained, weights)

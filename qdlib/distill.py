@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import paths
+from . import divergence, paths
 from .corpus import SOURCES
 from .draft import KnowledgeConfig, knowledge_block
 from .errors import ConfigError, MissingFileError
@@ -45,7 +45,7 @@ def kl_loss(draft_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torc
     """Mean over unmasked positions of T^2 * KL(teacher_T || draft_T); logits ``(B, T, V)``, mask ``(B, T)``."""
     lt = torch.log_softmax(teacher_logits.float() / temperature, -1)  # (B, T, V)
     ld = torch.log_softmax(draft_logits.float() / temperature, -1)  # (B, T, V)
-    kl = (lt.exp() * (lt - ld)).sum(-1)  # (B, T)
+    kl = divergence.kl(lt, ld)  # (B, T)
     return temperature**2 * _masked_mean(kl, mask)
 
 

@@ -1,29 +1,26 @@
 """Training the feature-fed draft (notebook 07; ``qd train-fast``).
 
-The teacher is frozen; each step runs it once over a batch of windows to get its
-features ``f`` and distributions ``p``, then trains the draft to predict
-``f[i]`` and ``p[i]`` from ``(f[i-1], x[i])``:
+The teacher is frozen; each step runs it once over a batch of windows to get its features ``f`` and
+distributions ``p``, then trains the draft to predict ``f[i]`` and ``p[i]`` from ``(f[i-1], x[i])``:
 
     loss = KL(p || q) + feature_weight * smooth_l1(f', f)
 
-and once more with the draft fed its *own* predicted features instead of the
-teacher's (``unroll`` depths, weighted ``unroll_weight``), because that is what it
-sees from its second proposal on ("training-time test", EAGLE-3).
+and once more with the draft fed its *own* predicted features instead of the teacher's (``unroll`` depths,
+weighted ``unroll_weight``), because that is what it sees from its second proposal on ("training-time test", EAGLE-3).
 
-Data: windows of the teacher's own training mix (the standard library's training
-files, torch, transformers, weighted by ``source_weights``) and the teacher's
-greedy continuations of prompts cut from it. The held-out standard-library files
-and the unfamiliar third-party code (:mod:`qdlib.heldout_code`) are never trained on.
+Data: windows of the teacher's own training mix (the standard library's training files, torch, transformers,
+weighted by ``source_weights``) and the teacher's greedy continuations of prompts cut from it. The held-out
+standard-library files and the unfamiliar third-party code (:mod:`qdlib.heldout_code`) are never trained on.
 
-Runs are resumable: ``last.pt`` (atomic) every ``ckpt_every`` steps; the best
-validation agreement is kept in ``best/`` and never replaced by a worse one.
+Training runs on the one loop, :func:`qdlib.train.fit` (schedule, NaN guard, resume, best checkpoint), with
+:class:`FeatureRecipe`: ``last.pt`` (atomic) every ``ckpt_every`` steps; the best validation agreement is kept in
+``best/`` and never replaced by a worse one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -33,17 +30,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import paths
+from . import divergence, paths
 from .corpus import heldout_prompts, heldout_texts, random_prompts
 from .distill_data import EvalSet, continue_greedy, heldout_eval_set, training_stream, unfamiliar_eval_set
 from .errors import ConfigError
 from .feature_draft import FeatureDraft, build_feature_draft, load_feature_draft, save_feature_draft, teacher_features
 from .hardware import cpu_supports_bf16
-from .io import append_jsonl, torch_load_safe, torch_save_atomic, write_json_atomic
+from .io import torch_load_safe, torch_save_atomic, write_json_atomic
 from .models import load_teacher
 from .speculative import speculative_generate
 from .timing import feature_step_time, step_time
-from .training import adamw, config_changes
+from .train import FitConfig, Recipe, fit
+from .train.data import MixData
 
 EVAL_SEED_VALIDATION = 1  # the same split of roles as the trainer: seed 1 selects, seed 0 reports
 EVAL_SEED_TEST = 0
@@ -92,32 +90,6 @@ class FeatureTrainConfig:
 # ---------------------------------------------------------------------------------------------- data
 
 
-@dataclass
-class MixData:
-    """Token streams per source plus teacher continuations; ``batch(step)`` is deterministic in ``step``."""
-
-    streams: dict
-    weights: dict
-    generated: torch.Tensor  # (G, L) teacher continuations
-    generated_share: float
-    seed: int = 0
-
-    def batch(self, step: int, rows: int, seq_len: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        names = [s for s in self.streams if self.weights.get(s, 0) > 0]
-        w = torch.tensor([float(self.weights[s]) for s in names])
-        out = torch.empty(rows, seq_len + 1, dtype=torch.long)
-        for r in range(rows):
-            if len(self.generated) and torch.rand((), generator=g).item() < self.generated_share:
-                row = self.generated[int(torch.randint(len(self.generated), (), generator=g))]
-                out[r] = row[: seq_len + 1].long()
-                continue
-            s = self.streams[names[int(torch.multinomial(w, 1, generator=g))]]
-            start = int(torch.randint(len(s) - seq_len - 1, (), generator=g))
-            out[r] = s[start : start + seq_len + 1].long()
-        return out  # (rows, T+1)
-
-
 def prepare_data(teacher, tokenizer, cfg: FeatureTrainConfig, run_dir: Path, log=print) -> MixData:
     """Tokenize each source and let the teacher continue prompts, once; cached (atomically) in ``run_dir``."""
     streams = {}
@@ -156,7 +128,7 @@ def feature_loss(teacher, draft: FeatureDraft, ids: torch.Tensor, cfg: FeatureTr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred, logits = draft(feats, ids[:, 1:])  # (B, T, H), (B, T, Vd)
         lq = torch.log_softmax(draft.full_logits(logits.float()), -1)  # (B, T, V)
-        kl = (lp.exp() * (lp - lq.clamp(min=-1e4))).sum(-1).mean()
+        kl = divergence.kl(lp, lq.clamp(min=-1e4)).mean()
         fl = F.smooth_l1_loss(pred.float(), target)
         w = 1.0 if depth == 0 else cfg.unroll_weight
         loss = loss + w * (kl + cfg.feature_weight * fl)
@@ -226,45 +198,61 @@ def grow_from(draft: FeatureDraft, trained: FeatureDraft) -> FeatureDraft:
     return draft
 
 
-def _lr(cfg: FeatureTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+class FeatureRecipe(Recipe):
+    """The feature-fed draft as a :class:`~qdlib.train.Recipe`: :func:`feature_loss` on :class:`MixData` batches,
+    scored by the validation agreement (mean of depths 1 and 2, :func:`feature_agreement`)."""
+
+    name = "fast draft"
+
+    def __init__(self, teacher, draft: FeatureDraft, data: MixData, val: EvalSet, cfg: FeatureTrainConfig, bf16: bool):
+        self.teacher, self.draft, self.data, self.val, self.cfg, self.bf16 = teacher, draft, data, val, cfg, bf16
+
+    def parameters(self):
+        return list(self.draft.trainable_parameters())
+
+    def batch(self, step: int, micro: int) -> torch.Tensor:
+        return self.data.batch(step, self.cfg.batch_rows, self.cfg.seq_len)  # (B, T+1)
+
+    def loss(self, ids: torch.Tensor, autocast):
+        return feature_loss(self.teacher, self.draft, ids, self.cfg, self.bf16)
+
+    def score(self) -> tuple[float, dict]:
+        self.draft.eval()
+        ev = feature_agreement(self.teacher, self.draft, self.val)
+        return (ev["depth1"] + ev["depth2"]) / 2, ev  # both proposals of a round matter
+
+    def save(self, folder: Path, info: dict) -> None:
+        ev = info["eval"]
+        extra = {"validation_agreement": info["score"], "step": info["step"], **ev,
+                 "train_time_s": round(info["elapsed_s"], 1)}
+        save_feature_draft(self.draft, folder, dtype=torch.float32, extra={"eval.json": extra})
+
+    def state_dict(self) -> dict:
+        return {"draft": self.draft.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draft.load_state_dict(state["draft"])
+
+    def config(self) -> dict:
+        return dataclasses.asdict(self.cfg)
+
+    def config_defaults(self) -> dict:  # source_weights: compared whole
+        return {k: v for k, v in dataclasses.asdict(FeatureTrainConfig()).items() if not isinstance(v, dict)}
+
+    def train_mode(self) -> None:
+        self.draft.train()
 
 
-@dataclass
-class _RunState:
-    step: int = 0
-    best: float = -1.0
-    train_time: float = 0.0
+def fit_config(cfg: FeatureTrainConfig, bf16: bool = False) -> FitConfig:
+    """The loop's settings of a feature-draft run (``steps``, ``eval_every``, ``ckpt_every`` may change on resume)."""
+    return FitConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                     weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16, ckpt_every=cfg.ckpt_every,
+                     eval_every=cfg.eval_every, may_change=("steps", "eval_every", "ckpt_every"))
 
 
-def _resume(run_dir: Path, cfg: FeatureTrainConfig, draft, opt, log) -> _RunState:
-    st = _RunState()
-    best_json = run_dir / "best" / "eval.json"
-    if best_json.exists():
-        st.best = json.loads(best_json.read_text())["validation_agreement"]
-    last = run_dir / "last.pt"
-    if last.exists():
-        ck = torch_load_safe(last)
-        defaults = {k: v for k, v in dataclasses.asdict(FeatureTrainConfig()).items() if not isinstance(v, dict)}
-        changed = config_changes(ck["config"], dataclasses.asdict(cfg), defaults,  # source_weights: compared whole
-                                 may_change=("steps", "eval_every", "ckpt_every"))
-        if changed:
-            raise ConfigError(f"{run_dir} was started with other settings ({', '.join(sorted(changed))}); "
-                             f"use another run folder or the same settings")
-        draft.load_state_dict(ck["draft"])
-        opt.load_state_dict(ck["optim"])
-        st.step, st.train_time = ck["step"], ck["train_time"]
-        log(f"resumed at step {st.step}")
-    return st
-
-
-def train_feature_draft(cfg: FeatureTrainConfig, run_dir: str | os.PathLike | None = None, teacher=None,
-                        tokenizer=None, log=print) -> Path:
-    """Train (or resume) a feature-fed draft in ``run_dir``; returns the run folder (best draft in ``best/``)."""
-    run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "fast_draft"
+def feature_recipe(cfg: FeatureTrainConfig, run_dir: Path, teacher=None, tokenizer=None,
+                   log=print) -> tuple[FeatureRecipe, FitConfig]:
+    """The recipe and loop settings of a run in ``run_dir``: the data (prepared once), the validation set, the draft."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if teacher is None:
         teacher, tokenizer = load_teacher("tiny")
@@ -278,48 +266,17 @@ def train_feature_draft(cfg: FeatureTrainConfig, run_dir: str | os.PathLike | No
     draft = build_feature_draft(teacher, cfg.num_layers).float().train()
     if cfg.init_from:
         grow_from(draft, load_feature_draft(cfg.init_from))
-    opt = adamw(draft.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    st = _resume(run_dir, cfg, draft, opt, log)
-    try:
-        while st.step < cfg.steps:
-            t0 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = _lr(cfg, st.step)
-            loss, stats = feature_loss(teacher, draft, data.batch(st.step, cfg.batch_rows, cfg.seq_len), cfg, bf16)
-            opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                log(f"step {st.step}: non-finite loss, batch skipped")
-            else:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(draft.trainable_parameters(), cfg.grad_clip)
-                opt.step()
-            st.step += 1
-            st.train_time += time.perf_counter() - t0
-            append_jsonl(run_dir / "log.jsonl", {"step": st.step, "loss": loss.item(), "lr": _lr(cfg, st.step - 1),
-                                                 **stats, "time": round(st.train_time, 1)})
-            if st.step % cfg.ckpt_every == 0 or st.step == cfg.steps:
-                torch_save_atomic({"draft": draft.state_dict(), "optim": opt.state_dict(), "step": st.step,
-                                   "train_time": st.train_time, "config": dataclasses.asdict(cfg)}, run_dir / "last.pt")
-            if st.step % cfg.eval_every == 0 or st.step == cfg.steps:
-                _evaluate_and_keep(teacher, draft, val, st, run_dir, log)
-    except KeyboardInterrupt:
-        log(f"interrupted at step {st.step}; the last checkpoint is kept, rerun the same command to resume")
-        raise
+    return FeatureRecipe(teacher, draft, data, val, cfg, bf16), fit_config(cfg, bf16)
+
+
+def train_feature_draft(cfg: FeatureTrainConfig, run_dir: str | os.PathLike | None = None, teacher=None,
+                        tokenizer=None, log=print, on_step=None) -> Path:
+    """Train (or resume) a feature-fed draft in ``run_dir`` with :func:`qdlib.train.fit`; returns the run folder
+    (best draft in ``best/``). ``on_step(step)`` is called after every step (tests use it to interrupt)."""
+    run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "fast_draft"
+    recipe, fc = feature_recipe(cfg, run_dir, teacher, tokenizer, log)
+    fit(recipe, fc, run_dir, log=log, on_step=on_step, desc="fast draft")
     return run_dir
-
-
-def _evaluate_and_keep(teacher, draft, val: EvalSet, st: _RunState, run_dir: Path, log) -> None:
-    draft.eval()
-    ev = feature_agreement(teacher, draft, val)
-    draft.train()
-    agree = (ev["depth1"] + ev["depth2"]) / 2  # both proposals of a round matter
-    append_jsonl(run_dir / "eval.jsonl", {"step": st.step, **ev, "time": round(st.train_time, 1)})
-    log(f"step {st.step}: validation agreement depth 1 {ev['depth1']:.3f}, depth 2 {ev['depth2']:.3f} "
-        f"({st.train_time / 60:.1f} min)")
-    if agree > st.best:
-        st.best = agree
-        info = {"validation_agreement": agree, "step": st.step, **ev, "train_time_s": round(st.train_time, 1)}
-        save_feature_draft(draft, run_dir / "best", dtype=torch.float32, extra={"eval.json": info})
 
 
 # ---------------------------------------------------------------------------------------------- export

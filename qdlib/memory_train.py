@@ -29,20 +29,21 @@ protocol on a trained draft (``qd train-memory`` does all of it; notebook 04, se
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
-import time
 from pathlib import Path
 
 import torch
 
+from . import divergence
 from .distill_data import EvalSet, paraphrase_eval_set
 from .errors import ConfigError
-from .io import append_jsonl, atomic_path, torch_load_safe, torch_save_atomic, write_json_atomic
+from .io import atomic_path, torch_load_safe, torch_save_atomic, write_json_atomic
 from .knowledge import KnowledgeCache, build_knowledge_cache, load_knowledge_cache
 from .memory import arms_on, code_items
-from .trainer import evaluate_draft
-from .training import adamw, config_changes
+from .train import FitConfig, Recipe, fit
+from .train.evaluate import evaluate_draft
 
 FUSION_INITS = ("keep", "similarity")
 
@@ -185,7 +186,7 @@ def _kl_loss(teacher, draft, ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
         lp = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, T-1, V)
     lq = torch.log_softmax(draft(input_ids=ids, use_cache=False).logits[:, :-1].float(), -1)  # (B, T-1, V)
     m = mask[:, : ids.shape[1] - 1].float()  # (B, T-1)
-    return ((lp.exp() * (lp - lq)).sum(-1) * m).sum() / m.sum().clamp(min=1)
+    return (divergence.kl(lp, lq) * m).sum() / m.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -203,66 +204,79 @@ def arm_agreements(teacher, draft, data: dict, items: list[int], other: list[int
     return out
 
 
-def _lr(step: int, cfg: RetrievalConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+class MemoryRecipe(Recipe):
+    """Retrieval training as a :class:`~qdlib.train.Recipe`: step ``s`` trains on :func:`step_memory`'s batch with
+    its memory attached; the score is the validation items' paraphrase agreement with their own memory."""
+
+    name = "fusion blocks"
+
+    def __init__(self, teacher, draft, data: dict, cfg: RetrievalConfig):
+        n = data["cache"].num_items
+        self.teacher, self.draft, self.data, self.cfg = teacher, draft, data, cfg
+        self.train_items, val_items = list(range(n - cfg.val_items)), list(range(n - cfg.val_items, n))
+        self.val_own, self.val_other = val_items[: len(val_items) // 2], val_items[len(val_items) // 2 :]
+        if cfg.fusion_init == "similarity":
+            similarity_init(draft, cfg.similarity_scale, cfg.seed)
+        self.params = freeze_all_but_fusion(draft, cfg.gate_init)
+
+    def parameters(self):
+        return self.params
+
+    def batch(self, step: int, micro: int) -> tuple:
+        batch, memory, swapped = step_memory(step, self.train_items, self.cfg)
+        d = self.data
+        rows = torch.isin(d["row_item"], torch.tensor(batch)) & (d["kind"] <= int(self.cfg.question_rows))
+        return d["ids"][rows], d["mask"][rows], memory, swapped
+
+    def loss(self, batch: tuple, autocast):
+        ids, mask, memory, swapped = batch
+        self.draft.set_knowledge(sub_cache(self.data["cache"], memory))
+        return _kl_loss(self.teacher, self.draft, ids, mask), {"swapped": swapped}
+
+    def score(self) -> tuple[float, dict]:
+        arms = arm_agreements(self.teacher, self.draft, self.data, self.val_own, self.val_other)
+        same = arm_agreements(self.teacher, self.draft, self.data, self.val_own, self.val_other, kind=1)
+        gates = max(torch.tanh(b.gate).abs().max().item() for b in self.draft.fusion.values())
+        info = {f"val_{k}": round(v, 4) for k, v in arms.items()}
+        info |= {f"val_question_{k}": round(v, 4) for k, v in same.items()} | {"largest_gate": round(gates, 4)}
+        return arms["own"], info
+
+    def save(self, folder: Path, info: dict) -> None:
+        record = {"step": info["step"], **info["eval"]}
+        torch_save_atomic({"fusion": self.draft.fusion.state_dict(), "record": record}, folder / "fusion.pt")
+        write_json_atomic(folder / "record.json", record)
+
+    def state_dict(self) -> dict:
+        return {"fusion": self.draft.fusion.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draft.fusion.load_state_dict(state["fusion"])
+
+    def config(self) -> dict:
+        return dataclasses.asdict(self.cfg)
+
+    def config_defaults(self) -> dict:
+        return dataclasses.asdict(RetrievalConfig())
+
+    def train_mode(self) -> None:
+        self.draft.train()
 
 
-def train_retrieval(teacher, draft, data: dict, cfg: RetrievalConfig, run_dir, *, log=print) -> dict:
-    """Train ``draft``'s fusion blocks by retrieval (resumable from ``run_dir/last.pt``); the best fusion weights,
-    by the validation items' own-memory agreement, end in ``run_dir/best.pt``. Returns the best record."""
+def fit_config(cfg: RetrievalConfig) -> FitConfig:
+    """The loop's settings of a retrieval run: evaluation and checkpoint every ``eval_every`` steps."""
+    return FitConfig(steps=cfg.steps, lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.1,
+                     weight_decay=0.0, grad_clip=1.0, ckpt_every=cfg.eval_every, eval_every=cfg.eval_every,
+                     may_change=("eval_every",))
+
+
+def train_retrieval(teacher, draft, data: dict, cfg: RetrievalConfig, run_dir, *, log=print, on_step=None) -> dict:
+    """Train ``draft``'s fusion blocks by retrieval with :func:`qdlib.train.fit` (resumable from ``run_dir/last.pt``);
+    the best fusion weights, by the validation items' own-memory agreement, end in ``run_dir/best/fusion.pt``
+    (:func:`load_fusion` reads it). Returns the best record (also in ``run_dir/best/record.json``)."""
     run_dir = Path(run_dir)
-    n = data["cache"].num_items
-    train_items, val_items = list(range(n - cfg.val_items)), list(range(n - cfg.val_items, n))
-    half = len(val_items) // 2
-    if cfg.fusion_init == "similarity":
-        similarity_init(draft, cfg.similarity_scale, cfg.seed)
-    params = freeze_all_but_fusion(draft, cfg.gate_init)
-    opt = adamw(params, cfg.learning_rate, 0.0)
-    start, best = 0, {"val_own": -1.0}
-    if (run_dir / "last.pt").exists():
-        ck = torch_load_safe(run_dir / "last.pt")
-        changed = config_changes(ck["config"], dataclasses.asdict(cfg), dataclasses.asdict(RetrievalConfig()),
-                                 may_change=("eval_every",))
-        if changed:
-            raise ConfigError(f"{run_dir / 'last.pt'} was written with other settings ({', '.join(changed)}); "
-                              f"use a new run folder")
-        draft.fusion.load_state_dict(ck["fusion"])
-        opt.load_state_dict(ck["optimizer"])
-        start, best = ck["step"], ck["best"]
-        log(f"resumed at step {start}")
-    t0 = time.time()
-    for step in range(start, cfg.steps):
-        draft.train()
-        batch, memory, swapped = step_memory(step, train_items, cfg)
-        rows = torch.isin(data["row_item"], torch.tensor(batch)) & (data["kind"] <= int(cfg.question_rows))
-        draft.set_knowledge(sub_cache(data["cache"], memory))
-        loss = _kl_loss(teacher, draft, data["ids"][rows], data["mask"][rows])
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        record = {"step": step + 1, "loss": round(loss.item(), 5), "swapped": swapped, "elapsed_s": round(time.time() - t0, 1)}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            arms = arm_agreements(teacher, draft, data, val_items[:half], val_items[half:])
-            same = arm_agreements(teacher, draft, data, val_items[:half], val_items[half:], kind=1)
-            gates = max(torch.tanh(b.gate).abs().max().item() for b in draft.fusion.values())
-            record.update({f"val_{k}": round(v, 4) for k, v in arms.items()},
-                          **{f"val_question_{k}": round(v, 4) for k, v in same.items()}, largest_gate=round(gates, 4))
-            log(" ".join(f"{k} {v}" for k, v in record.items()))
-            if arms["own"] > best["val_own"]:
-                best = record
-                torch_save_atomic({"fusion": draft.fusion.state_dict(), "record": record}, run_dir / "best.pt")
-            torch_save_atomic({"step": step + 1, "fusion": draft.fusion.state_dict(), "optimizer": opt.state_dict(),
-                               "best": best, "config": dataclasses.asdict(cfg)}, run_dir / "last.pt")
-        append_jsonl(run_dir / "log.jsonl", record)
+    fit(MemoryRecipe(teacher, draft, data, cfg), fit_config(cfg), run_dir, log=log, on_step=on_step, desc="memory")
     draft.set_knowledge(None)
-    write_json_atomic(run_dir / "best.json", best)
-    return best
+    return json.loads((run_dir / "best" / "record.json").read_text())
 
 
 # ----------------------------------------------------------------------------- the ceiling of any lookup
@@ -321,7 +335,7 @@ def lookup_ceiling(es, row_item: list[int], own: KnowledgeCache, other: Knowledg
 
 
 def load_fusion(draft, path) -> dict:
-    """Put the fusion weights of ``path`` (``best.pt`` of a run, or a ``.safetensors`` file) into ``draft``;
+    """Put the fusion weights of ``path`` (``best/fusion.pt`` of a run, or a ``.safetensors`` file) into ``draft``;
     returns the training record stored with them (empty for safetensors)."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -374,7 +388,7 @@ def measure_trained(out_path, trained, reference, teacher, tokenizer, *, n_items
 
 
 def export_fusion(best_path, out_path) -> Path:
-    """The fusion weights of a run's ``best.pt`` as bf16 safetensors (atomically), for :func:`load_fusion`."""
+    """The fusion weights of a run's ``best/fusion.pt`` as bf16 safetensors (atomically), for :func:`load_fusion`."""
     from safetensors.torch import save_file
 
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in torch_load_safe(best_path)["fusion"].items()}

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from . import divergence
 from .sampling import EARLY_EXIT, STRATEGIES, first_k_layers, run_layers, sample_layers
 
 
@@ -32,7 +33,7 @@ def distribution_sums(lp: torch.Tensor, lq: torch.Tensor, mask: torch.Tensor | N
     """
     if mask is None:
         mask = torch.ones(lp.shape[:-1], dtype=torch.bool, device=lp.device)
-    kl = (lp.exp() * (lp - lq)).sum(-1)  # (B, T)
+    kl = divergence.kl(lp, lq)  # (B, T)
     alpha = torch.minimum(lp.exp(), lq.exp()).sum(-1)  # (B, T)
     return {"kl": (kl * mask).sum().item(), "agreement": ((lp.argmax(-1) == lq.argmax(-1)) & mask).sum().item(),
             "alpha": (alpha * mask).sum().item(), "n": int(mask.sum())}
@@ -142,7 +143,7 @@ def logit_lens(teacher, batches: torch.Tensor) -> list[float]:
     dec = teacher.model
     for i in range(L):
         lq = torch.log_softmax(teacher.lm_head(dec.norm(hidden[i + 1])).float(), -1)
-        out.append((lp.exp() * (lp - lq)).sum(-1).mean().item())
+        out.append(divergence.kl(lp, lq).mean().item())
     return out
 
 

@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from . import divergence
 from .errors import ConfigError
 
 STRATEGIES = ("uniform", "geometric", "logarithmic", "importance")
@@ -203,7 +204,7 @@ def layer_importance(teacher, tokenizer, texts: Sequence[str], *, max_tokens: in
         kl, n = 0.0, 0
         for x, lp in zip(batches, full):
             lq = torch.log_softmax(run_layers(teacher, x, keep).float(), -1)
-            kl += (lp.exp() * (lp - lq)).sum(-1).sum().item()
+            kl += divergence.kl(lp, lq).sum().item()
             n += x.shape[1]
         scores.append(kl / n)
     return scores

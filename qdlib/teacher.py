@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +28,10 @@ from .corpus import (SOURCES, bits_per_byte, build_manifest, corpus_files, greed
                      tokenize_corpus, train_tokenizer)
 from .corpus import heldout_texts  # noqa: F401  notebooks 01 and 05 import it from here: remove once they use qdlib.corpus
 from .errors import ConfigError
-from .hardware import cpu_name, cpu_supports_bf16
-from .io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
-from .metrics import running_mean
-from .progress import progress_bar
-from .training import adamw, config_changes
+from .hardware import cpu_supports_bf16
+from .io import atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
+from .train import FORMAT, FitConfig, Recipe, fit
+from .train.teacher_card import active_time, context_section, log_rows, model_card, plot_loss
 
 # --------------------------------------------------------------------------- model
 
@@ -147,83 +145,88 @@ _RESUMABLE_CHANGES = ("steps", "compile", "eval_every", "ckpt_every", "ul_steps"
                       "ul_prompt_tokens", "ul_new_tokens")
 
 
-def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = None, log=print) -> Path:
-    """Train (or resume training) the bundled teacher in ``run_dir``.
+class TeacherRecipe(Recipe):
+    """The bundled teacher as a :class:`~qdlib.train.Recipe`: next-token cross-entropy on the corpus mix, plus the
+    unlikelihood penalty from step ``cfg.steps`` on; scored by the held-out standard-library loss (lower is better,
+    so the score is its negative)."""
 
-    Checkpoints (model, optimiser, scheduler, step) are written atomically to
-    ``last.pt`` every ``ckpt_every`` steps; rerunning the same command resumes
-    there. Progress goes to a tqdm bar and ``log.jsonl``.
-    """
-    from transformers import Qwen3ForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+    name = "teacher"
 
-    run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "teacher"
+    def __init__(self, model, data: dict, val_batch: torch.Tensor, cfg: TeacherTrainConfig, bf16: bool):
+        self.model, self.data, self.val_batch, self.cfg, self.bf16 = model, data, val_batch, cfg, bf16
+        self.fwd = torch.compile(model) if cfg.compile else model
+        self.tokens = 0
+
+    def parameters(self):
+        return list(self.model.parameters())
+
+    def batch(self, step: int, micro: int) -> tuple:
+        polish = step >= self.cfg.steps  # phase 2: unlikelihood polish at a constant small learning rate
+        return _sample_batch(self.data, self.cfg, step), _ul_prompts(self.data["stdlib"], self.cfg, step) if polish else None
+
+    def loss(self, batch: tuple, autocast):
+        ids, prompts = batch
+        stats = {}
+        if prompts is not None:
+            ul, rep = _unlikelihood_loss(self.model, prompts, self.cfg.ul_new_tokens, self.bf16)
+            stats = {"ul_loss": round(ul.item(), 4), "greedy_rep": round(rep, 4)}
+        with autocast():
+            logits = (self.model if prompts is not None else self.fwd)(input_ids=ids[:, :-1]).logits
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+        self.tokens += ids[:, 1:].numel()
+        loss = ce + self.cfg.ul_weight * ul if prompts is not None else ce
+        return loss, {"ce": round(ce.item(), 4), "tokens": self.tokens, **stats}
+
+    def score(self) -> tuple[float, dict]:
+        val = _val_loss(self.model, self.val_batch, self.bf16)
+        return -val, {"val_loss": round(val, 4)}
+
+    def save(self, folder: Path, info: dict) -> None:
+        self.model.save_pretrained(folder)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.tokens = state["tokens"]
+
+    def config(self) -> dict:
+        return dataclasses.asdict(self.cfg)
+
+    def config_defaults(self) -> dict:
+        return dataclasses.asdict(TeacherTrainConfig())
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+
+def teacher_recipe(cfg: TeacherTrainConfig, run_dir: Path, log=print) -> tuple[TeacherRecipe, FitConfig]:
+    """The data (prepared once in ``run_dir``), a fresh model and the loop settings: the cosine over ``steps``, then
+    ``ul_steps`` of polish at the constant ``ul_lr``."""
+    from transformers import Qwen3ForCausalLM
+
     manifest, tokenizer, data, val_texts = prepare_data(run_dir, cfg, log)
     torch.manual_seed(cfg.seed)
-    config = teacher_config(len(tokenizer), cfg.hidden)
-    model = Qwen3ForCausalLM(config)
-    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio)
-    step, elapsed, tokens = 0, 0.0, 0
-    ckpt = run_dir / "last.pt"
-    if ckpt.exists():
-        state = torch_load_safe(ckpt)
-        diff = config_changes(state["config"], dataclasses.asdict(cfg), dataclasses.asdict(TeacherTrainConfig()),
-                              may_change=_RESUMABLE_CHANGES)
-        if diff:
-            raise ConfigError(f"{ckpt} was made with a different configuration (saved, requested): {diff}; "
-                              f"use another run folder or delete it")
-        if state["config"]["steps"] != cfg.steps:
-            log(f"changing the run length from {state['config']['steps']} to {cfg.steps} steps "
-                f"(the cosine schedule is recomputed for the new length)")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, elapsed, tokens = state["step"], state["elapsed"], state["tokens"]
-        log(f"resuming from step {step}")
-    use_bf16 = cpu_supports_bf16() if cfg.bf16 is None else cfg.bf16
-    val_sample = _val_batch(tokenizer, val_texts, cfg)
-    model.train()
-    fwd = torch.compile(model) if cfg.compile else model
-    total = cfg.steps + cfg.ul_steps
-    bar = progress_bar(total=total, initial=step, desc="teacher", unit="step")
-    t_last = time.time()
-    while step < total:
-        polish = step >= cfg.steps  # phase 2: unlikelihood polish at a constant small learning rate
-        batch = _sample_batch(data, cfg, step)
-        if polish:
-            for group in opt.param_groups:
-                group["lr"] = cfg.ul_lr
-            ul, rep = _unlikelihood_loss(model, _ul_prompts(data["stdlib"], cfg, step), cfg.ul_new_tokens, use_bf16)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            logits = (model if polish else fwd)(input_ids=batch[:, :-1]).logits
-        mle = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-        loss = mle + cfg.ul_weight * ul if polish else mle
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if not polish:
-            sched.step()
-        step += 1
-        tokens += batch[:, 1:].numel()
-        now = time.time()
-        elapsed += now - t_last
-        t_last = now
-        rec = {"step": step, "loss": round(mle.item(), 4), "lr": opt.param_groups[0]["lr"], "grad_norm": round(float(gnorm), 3),
-               "tokens": tokens, "elapsed_s": round(elapsed, 1)}
-        if polish:
-            rec.update(ul_loss=round(ul.item(), 4), greedy_rep=round(rep, 4))
-        if step % cfg.eval_every == 0 or step == cfg.steps or step == total:
-            rec["val_loss"] = round(_val_loss(model, val_sample, use_bf16), 4)
-            model.train()
-        append_jsonl(run_dir / "log.jsonl", rec)
-        bar.set_postfix(loss=f"{mle.item():.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
-                        **({"rep": f"{rep:.2f}"} if polish else {}))
-        bar.update(1)
-        if step % cfg.ckpt_every == 0 or step in (cfg.steps, total) or (polish and step % 10 == 0):
-            torch_save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                               "step": step, "elapsed": elapsed, "tokens": tokens, "config": dataclasses.asdict(cfg)}, ckpt)
-    bar.close()
+    model = Qwen3ForCausalLM(teacher_config(len(tokenizer), cfg.hidden))
+    bf16 = cpu_supports_bf16() if cfg.bf16 is None else cfg.bf16
+    recipe = TeacherRecipe(model, data, _val_batch(tokenizer, val_texts, cfg), cfg, bf16)
+    fc = FitConfig(steps=cfg.steps + cfg.ul_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                   min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16,
+                   ckpt_every=cfg.ckpt_every, eval_every=cfg.eval_every, may_change=_RESUMABLE_CHANGES,
+                   decay_steps=cfg.steps, tail_lr=cfg.ul_lr if cfg.ul_steps else None)
+    return recipe, fc
+
+
+def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = None, log=print, on_step=None) -> Path:
+    """Train (or resume training) the bundled teacher in ``run_dir`` with :func:`qdlib.train.fit`.
+
+    ``last.pt`` (atomic) every ``ckpt_every`` steps and after every evaluation; rerunning the same command resumes
+    there. Progress goes to a tqdm bar and ``log.jsonl``; the best held-out loss is kept in ``best/``.
+    """
+    run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "teacher"
+    recipe, fc = teacher_recipe(cfg, run_dir, log)
+    fit(recipe, fc, run_dir, log=log, on_step=on_step, progress=True, desc="teacher")
     return run_dir
 
 
@@ -294,10 +297,13 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
     run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "teacher"
     out_dir = Path(out_dir) if out_dir else paths.TEACHER_DIR
     state = torch_load_safe(run_dir / "last.pt")
+    if state.get("format") != FORMAT:
+        raise ConfigError(f"{run_dir / 'last.pt'} was written by an older qdlib training loop; export it with the "
+                          f"qdlib that trained it, or train again")
     cfg = TeacherTrainConfig(**state["config"])
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     model = Qwen3ForCausalLM(teacher_config(len(tokenizer), cfg.hidden))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["trainee"]["model"])
     model.eval()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     log("measuring bits per byte and greedy repetition on held-out files ...")
@@ -308,7 +314,7 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
     bpb = bits_per_byte(model, tokenizer, texts)
     rep = greedy_repetition(model, heldout_prompts(tokenizer, texts))
     real_rep = [repeated_ngram_share(p2[64:192]) for p2 in heldout_prompts(tokenizer, texts, prompt_tokens=192)]
-    log_rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log_rows = log_rows(run_dir)
     metrics = {
         "heldout_bits_per_byte": round(bpb["bpb"], 4),
         "heldout_tokens": bpb["tokens"],
@@ -316,9 +322,9 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
         "greedy_repeated_4gram_share": round(rep["mean"], 4),
         "real_code_repeated_4gram_share": round(sum(real_rep) / len(real_rep), 4),
         "steps": state["step"],
-        "tokens_seen": state["tokens"],
-        "train_wall_time_s": round(_active_time(log_rows), 1),
-        "final_train_loss": log_rows[-1]["loss"],
+        "tokens_seen": state["trainee"]["tokens"],
+        "train_wall_time_s": round(active_time(log_rows), 1),
+        "final_train_loss": log_rows[-1]["ce"],
         "final_val_loss": next((r["val_loss"] for r in reversed(log_rows) if "val_loss" in r), None),
         "context_loss": loss_by_position(model, tokenizer, texts, context=model.config.max_position_embeddings,
                                          short=cfg.seq_len),
@@ -329,125 +335,7 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
         write_json_atomic(tmp / "manifest.json", manifest)
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "train_config.json", dataclasses.asdict(cfg))
-        _plot_loss(log_rows, tmp / "loss_curve.png")
-        (tmp / "README.md").write_text(_model_card(cfg, metrics, manifest) + context_section(metrics["context_loss"], cfg.seq_len))
+        plot_loss(log_rows, tmp / "loss_curve.png")
+        (tmp / "README.md").write_text(model_card(cfg, metrics, manifest) + context_section(metrics["context_loss"], cfg.seq_len))
     log(json.dumps(metrics, indent=2))
     return out_dir
-
-
-def context_section(rows: list[dict], short: int) -> str:
-    """The teacher card's section on context length, from :func:`qdlib.corpus.loss_by_position` rows measured
-    with ``short`` (the training length) as the short window."""
-    table = "\n".join(f"| {r['start']}-{r['end']} | {r['nats']:.3f} | {r['nats_short']:.3f} | {r['nats'] - r['nats_short']:+.3f} |"
-                      for r in rows)
-    worse = [r for r in rows if r["nats"] - r["nats_short"] > 0.02]
-    verdict = (f"From position {worse[0]['start']} on, the whole window predicts **worse** than a sliding window of the "
-               f"training length: positions the teacher never saw in training hurt it. Keep its context within the "
-               f"training length (qdlib's course prompts and generations do) or slide a window over longer text."
-               if worse else "Longer context never predicts worse than the training length here.")
-    return f"""
-## Context length (measured by `qdlib.corpus.loss_by_position`)
-
-Trained on {short}-token windows, the teacher's config nevertheless allows {rows[-1]['end'] + 1} positions (the position
-tables of Qwen3's RoPE are computed, not learned, so nothing stops a longer input). Mean next-token loss in nats on
-held-out standard-library windows of {rows[-1]['end'] + 1} tokens ({rows[0]['tokens'] // (rows[0]['end'] - rows[0]['start'])} windows),
-by position: with the whole window before each token, and with a sliding window of the {short} training positions
-(each token then sees {short // 2} to {short} tokens):
-
-| positions | whole window | training-length window | difference |
-|---|---:|---:|---:|
-{table}
-
-{verdict}
-"""
-
-
-def _active_time(rows) -> float:
-    """Training time from the log, with pauses (a stopped or suspended process) left out.
-
-    A step that took more than 10x the median step is counted as a median step.
-    """
-    t = [0.0] + [r["elapsed_s"] for r in rows]
-    deltas = [b - a for a, b in zip(t, t[1:])]
-    med = sorted(deltas)[len(deltas) // 2] if deltas else 0.0
-    return sum(d if d <= 10 * med else med for d in deltas)
-
-
-def _plot_loss(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows]
-    loss = [r["loss"] for r in rows]
-    smooth = running_mean(loss, 25)
-    ax.plot(steps, smooth, label="train loss (running mean of 25 steps)")
-    vs = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    if vs:
-        ax.plot(*zip(*vs), "o-", label="held-out stdlib loss")
-    polish = [r["step"] for r in rows if "ul_loss" in r]
-    if polish:
-        ax.axvline(polish[0] - 0.5, color="grey", ls=":", label="unlikelihood polish starts")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Bundled teacher training")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _model_card(cfg, m, manifest) -> str:
-    n_files = {s: sum(1 for f in manifest["files"] if f[0] == s and f[2] == "train") for s in SOURCES}
-    n_val = sum(1 for f in manifest["files"] if f[2] == "val")
-    cpu = cpu_name()
-    return f"""# qdlib bundled teacher
-
-A Qwen3-architecture causal LM with **28 decoder layers** (the depth of Qwen3-0.6B) and width {cfg.hidden},
-trained by `qd train-teacher` for the qdlib speculative-drafting course. It is the offline default teacher.
-
-## Data
-- Training: the `.py` sources of the Python {manifest['python_version']} standard library ({n_files['stdlib']} files;
-  test packages, idlelib and site-packages left out) mixed with the Python sources of torch {manifest['package_versions']['torch']}
-  ({n_files['torch']} files) and transformers {manifest['package_versions']['transformers']} ({n_files['transformers']} files).
-  Sequences are drawn from the standard library with probability {cfg.stdlib_weight}, and only from it during the last
-  {int(cfg.final_stdlib_only * 100)}% of steps.
-- Held out: {n_val} standard-library files ({manifest['split_rule']}); listed with sha256 in `manifest.json`.
-- Tokenizer: byte-level BPE, {cfg.vocab_size} entries, trained on the standard library's training files;
-  `<|endoftext|>` (id 0) separates files, `<|pad|>` is id 1.
-
-## Training
-AdamW (lr {cfg.lr}, betas 0.9/0.95, weight decay {cfg.weight_decay}), {cfg.warmup_steps} warm-up steps then cosine to
-{int(cfg.min_lr_ratio * 100)}%, batch {cfg.batch_size} x {cfg.seq_len} tokens, gradient clipping {cfg.grad_clip}, bf16 autocast.
-{_polish_text(cfg, m)}
-{m['steps']} steps, {m['tokens_seen']:,} tokens seen, {m['train_wall_time_s'] / 60:.0f} minutes of training (pauses and compilation excluded)
-on {cpu} ({os.cpu_count()} cores), torch.compile on the training forward.
-Final training loss {m['final_train_loss']}, held-out loss {m['final_val_loss']} nats/token.
-
-## Quality (measured by `qd train-teacher --export`, checked by `tests/test_teacher_quality.py`)
-- Bits per byte on the held-out standard-library files: **{m['heldout_bits_per_byte']}**
-  ({m['heldout_tokens']:,} tokens, {m['heldout_bytes']:,} bytes, 256-token windows (the training length) with stride 128).
-- Greedy repetition (share of repeated 4-grams in 128-token greedy continuations of 50 held-out prompts of 64 tokens):
-  **{m['greedy_repeated_4gram_share']}**; the same measure on the real held-out code that follows those prompts:
-  {m['real_code_repeated_4gram_share']}.
-
-Course bars (issue: the foundation): bits per byte <= 1.40 ({'met' if m['heldout_bits_per_byte'] <= 1.40 else 'NOT met'});
-greedy repetition <= 0.50 ({'met' if m['greedy_repeated_4gram_share'] <= 0.50 else 'NOT met: the teacher loops under greedy decoding more than the bar allows'}).
-
-Weights are stored in bf16 (`model.safetensors`); `qdlib.load_teacher()` loads them as float32 on CPU, and the figures
-above are measured that way.
-
-![loss curve](loss_curve.png)
-"""
-
-
-def _polish_text(cfg, m) -> str:
-    polish = m["steps"] - cfg.steps
-    if polish <= 0:
-        return ""
-    return (f"Then {polish} steps of sequence-level unlikelihood polish (Welleck et al. 2019): each step adds to the\n"
-            f"ordinary standard-library loss a penalty -log(1 - p) on the tokens of the model's own greedy continuations\n"
-            f"({cfg.ul_batch} prompts of {cfg.ul_prompt_tokens} training tokens, {cfg.ul_new_tokens} new tokens) that repeat "
-            f"a 4-gram, at a constant learning rate of {cfg.ul_lr}. It brings greedy looping down (see below).")

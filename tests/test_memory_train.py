@@ -75,31 +75,21 @@ def test_only_the_fusion_learns_and_the_detached_draft_is_the_distilled_one(smal
         freeze_all_but_fusion(build_draft(teacher, [0, 3]), 0.1)
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(small, small_data, tmp_path):
+def test_the_best_record_and_its_fusion_weights(small, small_data, tmp_path):
+    """Resume, the NaN guard and the best checkpoint are tested for every recipe in test_train_loop.py."""
     teacher, _ = small
     cfg, data, _, _ = small_data
     torch.manual_seed(0)
-    straight = build_draft(teacher, [0, 3], knowledge_enhancement=KNOWLEDGE)
-    resumed = build_draft(teacher, [0, 3], knowledge_enhancement=KNOWLEDGE)
-    resumed.load_state_dict(straight.state_dict())
-    best = train_retrieval(teacher, straight, data, cfg, tmp_path / "a", log=lambda s: None)
-    half = RetrievalConfig(**{**vars(cfg), "steps": 2})
-    train_retrieval(teacher, resumed, data, half, tmp_path / "b", log=lambda s: None)
-    ck = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    ck["config"] = vars(cfg)  # as if the same 4-step run had been stopped after step 2
-    torch.save(ck, tmp_path / "b" / "last.pt")
-    said = []
-    train_retrieval(teacher, resumed, data, cfg, tmp_path / "b", log=said.append)
-    assert said[0] == "resumed at step 2"
-    for (n, a), b in zip(straight.fusion.state_dict().items(), resumed.fusion.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), n
-    assert {"val_own", "val_detached", "val_swapped", "val_question_own"} <= set(best)
-    assert json.loads((tmp_path / "a" / "best.json").read_text()) == best
+    draft = build_draft(teacher, [0, 3], knowledge_enhancement=KNOWLEDGE)
+    best = train_retrieval(teacher, draft, data, cfg, tmp_path / "a", log=lambda s: None)
+    assert draft.knowledge is None  # detached after training
+    assert {"step", "val_own", "val_detached", "val_swapped", "val_question_own", "largest_gate"} <= set(best)
+    assert json.loads((tmp_path / "a" / "best" / "record.json").read_text()) == best
     fresh = build_draft(teacher, [0, 3], knowledge_enhancement=KNOWLEDGE)
-    assert load_fusion(fresh, tmp_path / "a" / "best.pt") == best
+    assert load_fusion(fresh, tmp_path / "a" / "best" / "fusion.pt") == best
     with pytest.raises(ConfigError, match="other settings"):
-        train_retrieval(teacher, resumed, data, RetrievalConfig(**{**vars(cfg), "learning_rate": 1.0}),
-                        tmp_path / "b", log=lambda s: None)
+        train_retrieval(teacher, draft, data, RetrievalConfig(**{**vars(cfg), "learning_rate": 1.0}),
+                        tmp_path / "a", log=lambda s: None)
 
 
 def test_the_copy_ceiling_counts_only_what_the_draft_misses():

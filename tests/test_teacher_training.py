@@ -1,15 +1,15 @@
-"""`qd train-teacher` machinery on a tiny budget: resume after an interruption gives the same weights."""
+"""`qd train-teacher` machinery on a tiny budget: the tokenizer, the resume check, the unlikelihood polish.
+
+Resume bit for bit, the NaN guard and the best checkpoint are tested for every recipe in test_train_loop.py.
+"""
 
 import json
-import shutil
 
 import pytest
 import torch
 
-import qdlib.teacher as teacher_mod
 from qdlib.corpus import train_tokenizer
 from qdlib.errors import ConfigError
-from qdlib.io import torch_load_safe
 from qdlib.teacher import TeacherTrainConfig, train_teacher
 
 
@@ -20,42 +20,9 @@ def tiny_cfg(**kw):
     return TeacherTrainConfig(**base)
 
 
-@pytest.mark.slow
-def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
-    cfg = tiny_cfg()
-    a = tmp_path / "a"
-    train_teacher(cfg, a, log=lambda *_: None)
-    b = tmp_path / "b"
-    b.mkdir()
-    for name in ("manifest.json", "tokenizer", "tokens_stdlib_train.pt"):  # same prepared data, no checkpoint
-        src = a / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, b / name)
-
-    real = teacher_mod._sample_batch
-    calls = {"n": 0}
-
-    def interrupting(data, c, step):
-        if step == 2 and calls["n"] == 0:
-            calls["n"] += 1
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
-        return real(data, c, step)
-
-    monkeypatch.setattr(teacher_mod, "_sample_batch", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        train_teacher(cfg, b, log=lambda *_: None)
-    assert torch_load_safe(b / "last.pt")["step"] == 2
-    train_teacher(cfg, b, log=lambda *_: None)  # resumes at step 2
-    sa, sb = torch_load_safe(a / "last.pt"), torch_load_safe(b / "last.pt")
-    assert sa["step"] == sb["step"] == 4
-    for k in sa["model"]:
-        torch.testing.assert_close(sa["model"][k], sb["model"][k], rtol=0, atol=0)
-    log = [json.loads(x) for x in (b / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and "val_loss" in log[1]
-
-
 def test_resume_with_other_settings_is_refused(tmp_path):
     train_teacher(tiny_cfg(steps=1), tmp_path, log=lambda *_: None)
-    with pytest.raises(ConfigError, match="different configuration"):  # a QdError: one line from `qd`
+    with pytest.raises(ConfigError, match="other settings"):  # a QdError: one line from `qd`
         train_teacher(tiny_cfg(steps=2, lr=1e-4), tmp_path, log=lambda *_: None)
 
 
@@ -86,7 +53,7 @@ def test_unlikelihood_polish_lowers_repeated_tokens_probability(tmp_path):
 
     cfg = tiny_cfg(steps=2, ul_steps=2, ul_batch=2, ul_prompt_tokens=8, ul_new_tokens=16)
     train_teacher(cfg, tmp_path, log=lambda *_: None)
-    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert "ul_loss" not in log[1] and {"ul_loss", "greedy_rep"} <= set(log[2]) and log[3]["lr"] == cfg.ul_lr
     # the loss itself: a model that loops gets a positive penalty whose gradient lowers p(repeat)

@@ -1,0 +1,84 @@
+"""Measuring a draft against its teacher: the validation sets of a distillation run and the figures of its card.
+
+:func:`evaluate_draft` scores a draft on :class:`~qdlib.distill_data.EvalSet` s (KL, top-1 agreement, alpha, CE);
+:func:`eval_sets` builds the standard ones. Validation prompts (seed 1) pick the best checkpoint; test prompts
+(seed 0) give the reported figures and are never used for selection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..corpus import heldout_texts
+from ..distill_data import EvalSet, heldout_eval_set, paraphrase_eval_set, perplexity, unfamiliar_eval_set
+from ..metrics import distribution_sums, text_windows
+
+EVAL_SEED_VALIDATION = 1  # prompts that pick the best checkpoint
+EVAL_SEED_TEST = 0  # prompts of the reported figures and the agreement bar (never used for selection)
+
+
+@torch.no_grad()
+def _pair_metrics(teacher, draft, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 8) -> dict:
+    """Sums over masked positions of KL(p||q), top-1 agreement, sum_x min(p, q) and the draft's CE on the ids."""
+    dev_t = next(teacher.parameters()).device
+    dev_d = next(draft.parameters()).device
+    tot = {"kl": 0.0, "agreement": 0.0, "alpha": 0.0, "ce": 0.0, "n": 0}
+    for i in range(0, len(ids), chunk):
+        x = ids[i : i + chunk]
+        m = mask[i : i + chunk, : x.shape[1] - 1]  # (b, T-1): predictions of tokens 1..T-1
+        lp = torch.log_softmax(teacher(input_ids=x.to(dev_t), use_cache=False).logits[:, :-1].float().cpu(), -1)
+        lq = torch.log_softmax(draft(input_ids=x.to(dev_d), use_cache=False).logits[:, :-1].float().cpu(), -1)
+        for k, v in distribution_sums(lp, lq, m).items():
+            tot[k] += v
+        tot["ce"] += (-lq.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) * m).sum().item()
+    return tot
+
+
+def evaluate_draft(teacher, draft, sets: dict[str, EvalSet], cache=None) -> dict:
+    """Per set: KL(teacher || draft), top-1 agreement, expected sampling acceptance alpha = E[sum min(p, q)],
+    and the draft's cross-entropy and perplexity, over the scored positions.
+
+    With a knowledge ``cache`` and a draft that has fusion layers, every set is scored twice:
+    with the cache attached (``name``) and detached (``name + "_no_cache"``). The draft's own
+    attached cache is restored afterwards.
+    """
+    was_training, before = draft.training, draft.knowledge
+    draft.eval()
+    modes = [("", cache)]
+    if cache is not None and len(getattr(draft, "fusion", [])):
+        modes.append(("_no_cache", None))
+    out = {}
+    try:
+        for suffix, c in modes:
+            if hasattr(draft, "set_knowledge"):
+                draft.set_knowledge(c)
+            for name, es in sets.items():
+                t = _pair_metrics(teacher, draft, es.ids, es.mask)
+                n = max(t["n"], 1)
+                out[name + suffix] = {"kl": t["kl"] / n, "agreement": t["agreement"] / n, "alpha": t["alpha"] / n,
+                                      "ce": t["ce"] / n, "ppl": perplexity(t["ce"] / n), "positions": t["n"]}
+    finally:
+        if hasattr(draft, "set_knowledge"):
+            draft.set_knowledge(before)
+        draft.train(was_training)
+    return out
+
+
+def text_eval_set(tokenizer, texts, seq_len: int = 128, n: int = 16) -> EvalSet:
+    """Held-out text windows, every position scored (cross-entropy / perplexity on real text)."""
+    ids = text_windows(tokenizer, texts, seq_len=seq_len, n=n)
+    return EvalSet(ids, torch.ones(ids.shape, dtype=torch.bool), "text")
+
+
+def eval_sets(teacher, tokenizer, *, n_prompts: int, seed: int, items=None, texts=None,
+              new_tokens: int = 64, text_windows: int = 16, unfamiliar: bool = False) -> dict[str, EvalSet]:
+    """Held-out prompts continued by the teacher (and the items' evaluation paraphrases, and held-out text; with
+    ``unfamiliar``, third-party code no training here uses, :mod:`qdlib.heldout_code`)."""
+    texts = texts if texts is not None else heldout_texts()
+    sets = {"heldout": heldout_eval_set(teacher, tokenizer, texts, n_prompts=n_prompts, seed=seed, new_tokens=new_tokens)}
+    if items:
+        sets["paraphrase"] = paraphrase_eval_set(teacher, tokenizer, items, new_tokens=min(new_tokens, 48))
+    if unfamiliar:
+        sets["unfamiliar"] = unfamiliar_eval_set(teacher, tokenizer)
+    sets["text"] = text_eval_set(tokenizer, texts, n=text_windows)
+    return sets
