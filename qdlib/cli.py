@@ -587,6 +587,9 @@ def _add_fast_draft_commands(sub) -> None:
     x.set_defaults(func=cmd_export_draft)
 
 
+BENCH_KINDS = ("code", "unfamiliar", "paraphrase")  # qdlib.bench.KINDS but 'yours' (--code adds it)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qd", description="qdlib: draft models and speculative decoding, step by step")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -663,13 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(be, "--gammas", type=at_least_1, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8], help="the gamma sweep")
     _opt(be, "--sweep-prompts", type=at_least_0, default=4, help="code prompts for the sweep; 0 skips it")
     _opt(be, "--methods", nargs="+", default=None, help="a subset of the methods (see qdlib.bench.METHODS)")
-    _opt(be, "--kinds", nargs="+", default=["code", "unfamiliar", "paraphrase"],
-         choices=["code", "unfamiliar", "paraphrase"],
-         help="prompt kinds: held-out standard-library code, unfamiliar third-party code, knowledge paraphrases "
-              "(default: all three)")
-    _opt(be, "--code", default=None, metavar="PATH",
-         help="your own Python code (a .py file or a folder): prompts are cut from it as from the unfamiliar set and "
-              "every method is measured on them (add --kinds unfamiliar to skip the other kinds)")
+    _opt(be, "--kinds", nargs="+", default=list(BENCH_KINDS), choices=BENCH_KINDS, help="prompt kinds: held-out stdlib "
+         "code, unfamiliar third-party code, knowledge paraphrases (default: all three)")
+    _opt(be, "--code", default=None, metavar="PATH", help="your own Python code (a .py file or folder): prompts cut "
+         "from it as from the unfamiliar set, every method measured on them")
     _opt(be, "--quick", action="store_true",
          help="the capstone's scoring run (about a minute): 3 unfamiliar-code prompts, 48 tokens, greedy, 2 repeats; "
               "generate, generate_plain, the reference draft and the fast draft or --candidate; other settings ignored")

@@ -309,6 +309,7 @@ class LookupBranches(Drafter):
 
     The merged proposal is a tree verified with the multi-candidate rule (:func:`qdlib.trees.accept_tree`), so
     it stays exact when greedy and keeps the target's distribution when sampling, whatever the lookup finds.
+    When sampling, a drafter's chain that carries its q is passed on unmerged: the chain's rule accepts more.
     ``extra`` caps the nodes the lookup may add.
 
         >>> from qdlib.retrieval import NgramDrafter
@@ -345,6 +346,8 @@ class LookupBranches(Drafter):
 
     def propose(self, seq, k):
         prop = self.drafter.propose(seq, k)
+        if not self.s.greedy and prop.qs is not None:  # a sampled chain keeps its q-based rule: no merge
+            return prop
         chain = self.lookup.propose(seq, k).tokens
         parents = prop.parents if prop.parents is not None else chain_parents(len(prop.tokens))
         tokens, parents = merge_chain(prop.tokens, parents, chain, limit=self.extra)

@@ -162,17 +162,20 @@ _rollback = rollback  # the name the tests use
 # ----------------------------------------------------------------------------- decoding
 
 
-def _draft_defaults(draft, gamma, confidence_threshold, tree):
+def _draft_defaults(draft, gamma, confidence_threshold, tree, greedy: bool):
     """Explicit arguments win; else the draft's own tuned settings (when its config carries them); else gamma 4.
 
-    ``tree=False`` forces chains; ``tree=None`` takes the draft's tree shape if its config has one."""
+    ``tree=False`` forces chains; ``tree=None`` takes the draft's tree shape if its config has one, when greedy.
+    Sampling stays on chains unless a tree is passed explicitly: a tree is verified with the multi-candidate rule
+    for point-mass proposals (it keeps a candidate x with probability p(x)), which accepts far less than the
+    chain's rule min(1, p(x) / q(x)) (measured in ``outputs/bench_fast``)."""
     cfg = getattr(draft, "config", None)
     if gamma is None:
         gamma = getattr(cfg, "gamma", None) or 4
     if confidence_threshold is None:
         confidence_threshold = getattr(cfg, "confidence_threshold", None)
-    if tree is None:
-        tree = TreeShape.from_dict(getattr(cfg, "tree", None))
+    if tree is None:  # the draft's own tree, for greedy decoding only: sampling keeps chains, whose rule uses q
+        tree = TreeShape.from_dict(getattr(cfg, "tree", None)) if greedy else None
     elif tree is False:
         tree = None
     elif not isinstance(tree, TreeShape):
@@ -194,7 +197,8 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     ``max_new_tokens``. ``confidence_threshold`` (going beyond fixed gamma) stops
     a round's drafting early once the draft's top probability falls below it.
     ``tree`` (a :class:`qdlib.trees.TreeShape`) lets a feature-fed draft propose a token tree of depth
-    ``gamma`` each round, verified in one target pass; ``False`` forces chains.
+    ``gamma`` each round, verified in one target pass; ``False`` forces chains; a draft's own tree (its config)
+    is used for greedy decoding only.
     ``gamma``, ``confidence_threshold`` and ``tree`` left as None take the draft's own tuned
     settings where its config carries them (gamma 4, chains otherwise).
     ``engine``: the target's forward, "auto" (qdlib's lean :class:`~qdlib.target_engine.TargetEngine` where it
@@ -205,7 +209,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     :class:`~qdlib.drafters.Drafter`, or a model-free drafter with
     ``propose(context, k)`` such as :class:`qdlib.NgramDrafter`.
     """
-    gamma, confidence_threshold, tree = _draft_defaults(draft, gamma, confidence_threshold, tree)
+    gamma, confidence_threshold, tree = _draft_defaults(draft, gamma, confidence_threshold, tree, temperature == 0)
     _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, gamma, draft)
     if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
         raise ValueError(f"confidence_threshold={confidence_threshold} must be in [0, 1]")

@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from .target_engine import ENGINES, TargetEngine, supports
+
 
 @torch.no_grad()
 def step_time(model, context: int = 96, tokens: int = 1, n: int = 30, engine: str = "auto") -> float:
@@ -23,8 +25,6 @@ def step_time(model, context: int = 96, tokens: int = 1, n: int = 30, engine: st
     where it supports the model, as :func:`qdlib.speculative_generate` does), "qdlib" or "transformers".
     """
     from transformers import DynamicCache
-
-    from .target_engine import ENGINES, TargetEngine, supports
 
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")

@@ -35,7 +35,7 @@ from ..io import append_jsonl, atomic_dir, torch_load_safe, torch_save_atomic, w
 from ..progress import progress_bar
 from .recipe import FitConfig, Recipe, autocast_for, group_lr
 
-FORMAT = "qdlib.fit/1"  # the layout of last.pt; an older one is refused with a clear message
+FORMAT = "qd-fit/1"  # the layout of last.pt; an older one is refused with a clear message
 
 
 class TrainingStopped(QdError, RuntimeError):
