@@ -177,7 +177,8 @@ def test_cli_bench_offers_every_prompt_kind_by_default():
     from qdlib.cli import build_parser
 
     args = build_parser().parse_args(["bench"])
-    assert tuple(args.kinds) == KINDS and "unfamiliar" in KINDS
+    assert tuple(args.kinds) + ("yours",) == KINDS and "unfamiliar" in KINDS  # "yours" comes with --code PATH
+    assert build_parser().parse_args(["bench", "--code", "x.py"]).code == "x.py"
 
 
 @pytest.mark.slow
