@@ -337,12 +337,8 @@ class LookupBranches(Drafter):
         self._parts = (self.drafter, self.lookup)
         return self
 
-    calls = HybridDrafter.calls
-
-    def begin(self, seq, features):
-        self.from_lookup = 0
-        for part in self._parts:
-            part.begin(seq, features)
+    # the same two-part bookkeeping as the hybrid drafter
+    calls, begin, commit = HybridDrafter.calls, HybridDrafter.begin, HybridDrafter.commit
 
     def propose(self, seq, k):
         prop = self.drafter.propose(seq, k)
@@ -353,10 +349,6 @@ class LookupBranches(Drafter):
         tokens, parents = merge_chain(prop.tokens, parents, chain, limit=self.extra)
         self.from_lookup += len(tokens) > len(prop.tokens)
         return Proposal(tokens, None, parents)
-
-    def commit(self, seq, features):
-        for part in self._parts:
-            part.commit(seq, features)
 
 
 class Pausing(Drafter):
