@@ -44,6 +44,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMS
 
 from .errors import ConfigError, DamagedFileError, MissingFileError
 from .io import atomic_dir, how_to_restore, load_safetensors, read_json, write_json_atomic
+from .target_engine import LeanStack
 
 FORMAT = "qd_feature_draft"
 
@@ -149,6 +150,12 @@ class FeatureDraft(nn.Module):
         T = input_ids.shape[1]
         x = self.fc(torch.cat([features.to(self.fc.weight.dtype), self.embed(input_ids)], dim=-1))  # (B, T, H)
         pos = (torch.arange(start, start + T, device=x.device) if positions is None else positions)[None]  # (1, T)
+        if kv is not None and not torch.is_grad_enabled():  # drafting: the lean forward, same numbers
+            if mask is None and T > 1:
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            h = self._lean_stack()(x[0], kv.k, kv.v, start, pos[0], mask)  # (T, H)
+            kv.length = start + T
+            return F.rms_norm(h, h.shape[-1:], self.norm.weight, self.norm.variance_epsilon)[None]
         cos, sin = self.rotary(x, pos)  # (1, T, hd) each
         for li, layer in enumerate(self.layers):
             x = x + self._attend(layer, layer.input_layernorm(x), cos, sin, kv, li, mask)
@@ -157,10 +164,22 @@ class FeatureDraft(nn.Module):
             kv.length = start + T
         return self.norm(x)
 
+    def _lean_stack(self) -> LeanStack:
+        """The layers' fused copy for drafting (:class:`qdlib.target_engine.LeanStack`) and the head's transposed
+        copy, rebuilt when a weight changed (an optimizer step or a load bumps the parameters' version counters)."""
+        key = tuple(p._version for p in self.parameters())
+        if getattr(self, "_lean", None) is None or self._lean[0] != key:
+            stack = LeanStack(self.layers, self.config.qwen3(), self.rotary.inv_freq)
+            stack.head = self.head.weight.detach().T.contiguous()  # (H, Vd): x @ head streams it row by row
+            self._lean = (key, stack)
+        return self._lean[1]
+
     def forward(self, features: torch.Tensor, input_ids: torch.Tensor, kv: KVBuffer | None = None,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """``(predicted features (B, T, H), logits over the draft vocabulary (B, T, Vd))``."""
         f = self.hidden(features, input_ids, kv, positions, mask)
+        if kv is not None and not torch.is_grad_enabled():
+            return f, f @ self._lean_stack().head
         return f, self.head(f)
 
     def new_cache(self, max_len: int | None = None) -> KVBuffer:

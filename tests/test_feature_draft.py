@@ -55,6 +55,34 @@ def test_cached_steps_equal_the_full_forward_and_crop_rolls_back():
     torch.testing.assert_close(again, parts[2], rtol=0, atol=0)
 
 
+def _cached_run(draft, f, ids, grad: bool):
+    """A prefix, one tree level (two siblings and a child of the first) and a chain after a rollback."""
+    kv = draft.new_cache(32)
+    with torch.set_grad_enabled(grad):
+        out = [draft(f[:, :8], ids[:, :8], kv)]
+        mask = torch.cat([torch.ones(3, 8, dtype=torch.bool), torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 1]]).bool()], 1)
+        out.append(draft(f[:, 8:11], ids[:, 8:11], kv, positions=torch.tensor([8, 8, 9]), mask=mask))
+        kv.crop(8)
+        out.append(draft(f[:, 8:12], ids[:, 8:12], kv))
+    return [t.detach() for pair in out for t in pair]
+
+
+def test_drafting_forward_equals_the_training_forward_and_follows_weight_changes():
+    # drafting (no gradients, a cache) runs the lean fused forward of qdlib.target_engine.LeanStack;
+    # training runs the layer written out above: the two must agree, on chains and on tree levels
+    teacher = tiny_qwen3(layers=3, seed=4)
+    counts = torch.arange(teacher.config.vocab_size).float()
+    for draft in (build_feature_draft(teacher, 2), trim_vocab(build_feature_draft(teacher, 1), counts, 100)):
+        f, ids = torch.randn(1, 12, 64), torch.randint(0, 256, (1, 12))
+        for lean, ref in zip(_cached_run(draft, f, ids, grad=False), _cached_run(draft, f, ids, grad=True)):
+            torch.testing.assert_close(lean, ref, rtol=1e-5, atol=1e-5)
+        assert draft._lean is not None  # the lean path did run
+        with torch.no_grad():  # a weight changes (as an optimizer step would): drafting must use the new one
+            draft.layers[0].mlp.down_proj.weight.mul_(-1.0)
+        for lean, ref in zip(_cached_run(draft, f, ids, grad=False), _cached_run(draft, f, ids, grad=True)):
+            torch.testing.assert_close(lean, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_settings_are_refused():
     target = tiny_qwen3(layers=3)
     with pytest.raises(ValueError, match=r"num_layers=0 must be an integer in 1\.\.3"):
