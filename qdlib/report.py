@@ -132,7 +132,8 @@ def _split_lines(split: dict | None) -> list[str]:
         return []
     lines = ["Where a verification pass's extra cost goes (`qdlib.timing.verify_split`, isolated, medians): v(g) = one "
              "pass over g+1 tokens / one step of the same forward = 1 + arithmetic + overhead, where arithmetic is the "
-             "teacher's matmuls at this machine's rate and overhead everything else.", "",
+             "pass's own matrix products run alone (weights read from memory as the pass reads them) and overhead "
+             "everything else (norms, attention, cache writes, Python).", "",
              "| forward | step (ms) | g | v(g) | arithmetic | overhead |", "|---|---:|---:|---:|---:|---:|"]
     for engine, sp in split.items():
         for r in sp["rows"]:

@@ -3,8 +3,8 @@
 ``c`` is one draft step over one teacher step, both with a KV cache after the same context;
 ``verify_cost[g]`` is one teacher pass over ``g + 1`` tokens over one teacher step. Both are medians of
 many single calls, measured outside any decoding loop, with the forward the decoding loops use.
-:func:`verify_split` splits ``v(g) - 1`` into arithmetic (the teacher's matmuls at this machine's rate) and
-overhead.
+:func:`verify_split` splits ``v(g) - 1`` into arithmetic (the pass's own matrix products, run alone, weights read
+from memory as the pass reads them) and overhead (everything else).
 """
 
 from __future__ import annotations
@@ -50,31 +50,44 @@ def step_time(model, context: int = 96, tokens: int = 1, n: int = 30, engine: st
     return statistics.median(times[2:])
 
 
+def _pass_matmuls(model, engine: str) -> list[tuple[torch.Tensor, bool]]:
+    """The weight matrices one forward of ``engine`` multiplies by, in the order it does: ``(weight, transposed)``,
+    where ``transposed`` means the forward computes ``x @ weight`` (qdlib's engine) rather than ``x @ weight.T``."""
+    if engine == "qdlib" or (engine == "auto" and supports(model) is None):
+        eng = TargetEngine(model, 1)
+        return [(w, True) for layer in eng.stack.layers for w in (layer[1], layer[3], layer[5], layer[6])] + \
+            [(eng.head, True)]
+    return [(m.weight, False) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
 @torch.no_grad()
-def matmul_time(model, rows: int, n: int = 30) -> float:
-    """Median seconds of the teacher's own weight matrices (every layer's projections and the head) applied to
-    ``rows`` tokens, each shape timed alone: the arithmetic of one forward over ``rows`` tokens at this
-    machine's matmul rate, without anything around it."""
-    shapes: dict[tuple, int] = {}
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
-            shapes[tuple(mod.weight.shape)] = shapes.get(tuple(mod.weight.shape), 0) + 1
-    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    total = 0.0
-    for (out_f, in_f), count in shapes.items():
-        w, x = torch.randn(out_f, in_f, device=dev, dtype=dtype), torch.randn(rows, in_f, device=dev, dtype=dtype)
-        times = []
-        for _ in range(n + 2):
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - t0)
-        total += count * statistics.median(times[2:])
-    return total
+def matmul_time(model, rows: int, n: int = 30, engine: str = "auto") -> float:
+    """Median seconds of the matrix products one forward over ``rows`` tokens runs, alone: every projection of every
+    layer and the head, in the order the forward of ``engine`` runs them and with its weight layout, each weight read
+    from memory as a real pass reads it. What the forward spends beyond this is overhead (norms, attention, rotary
+    embeddings, cache writes, Python)."""
+    mats = _pass_matmuls(model, engine)
+    dev, dtype = mats[0][0].device, mats[0][0].dtype
+    xs = {}
+    for w, t in mats:
+        width = w.shape[0] if t else w.shape[1]
+        xs.setdefault(width, torch.randn(rows, width, device=dev, dtype=dtype))
+    times = []
+    for _ in range(n + 2):
+        t0 = time.perf_counter()
+        for w, t in mats:
+            if t:
+                xs[w.shape[0]] @ w
+            else:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
 
 
 def verify_split(model, gammas=(1, 2, 4, 6, 8), context: int = 96, n: int = 30, engine: str = "auto") -> dict:
     """Where a verification pass's extra cost goes: ``v(g)`` = one pass over ``g + 1`` tokens / one step, split
-    into the arithmetic (:func:`matmul_time`) and everything else (overhead: masks, cache, attention, Python).
+    into the arithmetic (:func:`matmul_time`: the pass's matrix products, weights read from memory as the pass reads
+    them) and everything else (overhead: norms, masks, cache writes, attention, Python).
 
     Returns ``{"step_ms", "step_arithmetic_ms", "rows": [{"gamma", "v", "pass_ms", "arithmetic_ms",
     "overhead_ms", "v_arithmetic", "v_overhead"}, ...]}``, where ``v = 1 + v_arithmetic + v_overhead``
@@ -84,10 +97,10 @@ def verify_split(model, gammas=(1, 2, 4, 6, 8), context: int = 96, n: int = 30, 
         >>> row = split["rows"][0]; abs(1 + row["v_arithmetic"] + row["v_overhead"] - row["v"]) < 1e-9
         True
     """
-    step, step_mm = step_time(model, context, 1, n, engine), matmul_time(model, 1, n)
+    step, step_mm = step_time(model, context, 1, n, engine), matmul_time(model, 1, n, engine)
     rows = []
     for g in gammas:
-        t, mm = step_time(model, context, g + 1, n, engine), matmul_time(model, g + 1, n)
+        t, mm = step_time(model, context, g + 1, n, engine), matmul_time(model, g + 1, n, engine)
         rows.append({"gamma": g, "v": t / step, "pass_ms": 1e3 * t, "arithmetic_ms": 1e3 * mm,
                      "overhead_ms": 1e3 * (t - mm), "v_arithmetic": (mm - step_mm) / step,
                      "v_overhead": ((t - mm) - (step - step_mm)) / step})

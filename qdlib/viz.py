@@ -166,6 +166,37 @@ def plot_bars(labels: Sequence[str], series: dict[str, Sequence[float]], ylabel:
     return fig
 
 
+def plot_verify_split(split: dict[str, dict], title: str = ""):
+    """Where a verification pass's cost goes (:func:`qdlib.timing.verify_split`, one entry per forward): for each
+    forward, a stacked bar per g of v(g) = 1 (one step) + arithmetic + overhead, in teacher steps of that forward,
+    with the step's milliseconds in the legend. A negative part (noise, or a part that shrinks) is drawn below 1."""
+    import matplotlib.pyplot as plt
+
+    engines = list(split)
+    fig, axes = plt.subplots(1, len(engines), figsize=(4.6 * len(engines), 3.6), sharey=True, squeeze=False)
+    for ax, engine in zip(axes[0], engines):
+        sp = split[engine]
+        gs = [r["gamma"] for r in sp["rows"]]
+        xs = list(range(len(gs)))
+        ar = [r["v_arithmetic"] for r in sp["rows"]]
+        ov = [r["v_overhead"] for r in sp["rows"]]
+        ax.bar(xs, [1.0] * len(xs), color="#bbbbbb", label=f"one step ({sp['step_ms']:.1f} ms)")
+        ax.bar(xs, ar, bottom=[1.0] * len(xs), color="#4c72b0", label="+ arithmetic (matmuls)")
+        ax.bar(xs, ov, bottom=[1.0 + a for a in ar], color="#dd8452", label="+ overhead (everything else)")
+        ax.plot(xs, [r["v"] for r in sp["rows"]], "k.", label="measured v(g)")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(g) for g in gs])
+        ax.set_xlabel("g: draft tokens verified (the pass scores g + 1)")
+        ax.set_title(engine)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[0][0].set_ylabel("v(g), in teacher steps")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 TRACE_COLOURS = {"accepted": "#c8f7c5", "rejected": "#f7c5c5", "correction": "#c5d8f7", "bonus": "#f7e9a8"}
 
 

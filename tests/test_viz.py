@@ -5,7 +5,8 @@ import base64
 import pytest
 
 from qdlib.metrics import expected_speedup
-from qdlib.viz import describe_sampling, describe_speedup, layer_explorer, plot_speedup, speedup_explorer
+from qdlib.viz import (describe_sampling, describe_speedup, layer_explorer, plot_speedup, plot_verify_split,
+                       speedup_explorer)
 
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
@@ -58,3 +59,17 @@ def test_layer_explorer_redraws_and_reports_errors_in_words():
     box_with_scores = layer_explorer(28, scores=list(range(28)))
     assert "importance" in box_with_scores.children[0].children[0].options
     assert "importance" not in strategy.options
+
+
+def test_verify_split_plot_stacks_step_arithmetic_and_overhead_to_the_measured_v():
+    rows = [{"gamma": 1, "v": 1.3, "v_arithmetic": 0.1, "v_overhead": 0.2},
+            {"gamma": 6, "v": 1.5, "v_arithmetic": 0.4, "v_overhead": 0.1}]
+    fig = plot_verify_split({"transformers": {"step_ms": 26.0, "rows": rows}, "qdlib": {"step_ms": 14.0, "rows": rows}})
+    assert [ax.get_title() for ax in fig.axes] == ["transformers", "qdlib"]
+    ax = fig.axes[1]
+    tops = {}  # bar x -> height reached by the stack
+    for patch in ax.patches:
+        x = round(patch.get_x() + patch.get_width() / 2)
+        tops[x] = max(tops.get(x, 0), patch.get_y() + patch.get_height())
+    assert tops == pytest.approx({0: 1.3, 1: 1.5})  # 1 + arithmetic + overhead = v(g)
+    assert any("14.0 ms" in label for label in ax.get_legend_handles_labels()[1])
