@@ -7,7 +7,7 @@ import torch
 
 from qdlib import build_draft, paths, sample_layers
 from qdlib.bench import (BUSY_MARGIN, METHODS, SAMPLING_METHODS, BenchConfig, CallCounter, code_prompts, run_bench,
-                         teacher_forced_alpha)
+                         capstone_score, teacher_forced_alpha)
 from qdlib.report import headline, load_report, report_markdown, write_report
 from qdlib.feature_draft import build_feature_draft
 from qdlib.retrieval import NgramDrafter
@@ -253,3 +253,12 @@ def test_code_prompts_come_from_the_learners_own_files(tiny, tmp_path):
         BenchConfig(kinds=("yours",)).validate()
     with pytest.raises(ValueError, match="no such file or folder"):
         BenchConfig(kinds=("yours",), code=str(tmp_path / "nope")).validate()
+
+
+def test_the_committed_instructor_capstone_run_is_within_budget_and_beats_the_reference():
+    folder = paths.OUTPUTS_DIR / "capstone_instructor"
+    log = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in log) <= 300, "the capstone allows at most 300 optimizer steps"
+    assert json.loads((folder / "draft_config.json").read_text())["num_layers"] == 1
+    score = capstone_score(json.loads((folder / "report.json").read_text()))
+    assert score["exact"] and score["beats_reference"], score
