@@ -47,6 +47,7 @@ from .io import atomic_dir, how_to_restore, load_safetensors, read_json, write_j
 from .target_engine import LeanStack
 
 FORMAT = "qd_feature_draft"
+HEAD_TOKENS = "head_tokens.json"  # optional: the token ids a full-vocabulary head is trimmed to when loaded
 
 
 @dataclass
@@ -256,22 +257,37 @@ def build_feature_draft(teacher, num_layers: int = 1, *, init_from_teacher: bool
     return draft.to(device=teacher.device, dtype=next(teacher.parameters()).dtype)
 
 
-def trim_vocab(draft: FeatureDraft, token_counts: torch.Tensor, draft_vocab: int) -> FeatureDraft:
-    """A copy of ``draft`` whose head scores only the ``draft_vocab`` most frequent tokens (FR-Spec)."""
+def frequent_tokens(token_counts: torch.Tensor, n: int) -> torch.Tensor:
+    """The ids of the ``n`` most frequent tokens of ``token_counts`` ``(V,)``, ascending (ties: the lower id)."""
+    return torch.argsort(token_counts.double(), descending=True, stable=True)[:n].sort().values
+
+
+def trim_to(draft: FeatureDraft, ids) -> FeatureDraft:
+    """A copy of the full-vocabulary ``draft`` whose head scores only the token ids ``ids`` (FR-Spec)."""
     V = draft.vocab_size
     if draft.head.out_features != V:
         raise ValueError("this draft's head is already trimmed; trim the full-vocabulary draft")
-    if not isinstance(draft_vocab, int) or not 1 <= draft_vocab <= V:
-        raise ConfigError(f"draft_vocab={draft_vocab!r} must be an integer in 1..{V}")
-    cfg = FeatureDraftConfig(**{**asdict(draft.config), "draft_vocab": draft_vocab})
+    ids = torch.as_tensor(ids, dtype=torch.long).sort().values
+    if ids.numel() == 0 or ids.unique().numel() != ids.numel() or int(ids[0]) < 0 or int(ids[-1]) >= V:
+        raise ConfigError(f"the head's token ids must be distinct ids in 0..{V - 1} (got {ids.numel()} ids)")
+    cfg = FeatureDraftConfig(**{**asdict(draft.config), "draft_vocab": int(ids.numel())})
     new = FeatureDraft(cfg).to(device=draft.device, dtype=draft.fc.weight.dtype)
-    ids = torch.argsort(token_counts.double(), descending=True, stable=True)[:draft_vocab].sort().values
     state = {k: v for k, v in draft.state_dict().items() if not k.startswith(("head.", "vocab_ids"))}
     new.load_state_dict(state, strict=False)
     with torch.no_grad():
         new.head.weight.copy_(draft.head.weight[ids.to(draft.device)])
         new.vocab_ids.copy_(ids)
-    return new.eval()
+    for p, q in zip(new.parameters(), draft.parameters()):
+        p.requires_grad_(q.requires_grad)
+    return new.train(draft.training)
+
+
+def trim_vocab(draft: FeatureDraft, token_counts: torch.Tensor, draft_vocab: int) -> FeatureDraft:
+    """A copy of ``draft`` whose head scores only the ``draft_vocab`` most frequent tokens (FR-Spec)."""
+    V = draft.vocab_size
+    if not isinstance(draft_vocab, int) or not 1 <= draft_vocab <= V:
+        raise ConfigError(f"draft_vocab={draft_vocab!r} must be an integer in 1..{V}")
+    return trim_to(draft, frequent_tokens(token_counts, draft_vocab))
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -303,6 +319,9 @@ def is_feature_draft_folder(path: str | os.PathLike) -> bool:
 def load_feature_draft(path: str | os.PathLike, device=None, dtype=torch.float32) -> FeatureDraft:
     """Load a draft written by :func:`save_feature_draft` (safetensors only: nothing is unpickled).
 
+    A folder may also hold ``head_tokens.json`` (``{"ids": [...]}``): the head is then trimmed to those tokens
+    (:func:`trim_to`), the same weights scoring fewer tokens, with no second copy of the weights.
+
     A missing folder raises :class:`~qdlib.errors.MissingFileError`; a damaged file, one that is not this format, or
     weights that do not fit it raise :class:`~qdlib.errors.DamagedFileError`, naming the file.
     """
@@ -324,4 +343,11 @@ def load_feature_draft(path: str | os.PathLike, device=None, dtype=torch.float32
                                f"{how_to_restore(path / 'model.safetensors', fix)}")
     for p in draft.parameters():
         p.requires_grad_(False)
-    return draft.to(device=device or "cpu", dtype=dtype).eval()
+    draft = draft.to(device=device or "cpu", dtype=dtype).eval()
+    if (path / HEAD_TOKENS).is_file():  # the head trimmed at load to the ids the folder lists
+        ids = read_json(path / HEAD_TOKENS, what="the draft head's token ids", fix=fix).get("ids")
+        if not isinstance(ids, list) or draft.head.out_features != draft.vocab_size:
+            raise DamagedFileError(f"{path / HEAD_TOKENS} must hold {{'ids': [...]}} for a full-vocabulary draft; "
+                                   f"{how_to_restore(path / HEAD_TOKENS, fix)}")
+        draft = trim_to(draft, ids).eval()
+    return draft

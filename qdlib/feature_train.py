@@ -331,6 +331,44 @@ def export_fast_draft(run_dir: str | os.PathLike, out_dir: str | os.PathLike, te
     return out_dir
 
 
+def training_token_counts(tokenizer, source_weights: dict | None = None, max_tokens_per_source: int = 1_000_000
+                          ) -> torch.Tensor:
+    """Token frequencies ``(V,)`` of the teacher's training mix: each source's share of its first
+    ``max_tokens_per_source`` training tokens, weighted as ``source_weights`` (default: the fast draft's mix).
+    Only the teacher's own training sources are read, never a held-out file or a third-party package."""
+    weights = source_weights or FeatureTrainConfig().source_weights
+    counts = torch.zeros(len(tokenizer), dtype=torch.float64)
+    for src, w in weights.items():
+        if w > 0:
+            ids = training_stream(tokenizer, None, max_tokens_per_source, source=src).long()
+            counts += w * torch.bincount(ids, minlength=len(counts)).double()[: len(counts)] / max(len(ids), 1)
+    return counts
+
+
+def trim_head(folder: str | os.PathLike, tokenizer, n: int, teacher=None) -> dict:
+    """Trim the head of the feature-fed draft in ``folder`` to the ``n`` tokens most frequent in the teacher's
+    training mix (FR-Spec) by writing ``head_tokens.json`` beside its weights (they stay as they are), and measure
+    the trimmed draft's agreement on both test sets; returns that block, also added to ``metrics.json``."""
+    from .feature_draft import HEAD_TOKENS, frequent_tokens
+
+    folder = Path(folder)
+    if teacher is None:
+        teacher, _ = load_teacher("tiny")
+    counts = training_token_counts(tokenizer)
+    ids = frequent_tokens(counts, n).tolist()
+    write_json_atomic(folder / HEAD_TOKENS, {"ids": ids, "n": n, "chosen_by": "token frequency in the teacher's "
+                      "training mix (stdlib 0.5, torch 0.25, transformers 0.25; first 1M tokens of each)"})
+    draft = load_feature_draft(folder)
+    sets = {"stdlib_test": heldout_eval_set(teacher, tokenizer, heldout_texts(), n_prompts=50, seed=EVAL_SEED_TEST),
+            "unfamiliar": unfamiliar_eval_set(teacher, tokenizer)}
+    block = {"n": n, "agreement": {k: feature_agreement(teacher, draft, es) for k, es in sets.items()},
+             "c": feature_step_time(draft) / step_time(teacher)}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["head_tokens"] = block
+    write_json_atomic(folder / "metrics.json", metrics)
+    return block
+
+
 def _init_summary(init_from: str | None) -> dict | None:
     """What a continued run started from, read from that draft's own card figures."""
     if not init_from:

@@ -109,6 +109,33 @@ def test_save_and_load_round_trip(tmp_path):
         load_feature_draft(tmp_path / "x")
 
 
+def test_a_folder_with_head_tokens_loads_with_its_head_trimmed(tmp_path):
+    import json
+
+    from qdlib.errors import DamagedFileError
+    from qdlib.feature_draft import HEAD_TOKENS, frequent_tokens
+
+    teacher = tiny_qwen3(layers=3, seed=5)
+    draft = build_feature_draft(teacher, 1).eval()
+    save_feature_draft(draft, tmp_path / "d", dtype=torch.float32)
+    counts = torch.randint(0, 1000, (teacher.config.vocab_size,))
+    ids = frequent_tokens(counts, 40)
+    (tmp_path / "d" / HEAD_TOKENS).write_text(json.dumps({"ids": ids.tolist()}))
+    loaded = load_feature_draft(tmp_path / "d")
+    assert loaded.head.out_features == 40 and torch.equal(loaded.vocab_ids, ids)
+    torch.testing.assert_close(loaded.head.weight, draft.head.weight[ids])
+    assert torch.equal(loaded.vocab_ids, trim_vocab(draft, counts, 40).vocab_ids)  # the same tokens trim_vocab keeps
+    ids_in = torch.randint(3, 200, (1, 12))
+    out, _ = speculative_generate(teacher, loaded, ids_in, max_new_tokens=16, gamma=3)
+    assert torch.equal(out, generate_plain(teacher, ids_in, max_new_tokens=16)[0])
+    (tmp_path / "d" / HEAD_TOKENS).write_text(json.dumps({"ids": [5, 5, 9]}))
+    with pytest.raises(ValueError, match="distinct ids"):
+        load_feature_draft(tmp_path / "d")
+    (tmp_path / "d" / HEAD_TOKENS).write_text("{not json")
+    with pytest.raises(DamagedFileError, match=HEAD_TOKENS):
+        load_feature_draft(tmp_path / "d")
+
+
 def test_exact_qwen3_06b_config_builds_with_the_right_shapes():
     with torch.device("meta"):
         draft = FeatureDraft(FeatureDraftConfig(teacher=Qwen3Config(**QWEN3_06B).to_dict(), num_layers=1))
@@ -304,7 +331,7 @@ def test_committed_fast_draft_loads_and_decodes_losslessly(tiny):
 
 @pytest.mark.slow
 def test_committed_fast_draft_card_matches_its_weights(tiny):
-    """The card's test agreement is recomputed from the shipped weights."""
+    """The card's test agreement is recomputed from the shipped weights, with the head trimmed as it loads."""
     import json
 
     from qdlib import load_draft, paths
@@ -315,6 +342,9 @@ def test_committed_fast_draft_card_matches_its_weights(tiny):
     teacher, tok = tiny
     card = json.loads((paths.FAST_DRAFT_DIR / "metrics.json").read_text())
     es = heldout_eval_set(teacher, tok, heldout_texts(), n_prompts=50, seed=EVAL_SEED_TEST)
-    got = feature_agreement(teacher, load_draft("fast"), es)
-    assert got["positions"] == card["agreement"]["stdlib_test"]["positions"]
-    assert got["depth1"] == pytest.approx(card["agreement"]["stdlib_test"]["depth1"], abs=0.005)
+    fast = load_draft("fast")
+    shipped = card["head_tokens"]["agreement"]["stdlib_test"]
+    assert fast.head.out_features == card["head_tokens"]["n"]
+    got = feature_agreement(teacher, fast, es)
+    assert got["positions"] == shipped["positions"]
+    assert got["depth1"] == pytest.approx(shipped["depth1"], abs=0.005)
