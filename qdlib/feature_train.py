@@ -34,7 +34,8 @@ from . import divergence, paths
 from .corpus import heldout_prompts, heldout_texts, random_prompts
 from .distill_data import EvalSet, continue_greedy, heldout_eval_set, training_stream, unfamiliar_eval_set
 from .errors import ConfigError
-from .feature_draft import FeatureDraft, build_feature_draft, load_feature_draft, save_feature_draft, teacher_features
+from .feature_draft import (HEAD_TOKENS, FeatureDraft, build_feature_draft, frequent_tokens, load_feature_draft,
+                            save_feature_draft, teacher_features)
 from .hardware import cpu_supports_bf16
 from .io import torch_load_safe, torch_save_atomic, write_json_atomic
 from .models import load_teacher
@@ -349,8 +350,6 @@ def trim_head(folder: str | os.PathLike, tokenizer, n: int, teacher=None) -> dic
     """Trim the head of the feature-fed draft in ``folder`` to the ``n`` tokens most frequent in the teacher's
     training mix (FR-Spec) by writing ``head_tokens.json`` beside its weights (they stay as they are), and measure
     the trimmed draft's agreement on both test sets; returns that block, also added to ``metrics.json``."""
-    from .feature_draft import HEAD_TOKENS, frequent_tokens
-
     folder = Path(folder)
     if teacher is None:
         teacher, _ = load_teacher("tiny")
