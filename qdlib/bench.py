@@ -32,7 +32,7 @@ teacher's greedy output.
 
 Costs: ``c`` is one draft step over one teacher step (single-token forwards with a
 KV cache, median of many), ``verify_cost[g]`` is one teacher pass over ``g + 1``
-tokens over one teacher step. With the teacher-forced acceptance ``alpha``
+tokens over one teacher step. With alpha (for greedy decoding the teacher-forced agreement)
 they give the theoretical speed-up of Leviathan et al. (2023),
 :func:`qdlib.metrics.expected_speedup`, drawn over the measured gamma sweep.
 """
