@@ -609,7 +609,7 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
 
     t_start = time.perf_counter()
     rows, refs = _measure_rows(methods, prompts, cfg, modes, jobs, bar)
-    # the costs and the teacher-forced acceptance behind the theory
+    # the costs, and the teacher-forced agreement and alpha, behind the theory
     costs = measure_costs(teacher, draft, extra, cfg)
     alpha = {kind: teacher_forced_alpha(teacher, draft, refs[kind], [len(p) for p in kind_prompts])
              for kind, kind_prompts in prompts.items()}
