@@ -35,8 +35,10 @@ an expression of the solution (``tests/test_handouts.py`` runs it on every cours
 from __future__ import annotations
 
 import ast
+import copy
 import os
 import re
+import textwrap
 from pathlib import Path
 
 from . import paths
@@ -125,8 +127,6 @@ def reveals_answer(cell, answers: set[str]) -> bool:
 
 def student_notebook(nb):
     """A copy of an ``nbformat`` notebook with solutions stubbed and the outputs that reveal an answer cleared."""
-    import copy
-
     nb = copy.deepcopy(nb)
     answers: set[str] = set()
     for i, cell in enumerate(nb.cells):
@@ -159,30 +159,32 @@ def _parse(source: str):
         return None
 
 
+def _written_down(node: ast.AST) -> bool:
+    """A constant, or a list/tuple/set of constants (``-1`` included)."""
+    if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+        return all(_written_down(e) for e in node.elts)
+    return isinstance(node, ast.Constant) or isinstance(node, ast.UnaryOp) and isinstance(node.operand, ast.Constant)
+
+
 def _computes(node: ast.AST) -> str | None:
     """Why an ``expected=`` value computes or states the answer itself, or None when it is a name or a call of a
-    function (its arguments are the exercise's inputs).
+    function (whose arguments are the exercise's inputs).
 
     >>> _computes(ast.parse("costs.mlp_macs(cfg)", mode="eval").body) is None
     True
     >>> _computes(ast.parse("layer_macs(c) + 2 * c.hidden_size", mode="eval").body)
     'it computes the answer by a formula'
-    >>> _computes(ast.parse("[0, 5, 7]", mode="eval").body)
-    'it writes the answer down'
     >>> _computes(ast.parse("torch.tensor([0.7, 0.3])", mode="eval").body)
     'it writes the answer down'
     """
-    if isinstance(node, (ast.Constant, ast.List, ast.Tuple, ast.Dict, ast.Set)) or (
-            isinstance(node, ast.UnaryOp) and isinstance(node.operand, ast.Constant)):
+    if _written_down(node) or isinstance(node, ast.Dict) or (
+            isinstance(node, ast.Call) and any(isinstance(a, (ast.List, ast.Tuple)) and _written_down(a)
+                                               for a in node.args)):
         return "it writes the answer down"
     if isinstance(node, (ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp)):
         return "it computes the answer by a formula"
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _BUILTINS_THAT_COMPUTE:
         return f"it computes the answer in place ({node.func.id}(...))"
-    if isinstance(node, ast.Call) and any(isinstance(a, (ast.List, ast.Tuple, ast.Set)) and all(
-            isinstance(e, ast.Constant) or isinstance(e, ast.UnaryOp) and isinstance(e.operand, ast.Constant)
-            for e in a.elts) for a in node.args):
-        return "it writes the answer down"  # torch.tensor([0.7, 0.0, 0.3])
     if not isinstance(node, (ast.Name, ast.Attribute, ast.Call)):
         return f"it computes the answer in place ({type(node).__name__.lower()})"
     return None
@@ -207,8 +209,6 @@ def _shape(node: ast.AST) -> str:
 
 def _expressions(tree: ast.AST) -> set[str]:
     """The shapes of every expression in ``tree`` with at least two steps (operations, calls, comparisons)."""
-    import copy
-
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.expr) and sum(isinstance(n, _STEPS) for n in ast.walk(node)) >= 2:
@@ -243,8 +243,11 @@ def answer_leaks(nb) -> list[str]:
     starts = [k for k, (_, c, _) in enumerate(code) if BEGIN_SOLUTION in c.source]
     leaks = []
     for n, k in enumerate(starts):
-        solution = _parse(code[k][1].source)
-        secret = _expressions(solution) if solution else set()
+        lines = code[k][1].source.split("\n")
+        secret = set()  # only what the student copy replaces is secret
+        for a, b in _blocks(lines, BEGIN_SOLUTION, END_SOLUTION):
+            block = _parse(textwrap.dedent("\n".join(lines[a + 1 : b])))
+            secret |= _expressions(block) if block else set()
         for i, teacher_cell, student_cell in code[k + 1 : starts[n + 1] if n + 1 < len(starts) else None]:
             tree = _parse(student_cell.source)
             if tree is None:
