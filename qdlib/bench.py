@@ -32,7 +32,7 @@ teacher's greedy output.
 
 Costs: ``c`` is one draft step over one teacher step (single-token forwards with a
 KV cache, median of many), ``verify_cost[g]`` is one teacher pass over ``g + 1``
-tokens over one teacher step. With the teacher-forced acceptance ``alpha``
+tokens over one teacher step. With alpha (for greedy decoding the teacher-forced agreement)
 they give the theoretical speed-up of Leviathan et al. (2023),
 :func:`qdlib.metrics.expected_speedup`, drawn over the measured gamma sweep.
 """
@@ -609,7 +609,7 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
 
     t_start = time.perf_counter()
     rows, refs = _measure_rows(methods, prompts, cfg, modes, jobs, bar)
-    # the costs and the teacher-forced acceptance behind the theory
+    # the costs, and the teacher-forced agreement and alpha, behind the theory
     costs = measure_costs(teacher, draft, extra, cfg)
     alpha = {kind: teacher_forced_alpha(teacher, draft, refs[kind], [len(p) for p in kind_prompts])
              for kind, kind_prompts in prompts.items()}

@@ -15,7 +15,7 @@ On-policy rows (continuations sampled from the draft, scored by the teacher) are
 produced by the trainer, because they depend on the current draft.
 
 Evaluation sets are held-out prompts continued greedily by the teacher; a draft's
-teacher-forced top-1 agreement on them is the per-token greedy acceptance rate.
+teacher-forced top-1 agreement on them is alpha for greedy decoding.
 
     >>> from qdlib import load_teacher
     >>> teacher, tok = load_teacher()

@@ -3,10 +3,12 @@
 For teacher distribution p and draft distribution q at each position:
 
 - ``kl``: KL(p || q) in nats, the distillation target;
-- ``agreement``: share of positions where argmax q == argmax p, the greedy
-  acceptance rate (teacher-forced);
+- ``agreement``: share of positions where argmax q == argmax p (teacher-forced):
+  alpha for greedy decoding;
 - ``alpha``: mean of sum_x min(p(x), q(x)) = 1 - TV(p, q), the expected
-  acceptance rate of speculative *sampling* (Leviathan et al. 2023).
+  acceptance probability of one proposal (Leviathan et al. 2023).
+
+(The README's Glossary: the *acceptance rate*, accepted / proposed in a run, is a third quantity.)
 
     >>> import torch
     >>> p = torch.tensor([[[2.0, 0.0, 0.0]]])
@@ -172,8 +174,8 @@ def expected_speedup(alpha: float, gamma: int, c: float, verify_cost: float = 1.
 
 
 def effective_alpha(tokens_per_call: float, gamma: int) -> float:
-    """The acceptance alpha at which :func:`expected_tokens_per_call` equals a measured ``tokens_per_call``
-    (a summary of a run's acceptance that the formula can use; 0 for 1 token per call, 1 for ``gamma + 1``).
+    """The effective alpha: the alpha at which :func:`expected_tokens_per_call` equals a measured ``tokens_per_call``
+    (a one-number summary of a run that the formula can use; 0 for 1 token per call, 1 for ``gamma + 1``).
 
     >>> round(effective_alpha(expected_tokens_per_call(0.7, 4), 4), 6)
     0.7

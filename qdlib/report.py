@@ -173,7 +173,7 @@ def plot_report(report: dict):
         b.plot(gs, [x["speedup_vs_generate"] for x in s], "s", label="measured vs generate")
         b.set_xlabel("gamma (draft tokens per round)")
         b.set_ylabel("speed-up")
-        b.set_title(f"alpha {report['alpha']['code']['agreement']:.2f}, c {report['costs']['c']['spec']:.2f}", fontsize=9)
+        b.set_title(f"agreement (greedy alpha) {report['alpha']['code']['agreement']:.2f}, c {report['costs']['c']['spec']:.2f}", fontsize=9)
         b.legend(fontsize=8)
     else:
         b.axis("off")

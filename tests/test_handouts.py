@@ -8,7 +8,8 @@ import nbformat
 import pytest
 
 from qdlib import paths
-from qdlib.handouts import HIDE_TAG, STUB, solution_lines, strip_solutions, student_notebook, write_student_copies
+from qdlib.handouts import (HIDE_TAG, STUB, answer_leaks, solution_lines, strip_solutions, student_notebook,
+                            write_student_copies)
 
 NOTEBOOKS = sorted((paths.REPO_DIR / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -55,6 +56,62 @@ def test_every_course_notebook_has_exercises_and_no_solution_leaks(tmp_path):
         assert "correct!" not in shown, f"{dst.name} shows a check's verdict"
         assert all(not b.outputs for a, b in pairs if a.metadata.get("nbgrader", {}).get("solution")
                    or a.metadata.get("nbgrader", {}).get("grade")), f"{dst.name} keeps an exercise cell's output"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_check_cell_gives_an_answer_away(path):
+    """Check cells stay in the student copy: none may compute the expected value by formula, write it down, or
+    repeat an expression of the solution (they test properties, or compare with an independent function)."""
+    leaks = answer_leaks(nbformat.read(path, as_version=4))
+    assert not leaks, f"{path.name}: " + "; ".join(leaks)
+
+
+def _exercise(check_source, solution="def residual(p, q):\n    ### BEGIN SOLUTION\n    r = (p - q).clamp(min=0)\n"
+                                     "    return r / r.sum()\n    ### END SOLUTION"):
+    return nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("import torch"),
+        _cell(solution, nbgrader={"solution": True, "grade": False}),
+        _cell(check_source, nbgrader={"grade": True, "solution": False})])
+
+
+FORMULA = "expected=(pp - qq).clamp(min=0) / (pp - qq).clamp(min=0).sum()"
+
+
+@pytest.mark.parametrize("check_source, why", [
+    (f"check('Ex', residual, pp, qq, {FORMULA})", "computes the answer by a formula"),
+    ("want = torch.tensor([0.7, 0.0, 0.3])\ncheck('Ex', residual, pp, qq, expected=want)", "writes the answer down"),
+    ("check('Ex', residual, pp, qq, expected=[0.7, 0.0, 0.3])", "writes the answer down"),
+    ("check('Ex', best, expected=max(rows, key=lambda r: r['speed'])['gamma'])", "computes the answer in place"),
+    ("check('Ex', count, expected=sum(p.numel() for p in m.parameters()))", "computes the answer in place (sum"),
+    ("check_that('Ex', residual, pp, qq, rules=[(lambda r: torch.equal(r, (pp - qq).clamp(min=0)), 'no')])",
+     "repeats the solution's expression (_ - _).clamp(min=0)"),
+])
+def test_the_leak_finder_finds_each_kind_of_leak(check_source, why):
+    leaks = answer_leaks(_exercise(check_source))
+    assert leaks and all(leak.startswith("cell 2:") for leak in leaks), leaks
+    assert any(why in leak for leak in leaks), leaks
+
+
+@pytest.mark.parametrize("check_source", [
+    "check('Ex', residual, pp, qq, expected=qdlib_residual(pp, qq))",            # an independent function
+    "check('Ex', layers, expected=qdlib.sample_layers(28, 5, 'geometric'))",
+    "check_that('Ex', residual, pp, qq, rules=[(lambda r: bool((r >= 0).all()), 'no negative entry')])",
+])
+def test_the_leak_finder_lets_property_checks_pass(check_source):
+    assert answer_leaks(_exercise(check_source)) == []
+
+
+def test_an_old_check_cell_would_fail_the_leak_test():
+    """Notebook 05's Exercise 2 as it was committed: its check cell held the residual's formula and its value."""
+    old = ("pp = torch.tensor([0.35, 0.25, 0.15, 0.12, 0.08, 0.05])\n"
+           "qq = torch.tensor([0.10, 0.40, 0.05, 0.25, 0.15, 0.05])\n"
+           f"check('Exercise 2 (the distribution)', residual_dist, pp, qq, {FORMULA})\n"
+           "_ = check('Exercise 2 (output follows p)', output_tv, residual_dist, expected=0.0)")
+    solution = ("def residual_dist(p, q):\n    ### BEGIN SOLUTION\n    r = (p - q).clamp(min=0)\n"
+                "    return r / r.sum()\n    ### END SOLUTION")
+    leaks = answer_leaks(_exercise(old, solution))
+    for why in ("by a formula", "writes the answer down", "(_ - _).clamp(min=0)"):
+        assert any(why in leak for leak in leaks), (why, leaks)
 
 
 def _cell(source, outputs=(), **metadata):

@@ -36,7 +36,7 @@ def test_notebook_skeleton(path):
         assert heading in md, f"{path.name} lacks {heading!r}"
     solutions = [c for c in code if "### BEGIN SOLUTION" in c]
     assert solutions and all("### END SOLUTION" in c for c in solutions)
-    assert any("check(" in c for c in code), "exercises need a check cell"
+    assert any("check(" in c or "check_that(" in c for c in code), "exercises need a check cell"
     assert all(c.get("outputs") is not None for c in cells if c["cell_type"] == "code")
     executed = [c for c in cells if c["cell_type"] == "code" and c.get("execution_count")]
     assert executed, f"{path.name} is committed without outputs"

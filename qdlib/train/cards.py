@@ -255,8 +255,8 @@ Validation agreement per epoch (32 held-out prompts, seed 1): {per_epoch}; the b
 Skipped (non-finite) steps: {m['skipped_steps']}.{restarts}{gates}
 {notes}
 ## Test figures (never used for selection)
-Agreement = teacher-forced top-1 agreement with the teacher on its own greedy continuations (the per-token
-greedy acceptance rate); alpha = E[sum_x min(p, q)] (the sampling acceptance); KL = KL(teacher || draft) in nats;
+Agreement = teacher-forced top-1 agreement with the teacher on its own greedy continuations (alpha for greedy
+decoding); alpha = E[sum_x min(p, q)] (the expected acceptance probability); KL = KL(teacher || draft) in nats;
 CE / ppl = the draft's cross-entropy / perplexity on the scored tokens. "heldout": the {m['test_prompts']} test prompts
 (64 tokens from held-out standard-library files, seed 0) continued 64 tokens by the teacher; "unfamiliar": 48 prompts
 of third-party package sources that no training here uses (`outputs/heldout_code`), continued 64 tokens; "paraphrase": the

@@ -35,8 +35,8 @@ def _pair_metrics(teacher, draft, ids: torch.Tensor, mask: torch.Tensor, chunk: 
 
 
 def evaluate_draft(teacher, draft, sets: dict[str, EvalSet], cache=None) -> dict:
-    """Per set: KL(teacher || draft), top-1 agreement, expected sampling acceptance alpha = E[sum min(p, q)],
-    and the draft's cross-entropy and perplexity, over the scored positions.
+    """Per set: KL(teacher || draft), top-1 agreement, alpha = E[sum min(p, q)] (the expected acceptance
+    probability), and the draft's cross-entropy and perplexity, over the scored positions.
 
     With a knowledge ``cache`` and a draft that has fusion layers, every set is scored twice:
     with the cache attached (``name``) and detached (``name + "_no_cache"``). The draft's own
