@@ -68,8 +68,9 @@ def draft_layers(cfg: DistillConfig, teacher, tokenizer=None) -> tuple[list[int]
 
 def start_from(draft, folder) -> None:
     """Load the weights of the draft in ``folder`` (a ``save_pretrained`` folder of the same kept layers) into
-    ``draft``; fusion weights that the saved draft lacks, or holds in another shape (a live memory of several
-    layers is wider than one), keep their fresh initialisation."""
+    ``draft``; fusion weights that the saved draft lacks, holds in another shape (a live memory of several layers is
+    wider than one), or trained to read another kind of memory (a static cache, for a live run) keep their fresh
+    initialisation, the gates at ``knowledge_enhancement.gate_init``."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -81,8 +82,10 @@ def start_from(draft, folder) -> None:
         raise ConfigError(f"training.init_from={str(folder)!r} keeps layers {saved.get('kept_layers')}, this run "
                           f"{draft.config.kept_layers}")
     mine = draft.state_dict()
+    other_memory = (saved.get("knowledge_enhancement") or {}).get("memory", "static") != \
+        draft.config.knowledge_enhancement.get("memory", "static")
     saved_state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items()
-                   if not (k.startswith("fusion.") and k in mine and mine[k].shape != v.shape)}
+                   if not (k.startswith("fusion.") and (other_memory or (k in mine and mine[k].shape != v.shape)))}
     missing, unexpected = draft.load_state_dict(saved_state, strict=False)
     missing = [k for k in missing if not k.startswith("fusion.") and k != "lm_head.weight"]
     if missing or unexpected:

@@ -149,6 +149,25 @@ def test_drafting_incrementally_equals_one_full_forward_with_the_lag_rule(tiny, 
     assert prop.tokens == full.argmax(-1).tolist()
 
 
+def test_a_live_run_from_a_static_draft_keeps_its_body_and_starts_the_fusion_fresh(tiny):
+    """start_from: the reference draft's fusion blocks were trained to read a static cache, so a live run starts
+    them fresh (gates at gate_init); a static run keeps them."""
+    from safetensors.torch import load_file
+
+    teacher, _ = tiny
+    saved = load_file(str(paths.DRAFT_DIR / "model.safetensors"))
+    torch.manual_seed(0)
+    live = build_draft(teacher, sample_layers(28, 6), knowledge_enhancement={**LIVE, "gate_init": 0.1})
+    fresh = {k: v.clone() for k, v in live.state_dict().items() if k.startswith("fusion.")}
+    start_from(live, paths.DRAFT_DIR)
+    assert fresh and all(torch.equal(live.state_dict()[k], v) for k, v in fresh.items())
+    assert torch.equal(live.model.layers[3].mlp.up_proj.weight, saved["model.layers.3.mlp.up_proj.weight"].float())
+    static = build_draft(teacher, sample_layers(28, 6), knowledge_enhancement={"enabled": True, "cache_dim": 96,
+                                                                               "num_heads": 2})
+    start_from(static, paths.DRAFT_DIR)
+    assert torch.equal(static.fusion["2"].gate, saved["fusion.2.gate"].float())
+
+
 # ----------------------------------------------------------------------------- sampling stays lossless
 
 
