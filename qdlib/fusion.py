@@ -10,6 +10,13 @@ At initialisation ``tanh(0) = 0``, so a draft with fusion computes exactly
 what the plain draft computes (Flamingo's gated cross-attention starts the
 same way).
 
+The memory is a static knowledge cache (one for every row), or a live memory
+(one per sequence: the teacher's states of that sequence's verified text,
+:mod:`qdlib.memories`). A live memory is read through a per-query mask,
+:func:`lag_mask`: the query at position p reads the states of positions
+``<= p - lag`` only, as drafting does (lag 1 at the first proposal of a round,
+j at depth j).
+
     >>> import torch
     >>> fuse = GatedFusion(hidden_size=8, memory_size=6, cache_dim=8, num_heads=2)
     >>> h = torch.randn(1, 3, 8)
