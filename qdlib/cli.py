@@ -253,9 +253,20 @@ def distill_overrides(args) -> list[str]:
     for key in ("num_epochs", "steps_per_epoch", "batch_size"):
         if getattr(args, key) is not None:
             overrides.append(f"training.{key}={getattr(args, key)}")
-    if args.no_knowledge:
+    if args.no_knowledge or args.knowledge == "none":
         overrides.append("knowledge_enhancement.enabled=false")
+    elif args.knowledge == "live":
+        overrides += ["knowledge_enhancement.enabled=true", "knowledge_enhancement.memory=live"]
     return overrides
+
+
+def _knowledge_mode(args) -> str:
+    """``none``, ``live`` or ``static`` (the config's own choice when neither flag is given)."""
+    if args.no_knowledge:
+        if args.knowledge not in (None, "none"):
+            raise ConfigError(f"qd distill: --no-knowledge contradicts --knowledge {args.knowledge}; give one of them")
+        return "none"
+    return args.knowledge or "static"
 
 
 @contextlib.contextmanager
@@ -283,13 +294,16 @@ def cmd_distill(args) -> int:
 
     from . import paths
 
+    mode = _knowledge_mode(args)
     path = DEFAULT_CONFIGS.get(args.config, args.config)
     cfg = load_config(path, num_layers=_teacher_layers(args.model), overrides=distill_overrides(args))
     if args.list_keys:
         print("\n".join(config_keys(cfg)))
         return 0
     _check_device(args.device)
-    name = Path(str(path)).stem + ("_no_knowledge" if args.no_knowledge else "")
+    if mode == "static" and cfg.knowledge_enhancement.enabled and cfg.knowledge_enhancement.memory == "live":
+        mode = "live"  # the config file asks for it
+    name = Path(str(path)).stem + {"none": "_no_knowledge", "live": "_live", "static": ""}[mode]
     args.run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "distill" / name
     from accelerate.state import PartialState
 
@@ -302,7 +316,8 @@ def cmd_distill(args) -> int:
         out = args.export or args.export_only
         if out and PartialState().is_main_process:
             export_draft(args.run_dir, out, teacher_name=args.model, cfg=cfg,
-                         title="qdlib draft" + (" (ablation: no knowledge)" if args.no_knowledge else ""))
+                         title="qdlib draft" + {"none": " (ablation: no knowledge)", "live": " (live memory)",
+                                                "static": ""}[mode])
             print(f"draft written to {out}")
     return 0
 
@@ -590,6 +605,32 @@ def _add_fast_draft_commands(sub) -> None:
 BENCH_KINDS = ("code", "unfamiliar", "paraphrase")  # qdlib.bench.KINDS but 'yours' (--code adds it)
 
 
+def _add_distill_command(sub) -> None:
+    """``distill``: layer-sampled distillation (static, live or no memory), resumable, with export."""
+    at_least_1 = _int_at_least(1)
+    d = sub.add_parser("distill", help="distil a draft from the teacher (resumable; runs under accelerate launch)")
+    _opt(d, "--config", default="tiny", help="'tiny', 'qwen3' or a YAML file (see qdlib/configs)")
+    _common(d, device="cpu, cuda or auto; default: what Accelerate picks (cuda, then mps, then cpu)")
+    _opt(d, "--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+         help="override one config key, checked like the file (repeatable), e.g. training.learning_rate=1.0e-3")
+    _opt(d, "--list-keys", action="store_true", help="list every config key with its value (after --set) and what is allowed, then stop")
+    _opt(d, "--run-dir", default=None, help="default: outputs/runs/distill/<config>")
+    _opt(d, "--num-epochs", dest="num_epochs", type=at_least_1, default=None, help="= --set training.num_epochs=N")
+    _opt(d, "--steps-per-epoch", dest="steps_per_epoch", type=at_least_1, default=None,
+         help="= --set training.steps_per_epoch=N")
+    _opt(d, "--batch-size", dest="batch_size", type=at_least_1, default=None, help="= --set training.batch_size=N")
+    _opt(d, "--knowledge", choices=("static", "live", "none"), default=None,
+         help="what the fusion blocks read: static (a knowledge cache, the config's default), live (the teacher's "
+              "states of the verified text, qdlib.memories) or none (the ablation); run folder default "
+              "outputs/runs/distill/<config>[_live|_no_knowledge]")
+    _opt(d, "--no-knowledge", action="store_true", help="the ablation: the same draft without knowledge fusion "
+         "(= --knowledge none)")
+    export = d.add_mutually_exclusive_group()
+    _opt(export, "--export", default=None, metavar="DIR", help="after training, measure the best draft and write it to DIR")
+    _opt(export, "--export-only", default=None, metavar="DIR", help="skip training; export the run's best draft to DIR")
+    d.set_defaults(func=cmd_distill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qd", description="qdlib: draft models and speculative decoding, step by step")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -633,22 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_build_cache)
     _add_memory_command(sub)
 
-    d = sub.add_parser("distill", help="distil a draft from the teacher (resumable; runs under accelerate launch)")
-    _opt(d, "--config", default="tiny", help="'tiny', 'qwen3' or a YAML file (see qdlib/configs)")
-    _common(d, device="cpu, cuda or auto; default: what Accelerate picks (cuda, then mps, then cpu)")
-    _opt(d, "--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
-         help="override one config key, checked like the file (repeatable), e.g. training.learning_rate=1.0e-3")
-    _opt(d, "--list-keys", action="store_true", help="list every config key with its value (after --set) and what is allowed, then stop")
-    _opt(d, "--run-dir", default=None, help="default: outputs/runs/distill/<config>")
-    _opt(d, "--num-epochs", dest="num_epochs", type=at_least_1, default=None, help="= --set training.num_epochs=N")
-    _opt(d, "--steps-per-epoch", dest="steps_per_epoch", type=at_least_1, default=None,
-         help="= --set training.steps_per_epoch=N")
-    _opt(d, "--batch-size", dest="batch_size", type=at_least_1, default=None, help="= --set training.batch_size=N")
-    _opt(d, "--no-knowledge", action="store_true", help="the ablation: the same draft without knowledge fusion")
-    export = d.add_mutually_exclusive_group()
-    _opt(export, "--export", default=None, metavar="DIR", help="after training, measure the best draft and write it to DIR")
-    _opt(export, "--export-only", default=None, metavar="DIR", help="skip training; export the run's best draft to DIR")
-    d.set_defaults(func=cmd_distill)
+    _add_distill_command(sub)
 
     s = sub.add_parser("student", help="write student copies of the notebooks (no solutions; figures and outputs kept)")
     _opt(s, "--notebooks", default=None, help="source folder; default: the course's notebooks/")

@@ -120,6 +120,10 @@ class TrainingConfig:
                                     "start fresh, e.g. a fusion phase on a distilled draft frozen with train_params: fusion")
     fusion_lr_scale: float = setting(1.0, Number(0, low_open=True),
                                      "learning rate of the fusion blocks (gates, cross-attention) over learning_rate")
+    live_max_lag: int = setting(4, Integer(1),
+                                "live memory: each training position reads the teacher's states 1..this many tokens "
+                                "behind, drawn per position (drafting at depth j reads them j behind; use the gamma "
+                                "you decode with)")
     max_bad_steps: int = setting(10, Integer(1), "stop after this many NaN/Inf losses")
     seed: int = setting(0, Integer(0), "seed of the draft's initialisation and of the data")
     steps_per_epoch: int | None = setting(None, OrNull(Integer(1)), "null: one pass over the training text per epoch")

@@ -20,9 +20,10 @@ teacher's ``generate``. Its config records the teacher it came from and the
 kept layer indices. Kept layers are renumbered 0..k-1, so each has its own
 KV-cache slot.
 
-The optional knowledge path (notebooks 02-03) adds gated cross-attention to a
-knowledge cache after chosen draft layers; it is configured by the
-``knowledge_enhancement`` block and starts exactly closed.
+The optional knowledge path (notebooks 02-03) adds gated cross-attention after
+chosen draft layers; it is configured by the ``knowledge_enhancement`` block and
+starts exactly closed. What it reads (:mod:`qdlib.memories`) is a static
+knowledge cache, or a live memory: the teacher's states of the verified text.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .feature_draft import is_feature_draft_folder, load_feature_draft
 from .fusion import GATES, GatedFusion, Memory, RMSNorm
 from .io import atomic_dir, check_model_folder, write_json_atomic
 from .knowledge import load_knowledge_cache, teacher_fingerprint
+from .memories import MEMORY_KINDS, fusion_inputs, is_live, resolve
 from .models import default_teacher_name, is_bundled, quiet_loading, resolve_device, resolve_dtype
 from .schema import Boolean, Choice, Integer, IntList, Number, OrNull, field_problems, raise_problems, setting, unknown_key_problems
 
@@ -66,6 +68,12 @@ class KnowledgeConfig:
     gate_init: float = setting(0.0, Number(0.0, 1.0, high_open=True),
                                "tanh(gate) at the start: 0 (default) makes the draft exactly the plain draft; a small "
                                "value such as 0.1 lets the cross-attention receive gradient from the first step")
+    memory: str = setting("static", Choice(*MEMORY_KINDS),
+                          "what the fusion blocks read: static (a knowledge cache of items) or live (the teacher's "
+                          "states of the verified text, qdlib.memories)")
+    memory_layers: list[int] | None = setting(None, OrNull(IntList(1, "teacher layer indices")),
+                                              "teacher layers a live memory reads (concatenated); null: the last "
+                                              "(the final-norm output the head reads)")
 
 
 KNOWLEDGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KnowledgeConfig)}  # the block's defaults, by name
@@ -88,8 +96,11 @@ def knowledge_block(block: dict | None, hidden_size: int, num_layers: int) -> di
         out["cache_dim"] = max(64, hidden_size // 2)
     if out["num_heads"] is None:
         out["num_heads"] = max(1, out["cache_dim"] // 64)
+    layers = out["memory_layers"]
+    if layers is not None and len(set(layers)) != len(layers):
+        raise ConfigError(f"knowledge_enhancement.memory_layers={layers!r} must be distinct teacher layer indices")
     if out["memory_size"] is None:
-        out["memory_size"] = hidden_size
+        out["memory_size"] = hidden_size * (len(layers) if out["memory"] == "live" and layers else 1)
     if out["cache_dim"] % out["num_heads"]:
         raise ConfigError(f"knowledge_enhancement.cache_dim={out['cache_dim']} is not divisible by "
                           f"num_heads={out['num_heads']}")
@@ -162,7 +173,7 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
                 self.fusion[str(i)] = GatedFusion(config.hidden_size, kb["memory_size"], kb["cache_dim"],
                                                   kb["num_heads"], kb["fusion_gate"], config.rms_norm_eps,
                                                   gate_init=kb["gate_init"])
-        self._knowledge = None  # run-time state: the attached KnowledgeCache (never saved)
+        self._knowledge = None  # run-time state: the attached KnowledgeCache or LiveMemory (never saved)
         self._memory = {}  # layer position -> projected Memory, valid for _memory_key
         self._memory_key = None
         self.post_init()
@@ -178,49 +189,56 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
 
     @property
     def knowledge(self):
-        """The attached knowledge cache, or None."""
+        """The attached memory: a knowledge cache, a :class:`~qdlib.memories.LiveMemory`, or None."""
         return self._knowledge
 
-    def set_knowledge(self, cache) -> "DraftForCausalLM":
-        """Attach a knowledge cache (run-time state, not saved), or detach it with None.
+    @property
+    def feature_layers(self) -> tuple[int, ...] | None:
+        """The teacher layers whose states this draft reads while decoding (a live memory), else None.
 
-        The cache must offer ``states`` ``(N, M, memory_size)`` and ``mask``
-        ``(N, M)``; a cache with another width, or (when both carry one) a
-        teacher fingerprint other than this draft's, is refused.
+        A decoding loop hands such a draft the teacher's states of every verified token
+        (:class:`qdlib.drafters.LiveMemoryDrafter`)."""
+        return self._knowledge.layers if is_live(self._knowledge) else None
+
+    def set_knowledge(self, knowledge) -> "DraftForCausalLM":
+        """Attach a memory (run-time state, not saved): a knowledge cache (static), ``"live"`` or a
+        :class:`~qdlib.memories.LiveMemory` (the teacher's states of the verified text), or None (detach all).
+
+        A cache must offer ``states`` ``(N, M, memory_size)`` and ``mask`` ``(N, M)``; a cache with another width,
+        or (when both carry one) a teacher fingerprint other than this draft's, is refused; so is a live memory
+        whose layers make another width (:func:`qdlib.memories.resolve`).
         """
-        if cache is not None:
-            kb = self.config.knowledge_enhancement
-            if not kb["enabled"]:
-                raise ValueError("this draft has knowledge_enhancement.enabled=False; build it with "
-                                 "knowledge_enhancement={'enabled': True} to attach a knowledge cache")
-            width = cache.states.shape[-1]
-            if width != kb["memory_size"]:
-                raise ValueError(f"knowledge cache states have width {width}, this draft expects "
-                                 f"{kb['memory_size']} (the teacher's hidden size); rebuild the cache with its teacher")
-            mine = getattr(self.config, "teacher_fingerprint", None)
-            theirs = getattr(cache, "fingerprint", None)
-            if mine and theirs and mine != theirs:
-                raise ValueError(f"knowledge cache was built for teacher fingerprint {theirs}, this draft comes from "
-                                 f"{mine}; rebuild it with `qd build-cache` for this draft's teacher")
-        self._knowledge = cache
+        self._knowledge = resolve(self.config, knowledge)
         self._memory, self._memory_key = {}, None
         return self
 
-    def _memories(self) -> dict[str, Memory]:
-        """Projected keys/values per fusion layer; computed once per attached cache in inference."""
-        if self._knowledge is None or not len(self.fusion):
-            return {}
+    def _memories(self, memory, lags, position_ids, first) -> tuple[dict[str, Memory], torch.Tensor | None]:
+        """Keys/values per fusion layer and the queries' mask (None: every query reads every slot).
+
+        A static cache is projected once per attached cache in inference. A live memory is ``memory`` (the
+        forward's argument) or else the attached one, read with ``lags`` (:func:`qdlib.memories.fusion_inputs`)."""
         reuse = not (self.training or torch.is_grad_enabled())
+        if not len(self.fusion) or self._knowledge is None:
+            if memory is not None:
+                raise ConfigError("memory= was given but this draft has no live memory attached; call "
+                                  "draft.set_knowledge('live') first")
+            return {}, None
+        if is_live(self._knowledge):
+            return fusion_inputs(memory if memory is not None else self._knowledge, self.fusion, position_ids,
+                                 lags, first, reuse)
+        if memory is not None:
+            raise ConfigError("memory= was given but this draft reads a static knowledge cache; call "
+                              "draft.set_knowledge('live') to read a live memory")
         key = (id(self._knowledge), tuple(f.attn.k_proj.weight._version for f in self.fusion.values()),
                self.device, self.dtype)
         if reuse and key == self._memory_key:
-            return self._memory
+            return self._memory, None
         states = self._knowledge.states.to(self.device)
         mask = self._knowledge.mask.to(self.device)
         mem = {i: f.attn.project_memory(states, mask) for i, f in self.fusion.items()}
         if reuse:
             self._memory, self._memory_key = mem, key
-        return mem
+        return mem, None
 
     # -------------------------------------------------------------- HF plumbing
 
@@ -249,8 +267,13 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        memory=None,
+        memory_lags: int | torch.Tensor = 1,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``Qwen3ForCausalLM.forward``'s arguments, plus, for a draft with a live memory attached: ``memory`` (a
+        :class:`~qdlib.memories.LiveMemory` whose states ``(B, M, D)`` are positions ``0..M-1`` of the text) and
+        ``memory_lags`` (an int, or ``(B, T)``: position ``p`` reads the states of positions ``<= p - lag``)."""
         cache = cache if cache is not None else past_key_values
         dec = self.model
         if (input_ids is None) == (inputs_embeds is None):
@@ -259,9 +282,10 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        first = None  # the first query position, when known without reading a tensor
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(h.shape[1], device=h.device) + past).unsqueeze(0)  # (1, T)
+            first = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(h.shape[1], device=h.device) + first).unsqueeze(0)  # (1, T)
         if isinstance(attention_mask, dict):
             masks = attention_mask  # already prepared by generate
         else:
@@ -271,13 +295,13 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
             if "sliding_attention" in self.config.layer_types:
                 masks["sliding_attention"] = create_sliding_window_causal_mask(**mk)
         rope = dec.rotary_emb(h, position_ids)
-        memories = self._memories()
+        memories, fmask = self._memories(memory, memory_lags, position_ids, first)
         hidden_states = [h] if output_hidden_states else None
         for i, layer in enumerate(dec.layers):
             h = layer(h, attention_mask=masks[self.config.layer_types[i]], position_embeddings=rope,
                       position_ids=position_ids, cache=cache, use_cache=use_cache)
             if str(i) in memories:
-                h = self.fusion[str(i)](h, memories[str(i)])  # (B, T, D)
+                h = self.fusion[str(i)](h, memories[str(i)], fmask)  # (B, T, D)
             if output_hidden_states:
                 hidden_states.append(h)
         h = dec.norm(h)
@@ -451,7 +475,10 @@ def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torc
         return load_feature_draft(folder, device=dev, dtype=resolve_dtype(dtype, dev) or torch.float32)
     with quiet_loading(progress):  # no "Loading weights" bar unless asked
         draft = DraftForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, dev) or torch.float32).to(dev).eval()
-    if (folder / "knowledge_cache").is_dir() and draft.config.knowledge_enhancement.get("enabled"):
+    kb = draft.config.knowledge_enhancement
+    if kb.get("enabled") and kb.get("memory") == "live":
+        draft.set_knowledge("live")  # trained to read the teacher's states of the verified text
+    elif (folder / "knowledge_cache").is_dir() and kb.get("enabled"):
         draft.set_knowledge(load_knowledge_cache(folder / "knowledge_cache"))
     return draft
 

@@ -9,8 +9,9 @@ answers three calls from the decoding loop in :mod:`qdlib.speculative`:
 - ``commit(seq, features)``: the target verified a round and ``seq`` is now final;
   roll back whatever was built on rejected proposals.
 
-``features`` are the teacher's last hidden states of the positions it has just
-processed (the prompt's, then the verified ones); only drafters with
+``features`` are the teacher's hidden states of the positions it has just
+processed (the prompt's, then the verified ones): its last layer's, or those of
+the drafter's ``feature_layers`` (concatenated). Only drafters with
 ``needs_features = True`` receive them, so the others cost nothing extra.
 (transformers' ``CandidateGenerator`` plays the same role for ``generate``.)
 
@@ -38,9 +39,13 @@ class Proposal(NamedTuple):
 
 
 class Drafter:
-    """The interface; subclasses override what they need. ``calls`` counts draft forward passes."""
+    """The interface; subclasses override what they need. ``calls`` counts draft forward passes.
+
+    ``needs_features``: the loop passes the teacher's states to ``begin`` and ``commit``; ``feature_layers``:
+    which teacher layers (None: the last one's final-norm output, what the head reads)."""
 
     needs_features = False
+    feature_layers: tuple[int, ...] | None = None
 
     def __init__(self, settings: Settings):
         self.s = settings
@@ -91,16 +96,19 @@ class ModelDrafter(Drafter):
 
         self.cache = DynamicCache(config=self.model.config)
         if len(seq) > 1:
-            self.model(input_ids=torch.tensor([seq[:-1]], device=self.device), cache=self.cache, use_cache=True,
-                       logits_to_keep=1)
+            self._forward(seq[:-1])
             self.calls += 1
+
+    def _forward(self, tokens: list[int]) -> torch.Tensor:
+        """Feed ``tokens`` after the cache; the last position's logits ``(V,)``."""
+        return self.model(input_ids=torch.tensor([tokens], device=self.device), cache=self.cache, use_cache=True,
+                          logits_to_keep=1).logits[0, -1]
 
     def propose(self, seq, k):
         feed = seq[self.cache.get_seq_length():]
         tokens, qs = [], []
         for j in range(k):
-            logits = self.model(input_ids=torch.tensor([feed], device=self.device), cache=self.cache, use_cache=True,
-                                logits_to_keep=1).logits[0, -1]  # (V,)
+            logits = self._forward(feed)  # (V,)
             self.calls += 1
             q = self.s.dist(logits)
             tokens.append(self.s.pick(q))
@@ -112,6 +120,36 @@ class ModelDrafter(Drafter):
 
     def commit(self, seq, features):
         rollback(self.cache, len(seq) - 1)
+
+
+class LiveMemoryDrafter(ModelDrafter):
+    """A draft model with a live memory (:mod:`qdlib.memories`): the teacher's states of the verified text.
+
+    ``memory`` holds the states of ``seq[:-1]``, everything the target has verified; it is fixed while the draft
+    proposes (its proposal at depth j reads it with lag j) and grows by the accepted tokens' states, which the
+    target computed in its verification pass, after every round. The draft's own KV cache is incremental and rolled
+    back past rejected tokens as :class:`ModelDrafter`'s.
+    """
+
+    needs_features = True
+
+    def __init__(self, model, settings: Settings, confidence_threshold: float | None = None):
+        super().__init__(model, settings, confidence_threshold)
+        self.feature_layers = model.feature_layers
+        self.memory = model.knowledge.fresh()
+
+    def begin(self, seq, features):
+        self.memory = self.model.knowledge.fresh()  # says which layers; holds this generation's states
+        self.memory.reset(None if features is None else features.to(self.device))  # the prompt's, but its last token
+        super().begin(seq, features)
+
+    def _forward(self, tokens):
+        return self.model(input_ids=torch.tensor([tokens], device=self.device), cache=self.cache, use_cache=True,
+                          logits_to_keep=1, memory=self.memory).logits[0, -1]
+
+    def commit(self, seq, features):
+        self.memory.append(None if features is None else features.to(self.device))  # now the states of seq[:-1]
+        super().commit(seq, features)
 
 
 class LookupDrafter(Drafter):
@@ -276,6 +314,7 @@ class HybridDrafter(Drafter):
         self.lookup = LookupDrafter(self.lookup_source, settings, context["vocab_size"])
         self.fallback = as_drafter(self.fallback_source, settings, **context)
         self._parts = (self.lookup, self.fallback)
+        self.needs_features, self.feature_layers = self.fallback.needs_features, self.fallback.feature_layers
         return self
 
     @property
@@ -335,6 +374,7 @@ class LookupBranches(Drafter):
         self.drafter = as_drafter(self.source, settings, **context)
         self.lookup = LookupDrafter(self.lookup_source, settings, context["vocab_size"])
         self._parts = (self.drafter, self.lookup)
+        self.needs_features, self.feature_layers = self.drafter.needs_features, self.drafter.feature_layers
         return self
 
     # the same two-part bookkeeping as the hybrid drafter
@@ -384,6 +424,7 @@ class Pausing(Drafter):
         self.s = settings
         self.drafter = as_drafter(self.source, settings, **context)
         self._parts = (self.drafter,)
+        self.needs_features, self.feature_layers = self.drafter.needs_features, self.drafter.feature_layers
         return self
 
     calls = HybridDrafter.calls
@@ -415,8 +456,10 @@ class Pausing(Drafter):
 
 def as_drafter(draft, settings: Settings, *, confidence_threshold: float | None = None, vocab_size: int | None = None,
                max_len: int | None = None, tree: TreeShape | None = None) -> Drafter:
-    """The right :class:`Drafter` for ``draft``: a drafter is returned as it is, a feature-fed draft, a causal LM,
-    or a model-free object with ``propose(context, k)``. ``tree``: grow token trees (feature-fed drafts only)."""
+    """The right :class:`Drafter` for ``draft``: a drafter is returned as it is, a feature-fed draft, a causal LM
+    (one that declares ``feature_layers``, a draft with a live memory attached, reads the teacher's states of the
+    verified text), or a model-free object with ``propose(context, k)``. ``tree``: grow token trees (feature-fed
+    drafts only)."""
     if isinstance(draft, Drafter):
         return draft.configure(settings, confidence_threshold=confidence_threshold, vocab_size=vocab_size,
                                max_len=max_len, tree=tree)
@@ -426,7 +469,8 @@ def as_drafter(draft, settings: Settings, *, confidence_threshold: float | None 
         raise ValueError(f"tree={tree!r}: token trees are grown by feature-fed drafts (qdlib.load_draft('fast')); "
                          f"a {type(draft).__name__} drafts chains (tree=None)")
     if isinstance(draft, torch.nn.Module):
-        return ModelDrafter(draft, settings, confidence_threshold)
+        drafter = LiveMemoryDrafter if getattr(draft, "feature_layers", None) else ModelDrafter
+        return drafter(draft, settings, confidence_threshold)
     if callable(getattr(draft, "propose", None)):
         return LookupDrafter(draft, settings, vocab_size)
     raise TypeError(f"draft must be a causal LM, a feature-fed draft, a Drafter, or an object with a "

@@ -10,6 +10,13 @@ At initialisation ``tanh(0) = 0``, so a draft with fusion computes exactly
 what the plain draft computes (Flamingo's gated cross-attention starts the
 same way).
 
+The memory is a static knowledge cache (one for every row), or a live memory
+(one per sequence: the teacher's states of that sequence's verified text,
+:mod:`qdlib.memories`). A live memory is read through a per-query mask,
+:func:`lag_mask`: the query at position p reads the states of positions
+``<= p - lag`` only, as drafting does (lag 1 at the first proposal of a round,
+j at depth j).
+
     >>> import torch
     >>> fuse = GatedFusion(hidden_size=8, memory_size=6, cache_dim=8, num_heads=2)
     >>> h = torch.randn(1, 3, 8)
@@ -55,11 +62,15 @@ class RMSNorm(nn.Module):
 
 
 class Memory(NamedTuple):
-    """Projected keys and values of a knowledge cache, ready to be attended to."""
+    """Projected keys and values of a memory, ready to be attended to.
 
-    keys: torch.Tensor  # (1, H, M, hd): all items' tokens, flattened into one memory of M slots
-    values: torch.Tensor  # (1, H, M, hd)
-    mask: torch.Tensor  # (1, 1, 1, M) bool, True where a slot holds a real token
+    A static knowledge cache is one memory shared by every row (``1`` below); a live memory has one row per
+    sequence (``B``), each holding the teacher's states of that sequence's text.
+    """
+
+    keys: torch.Tensor  # (1 or B, H, M, hd): all items' tokens, flattened into one memory of M slots
+    values: torch.Tensor  # (1 or B, H, M, hd)
+    mask: torch.Tensor | None  # (1, 1, 1, M) bool, True where a slot holds a real token; None: every slot does
 
 
 class KnowledgeCrossAttention(nn.Module):
@@ -98,19 +109,39 @@ class KnowledgeCrossAttention(nn.Module):
         v = v.transpose(1, 2)  # (1, H, M, hd)
         return Memory(k, v, mask.reshape(1, 1, 1, N * Mi).bool())
 
-    def forward(self, h: torch.Tensor, memory: Memory, *, return_weights: bool = False):
+    def project_states(self, states: torch.Tensor) -> Memory:
+        """Project one memory per sequence, ``(B, M, memory_size)`` (a live memory: no padding, no mask)."""
+        B, M, _ = states.shape
+        kv_in = states.to(self.k_proj.weight.dtype)  # (B, M, Dm)
+        k = self.k_proj(kv_in).view(B, M, self.num_heads, self.head_dim)  # (B, M, H, hd)
+        v = self.v_proj(kv_in).view(B, M, self.num_heads, self.head_dim)  # (B, M, H, hd)
+        return Memory(self.k_norm(k).transpose(1, 2), v.transpose(1, 2), None)  # (B, H, M, hd) each
+
+    def forward(self, h: torch.Tensor, memory: Memory, mask: torch.Tensor | None = None, *,
+                return_weights: bool = False):
+        """Attend from ``h`` ``(B, T, D)`` to ``memory``; ``mask`` ``(B, T, M)`` (optional) says which slots each
+        query may read (:func:`lag_mask`). A query that may read no slot gets an update of exactly 0."""
         B, T, _ = h.shape
         q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, hd)
         q = self.q_norm(q).transpose(1, 2)  # (B, H, T, hd)
         k = memory.keys.expand(B, -1, -1, -1)  # (B, H, M, hd)
         v = memory.values.expand(B, -1, -1, -1)  # (B, H, M, hd)
+        allowed, seen = memory.mask, None
+        if mask is not None:
+            seen = mask.any(-1)  # (B, T): rows with at least one readable slot
+            rows = mask | ~seen[..., None]  # (B, T, M): an empty row reads everything, and its result is zeroed below
+            allowed = rows[:, None] if allowed is None else allowed & rows[:, None]  # (B, 1, T, M)
         if return_weights:
             scores = q @ k.transpose(-1, -2) / self.head_dim**0.5  # (B, H, T, M)
-            weights = masked_softmax(scores, memory.mask)  # (B, H, T, M)
+            weights = scores.softmax(-1) if allowed is None else masked_softmax(scores, allowed)  # (B, H, T, M)
             out = weights @ v  # (B, H, T, hd)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=memory.mask)  # (B, H, T, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, hd)
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+        if seen is not None:
+            out = torch.where(seen[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))  # (B, T, D)
+            if return_weights:
+                weights = weights * seen[:, None, :, None]
         return (out, weights) if return_weights else out
 
 
@@ -144,8 +175,8 @@ class GatedFusion(nn.Module):
     def reset_gate(self) -> None:
         self.gate.fill_(math.atanh(self.gate_init))
 
-    def forward(self, h: torch.Tensor, memory: Memory) -> torch.Tensor:
-        return gated_residual(h, self.attn(self.norm(h), memory), self.gate)  # (B, T, D)
+    def forward(self, h: torch.Tensor, memory: Memory, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return gated_residual(h, self.attn(self.norm(h), memory, mask), self.gate)  # (B, T, D)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -160,3 +191,23 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def gated_residual(h: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``h + tanh(gate) * update``: exactly ``h`` while the gate is 0 (notebook 03)."""
     return h + torch.tanh(gate).to(h.dtype) * update
+
+
+def lag_mask(positions: torch.Tensor, lags: torch.Tensor | int, slots: int) -> torch.Tensor:
+    """Which memory slots each query may read: slot ``s`` (the teacher's state of position ``s``) is visible to the
+    query at position ``p`` iff ``s <= p - lag``. ``positions`` ``(T,)`` or ``(B, T)``, ``lags`` an int or ``(B, T)``;
+    returns ``(B, T, slots)`` bool.
+
+    Drafting reads the verified text with lag 1 at the first proposal and lag j at depth j; training draws each
+    position's lag in 1..gamma so the draft learns every depth (:mod:`qdlib.memories`). Lag 0 would read the state
+    the teacher's own prediction of the next token comes from.
+
+    >>> lag_mask(torch.arange(4), 1, 3)[0].int().tolist()
+    [[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    >>> lag_mask(torch.arange(4), torch.tensor([[1, 1, 3, 2]]), 3)[0].int().tolist()
+    [[0, 0, 0], [1, 0, 0], [0, 0, 0], [1, 1, 0]]
+    """
+    pos = positions if positions.dim() == 2 else positions[None]  # (B or 1, T)
+    lags = torch.as_tensor(lags, device=pos.device)
+    last = pos - lags  # (B, T): the newest slot each query may read
+    return torch.arange(slots, device=pos.device) <= last[..., None]  # (B, T, slots)

@@ -143,6 +143,10 @@ def _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, 
             a, b = getattr(target.config, key, None), getattr(draft.config, key, None)
             if a is not None and b is not None and a != b:
                 raise ValueError(f"draft {key}={b} differs from the target's {a}: the tokenizers do not match")
+        layers = getattr(draft, "feature_layers", None)
+        if layers and target.config.hidden_size != draft.config.hidden_size:
+            raise ValueError(f"the draft's live memory reads states {draft.config.hidden_size} wide per layer, the "
+                             f"target's are {target.config.hidden_size}: use the draft with the teacher it came from")
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
@@ -205,7 +209,8 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     supports the model, else transformers'), "qdlib" or "transformers".
 
     ``draft`` is anything :func:`qdlib.drafters.as_drafter` accepts: a draft model (it
-    uses whatever knowledge cache is attached to it), a feature-fed draft, a
+    uses whatever memory is attached to it; a live memory is fed the target's states of
+    every verified token, from the verification passes), a feature-fed draft, a
     :class:`~qdlib.drafters.Drafter`, or a model-free drafter with
     ``propose(context, k)`` such as :class:`qdlib.NgramDrafter`.
     """
@@ -219,7 +224,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     pause = getattr(getattr(draft, "config", None), "pause", None)  # the draft's own fallback, where it has one
     drafter = as_drafter(Pausing(draft, **pause) if pause else draft, s, confidence_threshold=confidence_threshold,
                          vocab_size=target.config.vocab_size, max_len=max_len, tree=tree)
-    verify = verifier(target, drafter.needs_features, max_len, engine)
+    verify = verifier(target, drafter.needs_features, max_len, engine, layers=drafter.feature_layers)
     if tree is not None and not verify.trees:
         raise ValueError(f"tree={tree!r} needs engine='qdlib' or 'auto' on a model qdlib's engine supports")
     calls_before = drafter.calls

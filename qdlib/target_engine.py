@@ -108,10 +108,15 @@ class LeanStack:
         return h + (F.silu(gate) * up) @ w_down
 
     def __call__(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int, positions: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, *, taps=None, out: dict | None = None) -> torch.Tensor:
+        """``taps``: layer indices (not the last) whose output states, RMS-normalised without a scale, go into
+        ``out`` (index -> ``(T, H)``)."""
         cos, sin = self.rope(positions)
+        last = len(self.layers) - 1
         for li in range(len(self.layers)):
             h = self.layer(li, h, cos, sin, mask, k, v, s)
+            if taps is not None and li in taps and li != last:
+                out[li] = F.rms_norm(h, (self.H,), None, self.eps)
         return h
 
 
@@ -121,6 +126,9 @@ class TargetEngine:
     ``engine(tokens, keep=n)`` appends ``tokens`` after the ``engine.length`` cached positions and returns the
     logits of the last ``n`` of them ``(n, V)`` and the final hidden states of all of them ``(T, H)`` (what the
     head reads: the features a feature-fed draft needs). ``positions`` and ``mask`` override the causal chain.
+    ``layers`` (teacher layer indices) returns those layers' states instead, concatenated ``(T, H * len(layers))``:
+    the last layer's is the final-norm output, the others are RMS-normalised without a scale (what a live memory
+    reads, :mod:`qdlib.memories`), taken from the same pass.
     """
 
     def __init__(self, model, max_len: int):
@@ -163,12 +171,13 @@ class TargetEngine:
         self.length = start + n
 
     def __call__(self, tokens, keep: int = 1, *, positions: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None, rows: torch.Tensor | None = None):
+                 mask: torch.Tensor | None = None, rows: torch.Tensor | None = None, layers=None):
         """``(logits (keep, V), hidden (T, H))`` for ``tokens`` appended after the cache.
 
         ``positions`` ``(T,)`` default to ``length .. length + T - 1``; ``mask`` ``(T, T)`` bool says which new
         tokens each new token sees (default: causal), the cached prefix is always visible. ``rows``: the new
-        tokens whose logits to return (default: the last ``keep``).
+        tokens whose logits to return (default: the last ``keep``). ``layers``: return those layers' states
+        (see the class) instead of the last one's.
         """
         with torch.inference_mode():
             ids = torch.as_tensor(tokens, device=self.device).view(-1)
@@ -181,25 +190,42 @@ class TargetEngine:
             if T > 1:
                 new = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
                 full = torch.cat([torch.ones(T, s, dtype=torch.bool, device=self.device), new], 1)  # (T, s + T)
-            h = self.stack(self.embed[ids], self.k, self.v, s, positions, full)  # (T, H)
+            taps = {}  # intermediate layers' states, RMS-normalised
+            h = self.stack(self.embed[ids], self.k, self.v, s, positions, full, taps=layers, out=taps)  # (T, H)
             self.length = s + T
             h = F.rms_norm(h, (self.H,), self.norm_w, self.eps)
             sel = h[-keep:] if rows is None else h[rows]
+            last = len(self.stack.layers) - 1
+            if layers is not None and list(layers) != [last]:
+                h = torch.cat([taps.get(li, h) for li in layers], -1)  # (T, H * len(layers))
             return sel @ self.head, h
 
 
 # ---------------------------------------------------------------------------------------------- the loops' view
 
 
+def _check_layers(model, layers) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    L = model.config.num_hidden_layers
+    layers = tuple(layers)
+    if not layers or any(not isinstance(i, int) or not 0 <= i < L for i in layers):
+        raise ConfigError(f"feature layers {list(layers)} are not layers of the target; allowed: indices in 0..{L - 1}")
+    return layers
+
+
 class HFVerifier:
-    """The target through transformers' own forward and ``DynamicCache`` (any causal LM; chains only)."""
+    """The target through transformers' own forward and ``DynamicCache`` (any causal LM; chains only).
+
+    ``layers``: the features are those layers' states (:class:`TargetEngine`'s ``layers``), from the same pass."""
 
     trees = False
 
-    def __init__(self, model, want_features: bool):
+    def __init__(self, model, want_features: bool, layers=None):
         from transformers import DynamicCache
 
         self.model, self.want_features, self.device = model, want_features, model.device
+        self.layers = _check_layers(model, layers)
         self.cache = DynamicCache(config=model.config)
 
     @property
@@ -214,8 +240,15 @@ class HFVerifier:
         if not self.want_features:
             out = self.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
             return out.logits[0], None
-        h = self.model.model(input_ids=ids, cache=self.cache, use_cache=True).last_hidden_state[0]  # (T, H)
-        return self.model.lm_head(h[-keep:]), h
+        out = self.model.model(input_ids=ids, cache=self.cache, use_cache=True,
+                               output_hidden_states=self.layers is not None)
+        h = out.last_hidden_state[0]  # (T, H)
+        if self.layers is None:
+            return self.model.lm_head(h[-keep:]), h
+        eps = self.model.config.rms_norm_eps
+        feats = [out.hidden_states[i + 1][0] if i == len(out.hidden_states) - 2
+                 else F.rms_norm(out.hidden_states[i + 1][0], (h.shape[-1],), None, eps) for i in self.layers]
+        return self.model.lm_head(h[-keep:]), torch.cat(feats, -1)  # (T, H * len(layers))
 
     def keep_rows(self, start: int, rows: list[int]) -> None:
         if rows != list(range(len(rows))):
@@ -230,8 +263,9 @@ class EngineVerifier:
 
     trees = True
 
-    def __init__(self, model, want_features: bool, max_len: int):
+    def __init__(self, model, want_features: bool, max_len: int, layers=None):
         self.engine, self.want_features = TargetEngine(model, max_len), want_features
+        self.layers = _check_layers(model, layers)
         self.device = self.engine.device
 
     @property
@@ -239,7 +273,7 @@ class EngineVerifier:
         return self.engine.length
 
     def __call__(self, tokens: list[int], keep: int, positions=None, mask=None):
-        logits, h = self.engine(tokens, keep, positions=positions, mask=mask)
+        logits, h = self.engine(tokens, keep, positions=positions, mask=mask, layers=self.layers)
         return logits, (h if self.want_features else None)
 
     def keep_rows(self, start: int, rows: list[int]) -> None:
@@ -249,14 +283,15 @@ class EngineVerifier:
 ENGINES = ("auto", "qdlib", "transformers")
 
 
-def verifier(model, want_features: bool, max_len: int, engine: str = "auto"):
+def verifier(model, want_features: bool, max_len: int, engine: str = "auto", layers=None):
     """The target's forward for a decoding loop: ``engine`` "qdlib" (:class:`TargetEngine`), "transformers",
-    or "auto" (qdlib's where :func:`supports` the model, else transformers')."""
+    or "auto" (qdlib's where :func:`supports` the model, else transformers'). With ``want_features`` it also returns
+    the states of the tokens it scores: the last layer's, or those of ``layers`` (a drafter's ``feature_layers``)."""
     if engine not in ENGINES:
         raise ConfigError(f"engine={engine!r} is not one of {', '.join(ENGINES)}")
     reason = supports(model)
     if engine == "qdlib" and reason is not None:
         raise ConfigError(f"engine='qdlib' cannot run this model: {reason}; use engine='transformers'")
     if engine == "transformers" or reason is not None:
-        return HFVerifier(model, want_features)
-    return EngineVerifier(model, want_features, max_len)
+        return HFVerifier(model, want_features, layers)
+    return EngineVerifier(model, want_features, max_len, layers)

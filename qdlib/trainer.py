@@ -12,7 +12,9 @@ Training runs on the one loop, :func:`qdlib.train.fit` (AdamW, warm-up and cosin
 bf16 autocast where the hardware supports it, the NaN guard, ``last.pt`` and resume bit for bit, ``best/``,
 ``log.jsonl``, Ctrl-C), with :class:`DistillRecipe`: an evaluation every epoch on held-out validation prompts;
 ``best/`` (a ``save_pretrained`` folder plus the knowledge cache) is replaced only by a draft with higher
-validation agreement. The evaluation (:mod:`qdlib.train.evaluate`) and the card (:mod:`qdlib.train.cards`) are
+validation agreement. With ``knowledge_enhancement.memory: live`` the fusion blocks read the teacher's states of
+the row itself (:mod:`qdlib.memories`), from the same teacher pass that gives the KL targets, each position
+lagging 1..``training.live_max_lag`` tokens behind as drafting does. The evaluation (:mod:`qdlib.train.evaluate`) and the card (:mod:`qdlib.train.cards`) are
 importable from here too, as the notebooks use them.
 """
 
@@ -36,6 +38,7 @@ from .hardware import cpu_supports_bf16
 from .errors import ConfigError, MissingFileError
 from .io import torch_load_safe, torch_save_atomic, write_json_atomic
 from .knowledge import build_knowledge_cache, check_cache_matches, load_items, load_knowledge_cache, teacher_fingerprint
+from .memories import LiveMemory, draw_lags, is_live, teacher_states
 from .metrics import strategy_layers
 from .models import load_teacher, model_name
 from .sampling import EARLY_EXIT, layer_importance
@@ -65,7 +68,9 @@ def draft_layers(cfg: DistillConfig, teacher, tokenizer=None) -> tuple[list[int]
 
 def start_from(draft, folder) -> None:
     """Load the weights of the draft in ``folder`` (a ``save_pretrained`` folder of the same kept layers) into
-    ``draft``; fusion blocks that the saved draft lacks keep their fresh, closed-gate initialisation."""
+    ``draft``; fusion weights that the saved draft lacks, holds in another shape (a live memory of several layers is
+    wider than one), or trained to read another kind of memory (a static cache, for a live run) keep their fresh
+    initialisation, the gates at ``knowledge_enhancement.gate_init``."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -76,7 +81,12 @@ def start_from(draft, folder) -> None:
     if saved.get("kept_layers") != draft.config.kept_layers:
         raise ConfigError(f"training.init_from={str(folder)!r} keeps layers {saved.get('kept_layers')}, this run "
                           f"{draft.config.kept_layers}")
-    missing, unexpected = draft.load_state_dict(load_file(str(folder / "model.safetensors")), strict=False)
+    mine = draft.state_dict()
+    other_memory = (saved.get("knowledge_enhancement") or {}).get("memory", "static") != \
+        draft.config.knowledge_enhancement.get("memory", "static")
+    saved_state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items()
+                   if not (k.startswith("fusion.") and (other_memory or (k in mine and mine[k].shape != v.shape)))}
+    missing, unexpected = draft.load_state_dict(saved_state, strict=False)
     missing = [k for k in missing if not k.startswith("fusion.") and k != "lm_head.weight"]
     if missing or unexpected:
         raise ConfigError(f"training.init_from={str(folder)!r} does not fit this draft (missing {missing[:3]}, "
@@ -181,22 +191,36 @@ class DistillRecipe(Recipe):
         self.draft = self.acc.unwrap_model(self.model)
         return opt
 
-    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        """``(inputs, labels, scored, lags)``, each ``(B, T)``; ``lags`` (a live memory's, else None) is drawn from
+        a generator seeded by the step, so a resumed run sees the same ones."""
         t, acc = self.cfg.training, self.acc
-        ids, valid = self.data.batch(step * t.gradient_accumulation_steps + micro, t.batch_size, t.max_seq_length,
-                                     offset=acc.process_index, stride=acc.num_processes)
+        index = step * t.gradient_accumulation_steps + micro
+        ids, valid = self.data.batch(index, t.batch_size, t.max_seq_length, offset=acc.process_index,
+                                     stride=acc.num_processes)
         if t.on_policy_share > 0:
             ids, valid = _on_policy_rows(self.draft, ids, valid, t, step * 100 + micro)
         self.tokens += int(valid.sum()) * acc.num_processes
-        return ids[:, :-1].to(acc.device), ids[:, 1:].to(acc.device), valid.to(acc.device)  # (B, T) each
+        lags = None
+        if is_live(self.cache):
+            gen = torch.Generator().manual_seed(t.seed * 1_000_003 + index * 64 + acc.process_index)
+            lags = draw_lags((ids.shape[0], ids.shape[1] - 1), t.live_max_lag, gen).to(acc.device)  # (B, T)
+        return ids[:, :-1].to(acc.device), ids[:, 1:].to(acc.device), valid.to(acc.device), lags  # (B, T) each
 
     def loss(self, batch, autocast) -> tuple[torch.Tensor, dict]:
-        """The configured objective on one micro-batch: distillation from the teacher's logits, or plain CE."""
-        (x, y, m), t = batch, self.cfg.training
+        """The configured objective on one micro-batch: distillation from the teacher's logits, or plain CE.
+
+        With a live memory the one teacher pass gives the logits and the states the draft reads."""
+        (x, y, m, lags), t = batch, self.cfg.training
+        memory = {}
         with torch.no_grad(), autocast():
-            p = self.teacher(input_ids=x, use_cache=False).logits  # (B, T, V)
+            if lags is None:
+                p = self.teacher(input_ids=x, use_cache=False).logits  # (B, T, V)
+            else:
+                p, states = teacher_states(self.teacher, x, self.cache.layers)  # (B, T, V), (B, T, D)
+                memory = {"memory": LiveMemory(self.cache.layers, states), "memory_lags": lags}
         with autocast():
-            q = self.model(input_ids=x, use_cache=False).logits.float()  # (B, T, V), float32 for the loss
+            q = self.model(input_ids=x, use_cache=False, **memory).logits.float()  # (B, T, V), float32 for the loss
         if t.use_knowledge_distillation:
             loss = distill_loss(q, p, y, m, kl_weight=t.kl_divergence_weight, temperature=t.temperature,
                                 objective=t.objective)
@@ -212,7 +236,7 @@ class DistillRecipe(Recipe):
 
     def save(self, folder: Path, info: dict) -> None:
         self.draft.save_pretrained(folder)
-        if self.cache is not None:
+        if self.cache is not None and not is_live(self.cache):  # a live memory is built while decoding, not saved
             self.cache.save(folder / "knowledge_cache")
         write_json_atomic(folder / "eval.json", {"validation_agreement": info["score"], "step": info["step"],
                                                  "eval": info["eval"], "teacher": self.teacher_label, "layers": self.layers})
@@ -252,7 +276,8 @@ def _prepare_data(cfg: DistillConfig, teacher, tokenizer, items, fp: str, run_di
     """Build the knowledge cache and the training data in ``run_dir`` unless they are there (main process only)."""
     t = cfg.training
     cache_dir, data_path = run_dir / "knowledge_cache", run_dir / "data.pt"
-    if cfg.knowledge_enhancement.enabled and not (cache_dir / "cache.safetensors").exists():
+    static = cfg.knowledge_enhancement.enabled and cfg.knowledge_enhancement.memory == "static"
+    if static and not (cache_dir / "cache.safetensors").exists():
         say("building the knowledge cache ...")
         build_knowledge_cache(teacher, tokenizer, items, answer_tokens=t.knowledge_answer_tokens,
                               progress=progress).save(cache_dir)
@@ -271,9 +296,12 @@ def _prepare_data(cfg: DistillConfig, teacher, tokenizer, items, fp: str, run_di
 
 
 def _knowledge(cfg: DistillConfig, draft, teacher, run_dir: Path):
-    """The run's knowledge cache (attached to ``draft``), or None without knowledge enhancement."""
+    """The run's memory, attached to ``draft``: the knowledge cache, a live memory (the layers it reads; the states
+    come with each batch), or None without knowledge enhancement."""
     if not cfg.knowledge_enhancement.enabled:
         return None
+    if cfg.knowledge_enhancement.memory == "live":
+        return draft.set_knowledge("live").knowledge
     cache = load_knowledge_cache(run_dir / "knowledge_cache")
     check_cache_matches(cache, teacher)
     draft.set_knowledge(cache)

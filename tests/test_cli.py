@@ -123,6 +123,8 @@ def test_bad_options_end_in_one_line(capsys, argv, message):
      "2 problems: training.learning_rate=5 is out of range; allowed: a number in (0, 1]; "
      "draft_model.num_sampled_layers=40 is out of range; allowed: an integer in 2..28"),
     (["distill", "--no-knowledge", "--set", "training.train_params=fusion"], "needs knowledge_enhancement.enabled: true"),
+    (["distill", "--no-knowledge", "--knowledge", "live"],
+     "error: qd distill: --no-knowledge contradicts --knowledge live; give one of them"),
 ])
 def test_bad_values_fail_before_any_model_loads(capsys, no_model_loads, argv, message):
     assert main(argv) == 2
@@ -224,6 +226,25 @@ def test_distill_honours_device_and_set(monkeypatch, tmp_path):
     assert main(argv) == 0
     assert seen == {"cpu": "true", "lr": 0.001, "run_dir": tmp_path / "r", "epochs": 2, "enabled": False}
     assert "ACCELERATE_USE_CPU" not in os.environ  # restored afterwards
+
+
+def test_distill_knowledge_live_sets_the_memory_and_names_the_run(monkeypatch, capsys):
+    from qdlib import paths
+
+    seen = {}
+
+    def fake_distill(cfg, run_dir, teacher_name=None):
+        k = cfg.knowledge_enhancement
+        seen.update(run_dir=run_dir, enabled=k.enabled, memory=k.memory, lag=cfg.training.live_max_lag)
+
+    monkeypatch.setattr("qdlib.trainer.distill", fake_distill)
+    assert main(["distill", "--knowledge", "live", "--set", "training.live_max_lag=6"]) == 0
+    assert seen == {"run_dir": paths.runs_dir() / "distill" / "distill_tiny_live", "enabled": True, "memory": "live",
+                    "lag": 6}
+    assert main(["distill", "--knowledge", "none"]) == 0
+    assert seen["run_dir"].name == "distill_tiny_no_knowledge" and not seen["enabled"]
+    assert main(["distill", "--knowledge", "live", "--list-keys"]) == 0
+    assert 'knowledge_enhancement.memory = "live"' in capsys.readouterr().out
 
 
 def test_train_fast_passes_its_options_and_export_needs_a_trained_run(monkeypatch, tmp_path, capsys):

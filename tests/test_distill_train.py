@@ -275,3 +275,49 @@ def test_a_fusion_phase_starts_from_a_distilled_draft_with_its_own_learning_rate
     assert any(not torch.equal(p, src[n]) for n, p in m.state_dict().items() if n.startswith("fusion.") and n in src)
     with pytest.raises(FileNotFoundError, match="init_from=.nowhere. is not a draft folder"):
         run(small_cfg(init_from="nowhere"), seeded(tmp_path / "bad", prepared), small_teacher)
+
+
+@pytest.mark.slow
+def test_a_live_memory_run_reads_the_teachers_states_from_the_same_pass_and_exports_a_live_draft(
+        small_teacher, prepared, tmp_path, monkeypatch):
+    """``knowledge_enhancement.memory: live``: one teacher forward per micro-batch gives the KL targets and the
+    states; lags in 1..live_max_lag; the fusion blocks learn; best/ holds no cache; the export loads live."""
+    import qdlib.trainer as tr
+    from qdlib import build_draft, load_draft
+    from qdlib.trainer import export_draft
+
+    model, tok = small_teacher
+    calls, lags_seen, real_loss = [], [], tr.DistillRecipe.loss
+    forward = type(model).forward
+
+    def counted(self, *a, **kw):
+        calls[-1] += 1
+        return forward(self, *a, **kw)
+
+    def loss(self, batch, autocast):
+        calls.append(0)
+        lags_seen.append(batch[3])
+        with monkeypatch.context() as m:
+            m.setattr(type(model), "forward", counted)
+            return real_loss(self, batch, autocast)
+
+    monkeypatch.setattr(tr.DistillRecipe, "loss", loss)
+    cfg = small_cfg(num_epochs=1, steps_per_epoch=2, live_max_lag=3, init_from=str(prepared / "best"))
+    cfg.knowledge_enhancement.memory = "live"
+    cfg.knowledge_enhancement.gate_init = 0.1  # the static draft's fusion blocks are not reused: they start fresh
+    out = run(cfg, seeded(tmp_path / "live", prepared), small_teacher)
+    assert calls == [1, 1]  # no second teacher forward for the memory
+    assert all(lg.shape == (2, 32) and lg.min() >= 1 and lg.max() <= 3 for lg in lags_seen)
+    torch.manual_seed(cfg.training.seed)  # the fusion blocks the run started from
+    start = {k: v for k, v in build_draft(model, out["layers"], knowledge_enhancement=cfg.knowledge_block()).state_dict().items()
+             if k.startswith("fusion.") and k.endswith(("q_proj.weight", "gate"))}
+    assert len(start) == 4 and all(not torch.equal(out["model"].state_dict()[k], v) for k, v in start.items())  # learned
+    assert not (out["best_dir"] / "knowledge_cache").exists()
+    assert out["model"].feature_layers == (27,)
+    ev = json.loads((out["best_dir"] / "eval.json").read_text())["eval"]
+    assert {"heldout", "heldout_no_cache"} <= set(ev) and ev["heldout"]["kl"] != ev["heldout_no_cache"]["kl"]
+    monkeypatch.setattr(tr.DistillRecipe, "loss", real_loss)
+    m = export_draft(out["run_dir"], tmp_path / "out", teacher=model, tokenizer=tok, cfg=cfg, n_prompts=2,
+                     log=lambda *_: None)
+    assert m["memory"] == "live, teacher layers [27]" and "reading a live memory" in (tmp_path / "out" / "README.md").read_text()
+    assert load_draft(tmp_path / "out").feature_layers == (27,) and not (tmp_path / "out" / "knowledge_cache").exists()

@@ -20,6 +20,7 @@ from ..errors import MissingFileError
 from ..hardware import cpu_name
 from ..io import atomic_dir, write_json_atomic
 from ..knowledge import load_items, load_knowledge_cache
+from ..memories import is_live
 from ..metrics import running_mean
 from ..models import load_teacher, model_name
 from .evaluate import EVAL_SEED_TEST, eval_sets, evaluate_draft
@@ -126,7 +127,10 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
         teacher, tokenizer = load_teacher(teacher_name)
     draft = DraftForCausalLM.from_pretrained(best, dtype=torch.bfloat16).float().eval()
     cache = load_knowledge_cache(best / "knowledge_cache", teacher) if (best / "knowledge_cache").exists() else None
-    knowledge_on = draft.config.knowledge_enhancement["enabled"]
+    kb = draft.config.knowledge_enhancement
+    knowledge_on = kb["enabled"]
+    if knowledge_on and kb.get("memory") == "live":
+        cache = draft.set_knowledge("live").knowledge  # measured (and shipped) reading the verified text
     items = load_items(None, teacher)  # the paraphrase set is reported for every draft, cache or not
     log("measuring the draft on the test prompts ...")
     sets = eval_sets(teacher, tokenizer, n_prompts=n_prompts, seed=EVAL_SEED_TEST, items=items, unfamiliar=True)
@@ -138,6 +142,8 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
         "teacher": model_name(teacher),
         "layers": list(draft.config.kept_layers),
         "knowledge": knowledge_on,
+        "memory": (f"live, teacher layers {list(cache.layers)}" if is_live(cache) else "static")
+        if knowledge_on else None,
         "test_prompts": n_prompts,
         "test": ev,
         "agreement": ev["heldout"]["agreement"],
@@ -156,7 +162,7 @@ def export_draft(run_dir, out_dir, *, teacher=None, tokenizer=None, teacher_name
     notes = run_dir / "NOTES.md"  # hand-written circumstances of the run (shared cores, interruptions), if any
     with atomic_dir(out_dir) as tmp:
         draft.to(torch.bfloat16).save_pretrained(tmp)
-        if cache is not None:
+        if (best / "knowledge_cache").exists() and not is_live(cache):
             shutil.copytree(best / "knowledge_cache", tmp / "knowledge_cache")
         write_json_atomic(tmp / "metrics.json", metrics)
         fig = plot_curves(run_dir, tmp / "curves.png")
@@ -224,6 +230,15 @@ def _unfamiliar_bar(m: dict) -> str:
             if u else "")
 
 
+def _memory_text(m: dict) -> str:
+    if not m["knowledge"]:
+        return "off"
+    if str(m.get("memory") or "").startswith("live"):
+        return (f"on, reading a live memory ({m['memory']}): the teacher's states of the verified text, fed by "
+                f"the verification passes (`qdlib.memories`); \"no cache\" below is the same weights detached")
+    return "on (the cache of the knowledge items is in `knowledge_cache/`)"
+
+
 def _draft_card(title: str, m: dict, evals: list[dict], notes: str | None = None) -> str:
     rows = []
     for name, v in m["test"].items():
@@ -241,7 +256,7 @@ def _draft_card(title: str, m: dict, evals: list[dict], notes: str | None = None
     return f"""# {title}
 
 A draft model for speculative decoding with the teacher `{m['teacher']}`: teacher decoder layers {m['layers']},
-knowledge fusion {'on (the cache of the knowledge items is in `knowledge_cache/`)' if m['knowledge'] else 'off'}.
+knowledge fusion {_memory_text(m)}.
 Trained by `qd distill` (qdlib, notebook 04); load it with `qdlib.load_draft()`.
 
 ## Training

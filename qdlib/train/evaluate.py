@@ -11,6 +11,7 @@ import torch
 
 from ..corpus import heldout_texts
 from ..distill_data import EvalSet, heldout_eval_set, paraphrase_eval_set, perplexity, unfamiliar_eval_set
+from ..memories import LiveMemory, teacher_states
 from ..metrics import distribution_sums, text_windows
 
 EVAL_SEED_VALIDATION = 1  # prompts that pick the best checkpoint
@@ -19,15 +20,25 @@ EVAL_SEED_TEST = 0  # prompts of the reported figures and the agreement bar (nev
 
 @torch.no_grad()
 def _pair_metrics(teacher, draft, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 8) -> dict:
-    """Sums over masked positions of KL(p||q), top-1 agreement, sum_x min(p, q) and the draft's CE on the ids."""
+    """Sums over masked positions of KL(p||q), top-1 agreement, sum_x min(p, q) and the draft's CE on the ids.
+
+    A draft with a live memory reads the teacher's states of the same text, one position behind (lag 1: its first
+    proposal of a round), from the teacher pass that gives p."""
     dev_t = next(teacher.parameters()).device
     dev_d = next(draft.parameters()).device
+    layers = getattr(draft, "feature_layers", None)
     tot = {"kl": 0.0, "agreement": 0.0, "alpha": 0.0, "ce": 0.0, "n": 0}
     for i in range(0, len(ids), chunk):
         x = ids[i : i + chunk]
         m = mask[i : i + chunk, : x.shape[1] - 1]  # (b, T-1): predictions of tokens 1..T-1
-        lp = torch.log_softmax(teacher(input_ids=x.to(dev_t), use_cache=False).logits[:, :-1].float().cpu(), -1)
-        lq = torch.log_softmax(draft(input_ids=x.to(dev_d), use_cache=False).logits[:, :-1].float().cpu(), -1)
+        memory = {}
+        if layers:
+            logits, states = teacher_states(teacher, x.to(dev_t), layers)  # (b, T, V), (b, T, D)
+            memory = {"memory": LiveMemory(layers, states.to(dev_d)), "memory_lags": 1}
+        else:
+            logits = teacher(input_ids=x.to(dev_t), use_cache=False).logits
+        lp = torch.log_softmax(logits[:, :-1].float().cpu(), -1)
+        lq = torch.log_softmax(draft(input_ids=x.to(dev_d), use_cache=False, **memory).logits[:, :-1].float().cpu(), -1)
         for k, v in distribution_sums(lp, lq, m).items():
             tot[k] += v
         tot["ce"] += (-lq.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) * m).sum().item()
@@ -38,9 +49,9 @@ def evaluate_draft(teacher, draft, sets: dict[str, EvalSet], cache=None) -> dict
     """Per set: KL(teacher || draft), top-1 agreement, alpha = E[sum min(p, q)] (the expected acceptance
     probability), and the draft's cross-entropy and perplexity, over the scored positions.
 
-    With a knowledge ``cache`` and a draft that has fusion layers, every set is scored twice:
-    with the cache attached (``name``) and detached (``name + "_no_cache"``). The draft's own
-    attached cache is restored afterwards.
+    With a knowledge ``cache`` (or ``"live"``, a live memory) and a draft that has fusion layers, every set is
+    scored twice: with the memory attached (``name``) and detached (``name + "_no_cache"``). The draft's own
+    attached memory is restored afterwards.
     """
     was_training, before = draft.training, draft.knowledge
     draft.eval()
