@@ -384,7 +384,10 @@ def distill(cfg: DistillConfig, run_dir: str | os.PathLike | None = None, *, tea
 
 @torch.no_grad()
 def _on_policy_rows(draft, ids: torch.Tensor, valid: torch.Tensor, t, seed: int, prompt_tokens: int = 32):
-    """Replace a share of the rows by continuations the current draft samples itself (DistillSpec's on-policy data)."""
+    """Replace a share of the rows by continuations the current draft samples itself (DistillSpec's on-policy data).
+
+    A draft with a live memory samples them with its memory empty (``generate`` has no teacher states to give it),
+    that is as the detached draft; the teacher scores the rows as any other."""
     n = int(round(t.on_policy_share * len(ids)))
     if n == 0:
         return ids, valid
