@@ -316,11 +316,13 @@ def is_feature_draft_folder(path: str | os.PathLike) -> bool:
     return cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT
 
 
-def load_feature_draft(path: str | os.PathLike, device=None, dtype=torch.float32) -> FeatureDraft:
+def load_feature_draft(path: str | os.PathLike, device=None, dtype=torch.float32, *, trim_head: bool = True
+                       ) -> FeatureDraft:
     """Load a draft written by :func:`save_feature_draft` (safetensors only: nothing is unpickled).
 
     A folder may also hold ``head_tokens.json`` (``{"ids": [...]}``): the head is then trimmed to those tokens
-    (:func:`trim_to`), the same weights scoring fewer tokens, with no second copy of the weights.
+    (:func:`trim_to`), the same weights scoring fewer tokens, with no second copy of the weights;
+    ``trim_head=False`` loads the full head.
 
     A missing folder raises :class:`~qdlib.errors.MissingFileError`; a damaged file, one that is not this format, or
     weights that do not fit it raise :class:`~qdlib.errors.DamagedFileError`, naming the file.
@@ -344,7 +346,7 @@ def load_feature_draft(path: str | os.PathLike, device=None, dtype=torch.float32
     for p in draft.parameters():
         p.requires_grad_(False)
     draft = draft.to(device=device or "cpu", dtype=dtype).eval()
-    if (path / HEAD_TOKENS).is_file():  # the head trimmed at load to the ids the folder lists
+    if trim_head and (path / HEAD_TOKENS).is_file():  # the head trimmed at load to the ids the folder lists
         ids = read_json(path / HEAD_TOKENS, what="the draft head's token ids", fix=fix).get("ids")
         if not isinstance(ids, list) or draft.head.out_features != draft.vocab_size:
             raise DamagedFileError(f"{path / HEAD_TOKENS} must hold {{'ids': [...]}} for a full-vocabulary draft; "
