@@ -21,3 +21,32 @@ QWEN3_06B = dict(
     attention_bias=False, hidden_act="silu",
 )
 QWEN3_06B_SHORT_LAYERS = 8  # the real-model tests keep every width of Qwen3-0.6B but 8 of its 28 layers
+
+
+def two_token_counts(target, draft, ids, n: int, temperature: float, seed: int = 0, **kw) -> torch.Tensor:
+    """``(V, V)`` counts of the two tokens ``speculative_generate`` samples after ``ids`` (batch 1), ``n`` times."""
+    from qdlib.speculative import speculative_generate
+
+    V = target.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(V, V, dtype=torch.float64)
+    for _ in range(n):
+        out, _ = speculative_generate(target, draft, ids, max_new_tokens=2, temperature=temperature, generator=g,
+                                      eos_token_id=-1, **kw)
+        counts[out[0, -2], out[0, -1]] += 1
+    return counts
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float, callable]:
+    """Pearson's statistic of ``counts`` against the distribution ``probs`` (cells expecting fewer than 5 pooled),
+    a critical value near the 0.01% tail, and the same statistic for another distribution (a power check)."""
+    n = counts.sum()
+    exp, obs = (probs.double() * n).flatten(), counts.flatten()
+    big = exp >= 5
+    pool = lambda x: torch.cat([x[big], x[~big].sum()[None]])  # noqa: E731
+    e, o = pool(exp), pool(obs)
+    dof = e.numel() - 1
+    critical = dof + 4 * (2 * dof) ** 0.5
+    against = lambda other: ((o - pool((other.double() * n).flatten())) ** 2  # noqa: E731
+                             / pool((other.double() * n).flatten()).clamp(min=1e-9)).sum().item()
+    return ((o - e) ** 2 / e).sum().item(), critical, against

@@ -9,7 +9,7 @@ from qdlib.feature_draft import (FeatureDraft, FeatureDraftConfig, build_feature
                                  save_feature_draft, trim_vocab)
 from qdlib.speculative import generate_plain, process_logits, speculative_generate
 
-from helpers import QWEN3_06B, tiny_qwen3
+from helpers import QWEN3_06B, chi_square, tiny_qwen3, two_token_counts
 
 
 def causal_mask(T):
@@ -220,24 +220,10 @@ def test_sampling_with_feature_draft_matches_the_target_distribution(vocab):
         p1 = process_logits(target(input_ids=ids).logits[0, -1], 1.0)
         joint = torch.stack([p1[a].double() * process_logits(target(input_ids=torch.tensor([[3, 5, a]])).logits[0, -1],
                                                              1.0).double() for a in range(V)])
-    g = torch.Generator().manual_seed(0)
-    n = 2500
-    counts = torch.zeros(V, V, dtype=torch.float64)
-    for _ in range(n):
-        out, _ = speculative_generate(target, draft, ids, gamma=2, max_new_tokens=2, temperature=1.0, generator=g,
-                                      eos_token_id=-1)
-        counts[out[0, 2], out[0, 3]] += 1
-    exp, obs = (joint * n).flatten(), counts.flatten()
-    big = exp >= 5
-    e = torch.cat([exp[big], exp[~big].sum()[None]])
-    o = torch.cat([obs[big], obs[~big].sum()[None]])
-    dof = e.numel() - 1
-    critical = dof + 4 * (2 * dof) ** 0.5
-    assert ((o - e) ** 2 / e).sum().item() < critical
+    stat, critical, against = chi_square(two_token_counts(target, draft, ids, 2500, 1.0, gamma=2), joint)
+    assert stat < critical
     # power: counts drawn from a wrong distribution (the target's first token, a uniform second) fail the same check
-    wrong = (p1.double()[:, None] * torch.full((V,), 1.0 / V, dtype=torch.float64)[None]).flatten() * n
-    w = torch.cat([wrong[big], wrong[~big].sum()[None]])
-    assert ((o - w) ** 2 / w.clamp(min=1e-9)).sum().item() > 10 * critical
+    assert against(p1.double()[:, None] * torch.full((V,), 1.0 / V, dtype=torch.float64)[None]) > 10 * critical
 
 
 def test_accept_round_sampling_keeps_the_target_distribution():

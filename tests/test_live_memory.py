@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from helpers import tiny_qwen3
+from helpers import chi_square, tiny_qwen3, two_token_counts
 from qdlib import build_draft, paths, sample_layers
 from qdlib.decoding import Settings, process_logits
 from qdlib.drafters import HybridDrafter, LiveMemoryDrafter, ModelDrafter, Pausing, as_drafter
@@ -200,23 +200,10 @@ def test_sampling_with_a_live_memory_keeps_the_target_distribution():
         detached = process_logits(draft.set_knowledge(None)(input_ids=ids).logits[0, -1], T)
         draft.set_knowledge("live")
     assert 0.5 * (q1 - detached).abs().sum() > 0.05  # the memory really changes q
-    g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(V, V, dtype=torch.float64)
-    for _ in range(n):
-        out, _ = speculative_generate(target, draft, ids, gamma=2, max_new_tokens=2, temperature=T, generator=g,
-                                      eos_token_id=-1)
-        counts[out[0, 2], out[0, 3]] += 1
-    exp, obs = (joint * n).flatten(), counts.flatten()
-    big = exp >= 5
-    e = torch.cat([exp[big], exp[~big].sum()[None]])
-    o = torch.cat([obs[big], obs[~big].sum()[None]])
-    dof = e.numel() - 1
-    critical = dof + 4 * (2 * dof) ** 0.5  # about the 0.01% tail
-    assert ((o - e) ** 2 / e).sum().item() < critical
+    stat, critical, against = chi_square(two_token_counts(target, draft, ids, n, T, gamma=2), joint)
+    assert stat < critical
     # the same statistic rejects the draft's own distribution (what a loop that accepted everything would give)
-    eq = (q_joint * n).flatten()
-    eq = torch.cat([eq[big], eq[~big].sum()[None]])
-    assert ((o - eq) ** 2 / eq.clamp(min=1e-9)).sum().item() > 10 * critical
+    assert against(q_joint) > 10 * critical
 
 
 # ----------------------------------------------------------------------------- training reads no future state
