@@ -44,7 +44,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMS
 
 from .errors import ConfigError, DamagedFileError, MissingFileError
 from .io import atomic_dir, how_to_restore, load_safetensors, read_json, write_json_atomic
-from .target_engine import LeanStack
+from .target_engine import LeanStack, weights_key
 
 FORMAT = "qd_feature_draft"
 HEAD_TOKENS = "head_tokens.json"  # optional: the token ids a full-vocabulary head is trimmed to when loaded
@@ -167,8 +167,8 @@ class FeatureDraft(nn.Module):
 
     def _lean_stack(self) -> LeanStack:
         """The layers' fused copy for drafting (:class:`qdlib.target_engine.LeanStack`) and the head's transposed
-        copy, rebuilt when a weight changed (an optimizer step or a load bumps the parameters' version counters)."""
-        key = tuple(p._version for p in self.parameters())
+        copy, rebuilt when a weight changed (:func:`qdlib.target_engine.weights_key`)."""
+        key = weights_key(self)
         if getattr(self, "_lean", None) is None or self._lean[0] != key:
             stack = LeanStack(self.layers, self.config.qwen3(), self.rotary.inv_freq)
             stack.head = self.head.weight.detach().T.contiguous()  # (H, Vd): x @ head streams it row by row
@@ -179,8 +179,8 @@ class FeatureDraft(nn.Module):
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None):
         """``(predicted features (B, T, H), logits over the draft vocabulary (B, T, Vd))``."""
         f = self.hidden(features, input_ids, kv, positions, mask)
-        if kv is not None and not torch.is_grad_enabled():
-            return f, f @ self._lean_stack().head
+        if kv is not None and not torch.is_grad_enabled():  # hidden() has just checked the lean copy is current
+            return f, f @ self._lean[1].head
         return f, self.head(f)
 
     def new_cache(self, max_len: int | None = None) -> KVBuffer:

@@ -120,6 +120,26 @@ class LeanStack:
         return h
 
 
+def weights_key(module) -> tuple:
+    """Changes whenever a parameter of ``module`` does: an in-place update (optimizer step, load) bumps its version
+    counter, a move (``.to``) changes where its data lives."""
+    return tuple((p._version, p.data_ptr(), p.dtype) for p in module.parameters())
+
+
+def fused_weights(model) -> tuple[LeanStack, torch.Tensor]:
+    """``(LeanStack of the model's layers, its head transposed (H, V))``, fused once and kept on the model: a decoding
+    loop builds a :class:`TargetEngine` per generation, and fusing copies every weight. Rebuilt when a weight
+    changed (:func:`weights_key`)."""
+    key = weights_key(model)
+    kept = getattr(model, "_qd_fused", None)
+    if kept is None or kept[0] != key:
+        m = model.model
+        kept = (key, LeanStack(m.layers, model.config, m.rotary_emb.inv_freq),
+                model.get_output_embeddings().weight.detach().T.contiguous())
+        model._qd_fused = kept
+    return kept[1], kept[2]
+
+
 class TargetEngine:
     """A Qwen3 causal LM's decoding forward over a preallocated KV cache (batch 1).
 
@@ -143,8 +163,7 @@ class TargetEngine:
         self.config, self.device = cfg, model.device
         m = model.model
         self.embed, self.norm_w = m.embed_tokens.weight, m.norm.weight
-        self.head = model.get_output_embeddings().weight.detach().T.contiguous()  # (H, V)
-        self.stack = LeanStack(m.layers, cfg, m.rotary_emb.inv_freq)
+        self.stack, self.head = fused_weights(model)  # head: (H, V)
         shape = (len(self.stack.layers), 1, cfg.num_key_value_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=self.embed.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.embed.dtype, device=self.device)

@@ -76,6 +76,20 @@ def test_keep_moves_the_accepted_path_into_place():
     torch.testing.assert_close(nxt, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_engines_share_the_fused_weights_and_follow_a_weight_change():
+    model = tiny_qwen3(layers=3, seed=8)
+    a, b = TargetEngine(model, 16), TargetEngine(model, 16)
+    assert a.stack is b.stack and a.head is b.head  # fused once per model, not per generation
+    with torch.no_grad():  # an in-place change, as an optimizer step or a load makes
+        model.model.layers[1].mlp.down_proj.weight.mul_(-2.0)
+        model.lm_head.weight.add_(0.5)
+    c = TargetEngine(model, 16)
+    assert c.stack is not a.stack
+    ids = torch.tensor([[5, 9, 2, 7]])
+    logits, _ = c(ids[0].tolist(), keep=4)
+    torch.testing.assert_close(logits, model(input_ids=ids).logits[0], rtol=1e-4, atol=1e-4)
+
+
 def test_refuses_what_it_does_not_cover():
     assert supports(tiny_qwen3(layers=2)) is None
     biased = tiny_qwen3(layers=2, attention_bias=True)
