@@ -74,6 +74,9 @@ class KnowledgeConfig:
     memory_layers: list[int] | None = setting(None, OrNull(IntList(1, "teacher layer indices")),
                                               "teacher layers a live memory reads (concatenated); null: the last "
                                               "(the final-norm output the head reads)")
+    recency: bool | None = setting(None, OrNull(Boolean()),
+                                   "a learned recency bias per cross-attention head (a live memory's slots are "
+                                   "positions of the text); null: on for a live memory, off for a static one")
 
 
 KNOWLEDGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KnowledgeConfig)}  # the block's defaults, by name
@@ -101,6 +104,11 @@ def knowledge_block(block: dict | None, hidden_size: int, num_layers: int) -> di
         raise ConfigError(f"knowledge_enhancement.memory_layers={layers!r} must be distinct teacher layer indices")
     if out["memory_size"] is None:
         out["memory_size"] = hidden_size * (len(layers) if out["memory"] == "live" and layers else 1)
+    if out["recency"] is None:
+        out["recency"] = out["memory"] == "live"
+    elif out["recency"] and out["memory"] != "live":
+        raise ConfigError("knowledge_enhancement.recency=True needs memory: live (a static cache's slots are items' "
+                          "tokens, not positions of the text); allowed with memory: static are false or null")
     if out["cache_dim"] % out["num_heads"]:
         raise ConfigError(f"knowledge_enhancement.cache_dim={out['cache_dim']} is not divisible by "
                           f"num_heads={out['num_heads']}")
@@ -172,7 +180,7 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
             for i in kb["after_layers"]:
                 self.fusion[str(i)] = GatedFusion(config.hidden_size, kb["memory_size"], kb["cache_dim"],
                                                   kb["num_heads"], kb["fusion_gate"], config.rms_norm_eps,
-                                                  gate_init=kb["gate_init"])
+                                                  gate_init=kb["gate_init"], recency=kb["recency"])
         self._knowledge = None  # run-time state: the attached KnowledgeCache or LiveMemory (never saved)
         self._memory = {}  # layer position -> projected Memory, valid for _memory_key
         self._memory_key = None
@@ -301,7 +309,7 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
             h = layer(h, attention_mask=masks[self.config.layer_types[i]], position_embeddings=rope,
                       position_ids=position_ids, cache=cache, use_cache=use_cache)
             if str(i) in memories:
-                h = self.fusion[str(i)](h, memories[str(i)], fmask)  # (B, T, D)
+                h = self.fusion[str(i)](h, memories[str(i)], fmask, position_ids)  # (B, T, D)
             if output_hidden_states:
                 hidden_states.append(h)
         h = dec.norm(h)

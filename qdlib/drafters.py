@@ -84,28 +84,42 @@ class ModelDrafter(Drafter):
     """A causal LM (a layer-sampled draft, any small model): its own KV cache, prefill, confidence stop, rollback.
 
     Its cache always holds ``seq[:-1]`` or less; each proposal feeds what the cache lacks, then one token at a time.
+    Given ``max_len`` (the decoding loop's longest sequence), a Qwen3 model or a layer-sampled draft of one runs on
+    qdlib's lean forward (:class:`~qdlib.target_engine.TargetEngine`, the teacher's own), else on transformers'.
     """
 
-    def __init__(self, model, settings: Settings, confidence_threshold: float | None = None):
+    def __init__(self, model, settings: Settings, confidence_threshold: float | None = None,
+                 max_len: int | None = None):
         super().__init__(settings)
-        self.model, self.threshold = model, confidence_threshold
+        self.model, self.threshold, self.max_len = model, confidence_threshold, max_len
         self.device = model.device
 
     def begin(self, seq, features):
         from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=self.model.config)
+        from .target_engine import TargetEngine, supports
+
+        lean = self.max_len is not None and supports(self.model) is None
+        self.engine = TargetEngine(self.model, self.max_len) if lean else None
+        self.cache = None if lean else DynamicCache(config=self.model.config)
         if len(seq) > 1:
             self._forward(seq[:-1])
             self.calls += 1
 
+    @property
+    def length(self) -> int:
+        """Positions in the draft's own KV cache."""
+        return self.engine.length if self.engine is not None else self.cache.get_seq_length()
+
     def _forward(self, tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens`` after the cache; the last position's logits ``(V,)``."""
+        if self.engine is not None:
+            return self.engine(tokens, keep=1)[0][-1]
         return self.model(input_ids=torch.tensor([tokens], device=self.device), cache=self.cache, use_cache=True,
                           logits_to_keep=1).logits[0, -1]
 
     def propose(self, seq, k):
-        feed = seq[self.cache.get_seq_length():]
+        feed = seq[self.length:]
         tokens, qs = [], []
         for j in range(k):
             logits = self._forward(feed)  # (V,)
@@ -119,7 +133,10 @@ class ModelDrafter(Drafter):
         return Proposal(tokens, None if self.s.greedy else qs)
 
     def commit(self, seq, features):
-        rollback(self.cache, len(seq) - 1)
+        if self.engine is not None:
+            self.engine.crop(len(seq) - 1)
+        else:
+            rollback(self.cache, len(seq) - 1)
 
 
 class LiveMemoryDrafter(ModelDrafter):
@@ -133,8 +150,9 @@ class LiveMemoryDrafter(ModelDrafter):
 
     needs_features = True
 
-    def __init__(self, model, settings: Settings, confidence_threshold: float | None = None):
-        super().__init__(model, settings, confidence_threshold)
+    def __init__(self, model, settings: Settings, confidence_threshold: float | None = None,
+                 max_len: int | None = None):
+        super().__init__(model, settings, confidence_threshold, max_len)
         self.feature_layers = model.feature_layers
         self.memory = model.knowledge.fresh()
 
@@ -144,8 +162,17 @@ class LiveMemoryDrafter(ModelDrafter):
         super().begin(seq, features)
 
     def _forward(self, tokens):
+        if self.engine is not None:  # the fusion blocks run after their layers, reading the memory at lag 1
+            return self.engine(tokens, keep=1, hooks={int(i): self._fuse(i) for i in self.model.fusion})[0][-1]
         return self.model(input_ids=torch.tensor([tokens], device=self.device), cache=self.cache, use_cache=True,
                           logits_to_keep=1, memory=self.memory).logits[0, -1]
+
+    def _fuse(self, i: str):
+        def fuse(h, positions):  # h (T, H), positions (T,)
+            pos = positions[None]  # (1, T)
+            mems, mask = self.model._memories(self.memory, 1, pos, int(positions[0]))
+            return h if not mems else self.model.fusion[i](h[None], mems[i], mask, pos)[0]
+        return fuse
 
     def commit(self, seq, features):
         self.memory.append(None if features is None else features.to(self.device))  # now the states of seq[:-1]
@@ -470,7 +497,7 @@ def as_drafter(draft, settings: Settings, *, confidence_threshold: float | None 
                          f"a {type(draft).__name__} drafts chains (tree=None)")
     if isinstance(draft, torch.nn.Module):
         drafter = LiveMemoryDrafter if getattr(draft, "feature_layers", None) else ModelDrafter
-        return drafter(draft, settings, confidence_threshold)
+        return drafter(draft, settings, confidence_threshold, max_len)
     if callable(getattr(draft, "propose", None)):
         return LookupDrafter(draft, settings, vocab_size)
     raise TypeError(f"draft must be a causal LM, a feature-fed draft, a Drafter, or an object with a "

@@ -82,7 +82,8 @@ class KnowledgeCrossAttention(nn.Module):
     per-head RMSNorm, as Qwen3's q/k-norm; padding slots are masked out.
     """
 
-    def __init__(self, hidden_size: int, memory_size: int, cache_dim: int, num_heads: int, eps: float = 1e-6):
+    def __init__(self, hidden_size: int, memory_size: int, cache_dim: int, num_heads: int, eps: float = 1e-6,
+                 recency: bool = False):
         super().__init__()
         if cache_dim % num_heads:
             raise ValueError(f"cache_dim={cache_dim} must be divisible by num_heads={num_heads}")
@@ -94,6 +95,10 @@ class KnowledgeCrossAttention(nn.Module):
         self.o_proj = nn.Linear(cache_dim, hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, eps)
         self.k_norm = RMSNorm(self.head_dim, eps)
+        # A live memory's slot s is the text's position s, but its keys carry no position: alone they cannot tell
+        # the newest state from one a thousand tokens back. A learned recency bias per head (ALiBi's form, the slopes
+        # learned from a geometric start) lets a head find the newest states: score - slope_h * (p - s).
+        self.log_slope = nn.Parameter(recency_log_slopes(num_heads)) if recency else None
 
     def project_memory(self, states: torch.Tensor, mask: torch.Tensor) -> Memory:
         """Project cached states ``(N, M_i, memory_size)`` with mask ``(N, M_i)`` once.
@@ -118,9 +123,11 @@ class KnowledgeCrossAttention(nn.Module):
         return Memory(self.k_norm(k).transpose(1, 2), v.transpose(1, 2), None)  # (B, H, M, hd) each
 
     def forward(self, h: torch.Tensor, memory: Memory, mask: torch.Tensor | None = None, *,
-                return_weights: bool = False):
+                positions: torch.Tensor | None = None, return_weights: bool = False):
         """Attend from ``h`` ``(B, T, D)`` to ``memory``; ``mask`` ``(B, T, M)`` (optional) says which slots each
-        query may read (:func:`lag_mask`). A query that may read no slot gets an update of exactly 0."""
+        query may read (:func:`lag_mask`). A query that may read no slot gets an update of exactly 0.
+        ``positions`` ``(B or 1, T)``: the queries' positions in the text, which a recency bias needs (slot ``s``
+        of a live memory is position ``s``)."""
         B, T, _ = h.shape
         q = self.q_proj(h).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, hd)
         q = self.q_norm(q).transpose(1, 2)  # (B, H, T, hd)
@@ -131,12 +138,21 @@ class KnowledgeCrossAttention(nn.Module):
             seen = mask.any(-1)  # (B, T): rows with at least one readable slot
             rows = mask | ~seen[..., None]  # (B, T, M): an empty row reads everything, and its result is zeroed below
             allowed = rows[:, None] if allowed is None else allowed & rows[:, None]  # (B, 1, T, M)
+        bias = None
+        if self.log_slope is not None:
+            if positions is None:
+                raise ValueError("this cross-attention has a recency bias: pass positions= (the queries' positions)")
+            bias = recency_bias(self.log_slope, positions, k.shape[2]).to(q.dtype)  # (B or 1, H, T, M)
+            if allowed is not None:
+                bias = bias.masked_fill(~allowed, float("-inf"))
         if return_weights:
             scores = q @ k.transpose(-1, -2) / self.head_dim**0.5  # (B, H, T, M)
+            if bias is not None:
+                scores = scores + bias
             weights = scores.softmax(-1) if allowed is None else masked_softmax(scores, allowed)  # (B, H, T, M)
             out = weights @ v  # (B, H, T, hd)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed if bias is None else bias)  # (B, H, T, hd)
         out = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
         if seen is not None:
             out = torch.where(seen[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))  # (B, T, D)
@@ -159,14 +175,14 @@ class GatedFusion(nn.Module):
     """
 
     def __init__(self, hidden_size: int, memory_size: int, cache_dim: int, num_heads: int,
-                 gate: str = "channel", eps: float = 1e-6, *, gate_init: float = 0.0):
+                 gate: str = "channel", eps: float = 1e-6, *, gate_init: float = 0.0, recency: bool = False):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"unknown fusion_gate {gate!r}; allowed: {', '.join(GATES)}")
         if not 0.0 <= gate_init < 1.0:
             raise ValueError(f"gate_init={gate_init} must be in [0, 1) (it is tanh of the gate)")
         self.norm = RMSNorm(hidden_size, eps)
-        self.attn = KnowledgeCrossAttention(hidden_size, memory_size, cache_dim, num_heads, eps)
+        self.attn = KnowledgeCrossAttention(hidden_size, memory_size, cache_dim, num_heads, eps, recency)
         self.gate_init = gate_init
         self.gate = nn.Parameter(torch.zeros(hidden_size if gate == "channel" else 1))
         self.reset_gate()
@@ -175,8 +191,9 @@ class GatedFusion(nn.Module):
     def reset_gate(self) -> None:
         self.gate.fill_(math.atanh(self.gate_init))
 
-    def forward(self, h: torch.Tensor, memory: Memory, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return gated_residual(h, self.attn(self.norm(h), memory, mask), self.gate)  # (B, T, D)
+    def forward(self, h: torch.Tensor, memory: Memory, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        return gated_residual(h, self.attn(self.norm(h), memory, mask, positions=positions), self.gate)  # (B, T, D)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -186,6 +203,28 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     [0.5, 0.0, 0.5]
     """
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def recency_log_slopes(num_heads: int) -> torch.Tensor:
+    """Where a learned recency bias starts: slopes ``2**(-8 h / H)`` for heads ``h = 0..H-1``, ALiBi's geometric
+    sequence (Press et al., 2022) shifted so that head 0 starts at slope 1 and favours the newest state strongly.
+
+    >>> recency_log_slopes(2).exp().tolist()
+    [1.0, 0.0625]
+    """
+    return -(torch.arange(num_heads, dtype=torch.float32) * 8 / num_heads) * math.log(2)
+
+
+def recency_bias(log_slope: torch.Tensor, positions: torch.Tensor, slots: int) -> torch.Tensor:
+    """``-slope_h * (p - s)`` for a query at position ``p`` and the memory slot (position) ``s``: ``(B, H, T, slots)``
+    from ``positions`` ``(B, T)`` or ``(T,)``. The newest slot a query may read gets the largest score.
+
+    >>> recency_bias(torch.zeros(1), torch.tensor([2]), 3)[0, 0].tolist()
+    [-2.0, -1.0, -0.0]
+    """
+    pos = positions if positions.dim() == 2 else positions[None]  # (B, T)
+    dist = (pos[..., None] - torch.arange(slots, device=pos.device)).float()  # (B, T, slots)
+    return -log_slope.float().exp()[None, :, None, None] * dist[:, None]  # (B, H, T, slots)
 
 
 def gated_residual(h: torch.Tensor, update: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

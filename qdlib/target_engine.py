@@ -43,8 +43,11 @@ from .errors import ConfigError
 def supports(model) -> str | None:
     """None when :class:`TargetEngine` can run ``model``; else the reason it cannot."""
     cfg = getattr(model, "config", None)
-    if getattr(cfg, "model_type", None) != "qwen3":
-        return f"model_type {getattr(cfg, 'model_type', None)!r} is not qwen3"
+    if getattr(cfg, "model_type", None) not in ("qwen3", "qd_draft"):
+        return f"model_type {getattr(cfg, 'model_type', None)!r} is not qwen3 (or a layer-sampled draft of one)"
+    knowledge = getattr(model, "knowledge", None)
+    if knowledge is not None and not getattr(knowledge, "is_live", False):
+        return "a draft reading a static knowledge cache runs through transformers (its cross-attention is not here)"
     if getattr(cfg, "attention_bias", False):
         return "attention biases are not supported"
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
@@ -108,13 +111,16 @@ class LeanStack:
         return h + (F.silu(gate) * up) @ w_down
 
     def __call__(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int, positions: torch.Tensor,
-                 mask: torch.Tensor | None = None, *, taps=None, out: dict | None = None) -> torch.Tensor:
+                 mask: torch.Tensor | None = None, *, taps=None, out: dict | None = None, hooks=None) -> torch.Tensor:
         """``taps``: layer indices (not the last) whose output states, RMS-normalised without a scale, go into
-        ``out`` (index -> ``(T, H)``)."""
+        ``out`` (index -> ``(T, H)``). ``hooks``: layer index -> a function of the layer's output ``(T, H)`` that
+        returns the states the next layer reads (a draft's fusion blocks)."""
         cos, sin = self.rope(positions)
         last = len(self.layers) - 1
         for li in range(len(self.layers)):
             h = self.layer(li, h, cos, sin, mask, k, v, s)
+            if hooks is not None and li in hooks:
+                h = hooks[li](h)
             if taps is not None and li in taps and li != last:
                 out[li] = F.rms_norm(h, (self.H,), None, self.eps)
         return h
@@ -190,13 +196,14 @@ class TargetEngine:
         self.length = start + n
 
     def __call__(self, tokens, keep: int = 1, *, positions: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None, rows: torch.Tensor | None = None, layers=None):
+                 mask: torch.Tensor | None = None, rows: torch.Tensor | None = None, layers=None, hooks=None):
         """``(logits (keep, V), hidden (T, H))`` for ``tokens`` appended after the cache.
 
         ``positions`` ``(T,)`` default to ``length .. length + T - 1``; ``mask`` ``(T, T)`` bool says which new
         tokens each new token sees (default: causal), the cached prefix is always visible. ``rows``: the new
         tokens whose logits to return (default: the last ``keep``). ``layers``: return those layers' states
-        (see the class) instead of the last one's.
+        (see the class) instead of the last one's. ``hooks``: ``{layer: f(h, positions) -> h}``, run after those
+        layers (a draft's fusion blocks, :class:`qdlib.drafters.LiveMemoryDrafter`).
         """
         with torch.inference_mode():
             ids = torch.as_tensor(tokens, device=self.device).view(-1)
@@ -210,7 +217,9 @@ class TargetEngine:
                 new = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
                 full = torch.cat([torch.ones(T, s, dtype=torch.bool, device=self.device), new], 1)  # (T, s + T)
             taps = {}  # intermediate layers' states, RMS-normalised
-            h = self.stack(self.embed[ids], self.k, self.v, s, positions, full, taps=layers, out=taps)  # (T, H)
+            bound = None if hooks is None else {li: (lambda h, f=f: f(h, positions)) for li, f in hooks.items()}
+            h = self.stack(self.embed[ids], self.k, self.v, s, positions, full, taps=layers, out=taps,
+                           hooks=bound)  # (T, H)
             self.length = s + T
             h = F.rms_norm(h, (self.H,), self.norm_w, self.eps)
             sel = h[-keep:] if rows is None else h[rows]

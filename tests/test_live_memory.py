@@ -17,7 +17,7 @@ from qdlib import build_draft, paths, sample_layers
 from qdlib.decoding import Settings, process_logits
 from qdlib.drafters import HybridDrafter, LiveMemoryDrafter, ModelDrafter, Pausing, as_drafter
 from qdlib.errors import ConfigError
-from qdlib.fusion import GatedFusion, lag_mask
+from qdlib.fusion import GatedFusion, KnowledgeCrossAttention, lag_mask
 from qdlib.memories import LiveMemory, draw_lags, teacher_states
 from qdlib.speculative import generate_plain, speculative_generate
 from qdlib.trainer import start_from
@@ -131,14 +131,17 @@ def test_greedy_with_wrappers_and_the_transformers_engine(tiny, prompts):
         assert torch.equal(out, ref)
 
 
-def test_drafting_incrementally_equals_one_full_forward_with_the_lag_rule(tiny, prompts):
-    """Depth j of a round reads the verified text j behind: the same logits as one forward over the whole text."""
+@pytest.mark.parametrize("max_len", [None, 400], ids=["transformers", "lean"])
+def test_drafting_incrementally_equals_one_full_forward_with_the_lag_rule(tiny, prompts, max_len):
+    """Depth j of a round reads the verified text j behind: the same logits as one forward over the whole text,
+    on transformers' forward and on the lean one (given max_len, the fusion blocks run as hooks after their layers)."""
     teacher, _ = tiny
     draft = live_draft(teacher, gate=0.5)
     seq = prompts[1][0].tolist()
-    drafter = as_drafter(draft, Settings())
+    drafter = as_drafter(draft, Settings(), max_len=max_len)
     _, states = teacher_states(teacher, torch.tensor([seq[:-1]]), [27])
     drafter.begin(seq, states[0])
+    assert (drafter.engine is not None) == (max_len is not None)
     seen = []
     orig = drafter._forward
     drafter._forward = lambda tokens: seen.append(orig(tokens)) or seen[-1]
@@ -273,6 +276,37 @@ def test_a_query_that_may_read_nothing_is_left_exactly_as_it_was():
     out = fuse(h, mem, mask)
     assert torch.equal(out[0, 0], h[0, 0]) and torch.equal(out[1, [0, 1, 3]], h[1, [0, 1, 3]])
     assert not torch.equal(out[0, 1:], h[0, 1:]) and not torch.equal(out[1, 2], h[1, 2])
+
+
+def test_the_recency_bias_lets_a_head_find_the_newest_state_it_may_read():
+    torch.manual_seed(0)
+    positions, mask = torch.arange(6), lag_mask(torch.arange(6), 2, 5)  # the query at p reads slots <= p - 2
+    h, same = torch.randn(1, 6, 8), torch.ones(1, 5, 6)  # identical states: content cannot tell the slots apart
+    for recency in (False, True):
+        attn = KnowledgeCrossAttention(8, 6, 8, 2, recency=recency)
+        out, w = attn(h, attn.project_states(same), mask, positions=positions, return_weights=True)  # w (1, H, T, M)
+        assert torch.allclose(out, attn(h, attn.project_states(same), mask, positions=positions), atol=1e-6)
+        for p in range(3, 6):  # two or more readable slots
+            readable = w[0, :, p, : p - 1]  # (H, p - 1)
+            assert torch.allclose(readable.sum(-1), torch.ones(2)) and w[0, :, p, p - 1 :].abs().max() == 0
+            steps = readable.diff(dim=-1)
+            if recency:  # every head prefers newer states, head 0 (slope 1) puts most weight on the newest
+                assert (steps > 0).all() and readable[0, -1] > 0.5
+            else:  # without positions the states are indistinguishable
+                assert steps.abs().max() < 1e-6
+    with pytest.raises(ValueError, match="recency bias: pass positions="):
+        attn(h, attn.project_states(same), mask)
+
+
+def test_the_recency_bias_is_a_live_memory_setting(small):
+    teacher, _ = small
+    live = build_draft(teacher, [0, 3], knowledge_enhancement={"enabled": True, "memory": "live"})
+    static = build_draft(teacher, [0, 3], knowledge_enhancement={"enabled": True})
+    assert live.config.knowledge_enhancement["recency"] and all(f.attn.log_slope is not None for f in live.fusion.values())
+    assert not static.config.knowledge_enhancement["recency"]
+    assert all(f.attn.log_slope is None for f in static.fusion.values())
+    with pytest.raises(ConfigError, match="recency=True needs memory: live"):
+        build_draft(teacher, [0, 3], knowledge_enhancement={"enabled": True, "recency": True})
 
 
 def test_modes_static_live_and_detached(small):

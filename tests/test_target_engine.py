@@ -116,3 +116,32 @@ def test_logits_equal_transformers_on_qwen3_0_6b_widths(qwen3_06b):
     a, _ = eng(ids[0, :5].tolist(), keep=5)
     b, _ = eng(ids[0, 5:].tolist(), keep=3)
     torch.testing.assert_close(torch.cat([a, b]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_layer_sampled_draft_drafts_on_the_lean_forward_and_proposes_what_transformers_would(tiny):
+    """Given the loop's max_len, a ModelDrafter runs the draft's layers on TargetEngine; its proposals and rollbacks
+    match transformers' forward round after round. A draft reading a static cache stays on transformers'."""
+    from qdlib import build_draft, load_draft, sample_layers
+    from qdlib.decoding import Settings
+    from qdlib.drafters import as_drafter
+    from qdlib.knowledge import build_knowledge_cache
+
+    teacher, tok = tiny
+    draft = load_draft().set_knowledge(None)
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(3, 8000, (40,), generator=g).tolist()
+    lean, hf = as_drafter(draft, Settings(), max_len=200), as_drafter(draft, Settings())
+    lean.begin(seq, None), hf.begin(seq, None)
+    assert lean.engine is not None and hf.engine is None
+    for r in range(6):
+        a, b = lean.propose(seq, 4), hf.propose(seq, 4)
+        assert a.tokens == b.tokens, f"round {r}"
+        seq = seq + a.tokens[: r % 3] + [int(torch.randint(3, 8000, (), generator=g))]  # some accepted, a correction
+        lean.commit(seq, None), hf.commit(seq, None)
+        assert lean.length == hf.length == len(seq) - 1
+    static = build_draft(teacher, sample_layers(28, 6), knowledge_enhancement={"enabled": True})
+    static.set_knowledge(build_knowledge_cache(teacher, tok, answer_tokens=4))
+    assert "static knowledge cache" in supports(static)
+    d = as_drafter(static, Settings(), max_len=200)
+    d.begin(seq[:5], None)
+    assert d.engine is None
