@@ -220,6 +220,22 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
         self._memory, self._memory_key = {}, None
         return self
 
+    def fusion_hooks(self, memory=None) -> dict | None:
+        """The fusion blocks as hooks of the lean forward (:class:`qdlib.target_engine.TargetEngine`'s ``hooks``):
+        ``{layer: f(h (T, H), positions (T,)) -> h}`` reading the attached memory (a static cache, or ``memory``, a
+        :class:`~qdlib.memories.LiveMemory`, at lag 1 as a drafting round does); None when nothing is read."""
+        if not len(self.fusion) or self._knowledge is None:
+            return None
+
+        def hook(i: str):
+            def fuse(h, positions):
+                pos = positions[None]  # (1, T)
+                mems, mask = self._memories(memory, 1, pos, int(positions[0]))
+                return h if not mems else self.fusion[i](h[None], mems[i], mask, pos)[0]  # (T, H)
+            return fuse
+
+        return {int(i): hook(i) for i in self.fusion}
+
     def _memories(self, memory, lags, position_ids, first) -> tuple[dict[str, Memory], torch.Tensor | None]:
         """Keys/values per fusion layer and the queries' mask (None: every query reads every slot).
 

@@ -106,6 +106,11 @@ class ModelDrafter(Drafter):
             self._forward(seq[:-1])
             self.calls += 1
 
+    def _hooks(self):
+        """A draft's fusion blocks reading its attached memory, for the lean forward (None: a plain stack)."""
+        hooks = getattr(self.model, "fusion_hooks", None)  # a DraftForCausalLM; any other causal LM has none
+        return hooks() if hooks is not None else None
+
     @property
     def length(self) -> int:
         """Positions in the draft's own KV cache."""
@@ -114,7 +119,7 @@ class ModelDrafter(Drafter):
     def _forward(self, tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens`` after the cache; the last position's logits ``(V,)``."""
         if self.engine is not None:
-            return self.engine(tokens, keep=1)[0][-1]
+            return self.engine(tokens, keep=1, hooks=self._hooks())[0][-1]
         return self.model(input_ids=torch.tensor([tokens], device=self.device), cache=self.cache, use_cache=True,
                           logits_to_keep=1).logits[0, -1]
 
@@ -161,18 +166,14 @@ class LiveMemoryDrafter(ModelDrafter):
         self.memory.reset(None if features is None else features.to(self.device))  # the prompt's, but its last token
         super().begin(seq, features)
 
+    def _hooks(self):
+        return self.model.fusion_hooks(self.memory)  # the fusion blocks read this generation's memory at lag 1
+
     def _forward(self, tokens):
-        if self.engine is not None:  # the fusion blocks run after their layers, reading the memory at lag 1
-            return self.engine(tokens, keep=1, hooks={int(i): self._fuse(i) for i in self.model.fusion})[0][-1]
+        if self.engine is not None:
+            return super()._forward(tokens)
         return self.model(input_ids=torch.tensor([tokens], device=self.device), cache=self.cache, use_cache=True,
                           logits_to_keep=1, memory=self.memory).logits[0, -1]
-
-    def _fuse(self, i: str):
-        def fuse(h, positions):  # h (T, H), positions (T,)
-            pos = positions[None]  # (1, T)
-            mems, mask = self.model._memories(self.memory, 1, pos, int(positions[0]))
-            return h if not mems else self.model.fusion[i](h[None], mems[i], mask, pos)[0]
-        return fuse
 
     def commit(self, seq, features):
         self.memory.append(None if features is None else features.to(self.device))  # now the states of seq[:-1]

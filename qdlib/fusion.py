@@ -219,7 +219,7 @@ def recency_bias(log_slope: torch.Tensor, positions: torch.Tensor, slots: int) -
     """``-slope_h * (p - s)`` for a query at position ``p`` and the memory slot (position) ``s``: ``(B, H, T, slots)``
     from ``positions`` ``(B, T)`` or ``(T,)``. The newest slot a query may read gets the largest score.
 
-    >>> recency_bias(torch.zeros(1), torch.tensor([2]), 3)[0, 0].tolist()
+    >>> recency_bias(torch.zeros(1), torch.tensor([2]), 3)[0, 0, 0].tolist()
     [-2.0, -1.0, -0.0]
     """
     pos = positions if positions.dim() == 2 else positions[None]  # (B, T)

@@ -45,9 +45,6 @@ def supports(model) -> str | None:
     cfg = getattr(model, "config", None)
     if getattr(cfg, "model_type", None) not in ("qwen3", "qd_draft"):
         return f"model_type {getattr(cfg, 'model_type', None)!r} is not qwen3 (or a layer-sampled draft of one)"
-    knowledge = getattr(model, "knowledge", None)
-    if knowledge is not None and not getattr(knowledge, "is_live", False):
-        return "a draft reading a static knowledge cache runs through transformers (its cross-attention is not here)"
     if getattr(cfg, "attention_bias", False):
         return "attention biases are not supported"
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):

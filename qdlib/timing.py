@@ -34,8 +34,9 @@ def step_time(model, context: int = 96, tokens: int = 1, n: int = 30, engine: st
     new = torch.randint(3, model.config.vocab_size, (1, tokens), generator=g).to(dev)
     if engine == "qdlib" or (engine == "auto" and supports(model) is None):
         eng = TargetEngine(model, context + tokens)
-        eng(prefix[0])
-        call, undo = (lambda: eng(new[0], tokens)), (lambda: eng.crop(context))
+        hooks = model.fusion_hooks() if hasattr(model, "fusion_hooks") else None  # a draft's attached static cache
+        eng(prefix[0], hooks=hooks)
+        call, undo = (lambda: eng(new[0], tokens, hooks=hooks)), (lambda: eng.crop(context))
     else:
         cache = DynamicCache(config=model.config)
         model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)

@@ -118,30 +118,40 @@ def test_logits_equal_transformers_on_qwen3_0_6b_widths(qwen3_06b):
     torch.testing.assert_close(torch.cat([a, b]), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_a_layer_sampled_draft_drafts_on_the_lean_forward_and_proposes_what_transformers_would(tiny):
-    """Given the loop's max_len, a ModelDrafter runs the draft's layers on TargetEngine; its proposals and rollbacks
-    match transformers' forward round after round. A draft reading a static cache stays on transformers'."""
-    from qdlib import build_draft, load_draft, sample_layers
+def _same_proposals(draft, seq, rounds=6, seed=0):
+    """A lean drafter (given max_len) and a transformers one propose the same tokens and roll back alike."""
     from qdlib.decoding import Settings
     from qdlib.drafters import as_drafter
-    from qdlib.knowledge import build_knowledge_cache
 
-    teacher, tok = tiny
-    draft = load_draft().set_knowledge(None)
-    g = torch.Generator().manual_seed(0)
-    seq = torch.randint(3, 8000, (40,), generator=g).tolist()
+    g = torch.Generator().manual_seed(seed)
     lean, hf = as_drafter(draft, Settings(), max_len=200), as_drafter(draft, Settings())
     lean.begin(seq, None), hf.begin(seq, None)
     assert lean.engine is not None and hf.engine is None
-    for r in range(6):
+    for r in range(rounds):
         a, b = lean.propose(seq, 4), hf.propose(seq, 4)
         assert a.tokens == b.tokens, f"round {r}"
         seq = seq + a.tokens[: r % 3] + [int(torch.randint(3, 8000, (), generator=g))]  # some accepted, a correction
         lean.commit(seq, None), hf.commit(seq, None)
         assert lean.length == hf.length == len(seq) - 1
-    static = build_draft(teacher, sample_layers(28, 6), knowledge_enhancement={"enabled": True})
+
+
+def test_a_layer_sampled_draft_drafts_on_the_lean_forward_and_proposes_what_transformers_would(tiny):
+    """Given the loop's max_len, a ModelDrafter runs the draft's layers on TargetEngine (its fusion blocks, reading
+    an attached static cache, as hooks after their layers); proposals and rollbacks match transformers' forward."""
+    import math
+
+    from qdlib import build_draft, load_draft, sample_layers
+    from qdlib.knowledge import build_knowledge_cache
+
+    teacher, tok = tiny
+    seq = torch.randint(3, 8000, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    _same_proposals(load_draft().set_knowledge(None), seq)
+    static = build_draft(teacher, sample_layers(28, 6), knowledge_enhancement={"enabled": True}).float().eval()
+    with torch.no_grad():
+        for f in static.fusion.values():
+            f.gate.fill_(math.atanh(0.5))  # open, so that the cache changes what is proposed
     static.set_knowledge(build_knowledge_cache(teacher, tok, answer_tokens=4))
-    assert "static knowledge cache" in supports(static)
-    d = as_drafter(static, Settings(), max_len=200)
-    d.begin(seq[:5], None)
-    assert d.engine is None
+    assert supports(static) is None and static.fusion_hooks() is not None
+    _same_proposals(static, seq)
+    ids = torch.tensor([seq])
+    assert not torch.equal(static(input_ids=ids).logits, static.set_knowledge(None)(input_ids=ids).logits)
