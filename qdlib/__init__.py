@@ -39,7 +39,7 @@ _LAZY = {
     "load_draft": "draft",
     "FeatureDraft": "feature_draft",
     "load_feature_draft": "feature_draft",
-    "NgramDrafter": "retrieval",
+    "NgramDrafter": "lookup",
     "TeacherLoadError": "models",
     "load_teacher": "models",
     "first_k_layers": "sampling",

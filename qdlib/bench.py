@@ -61,7 +61,7 @@ from .knowledge import load_items
 from .metrics import distribution_metrics, expected_speedup, expected_tokens_per_call
 from .models import model_name
 from .progress import progress_bar
-from .retrieval import NgramDrafter
+from .lookup import NgramDrafter
 from .sampling import first_k_layers, sample_layers
 from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
 from .timing import feature_step_time, step_time, verify_split  # noqa: F401 (step_time: public name)

@@ -15,7 +15,7 @@ the drafter's ``feature_layers`` (concatenated). Only drafters with
 ``needs_features = True`` receive them, so the others cost nothing extra.
 (transformers' ``CandidateGenerator`` plays the same role for ``generate``.)
 
-    >>> from qdlib.retrieval import NgramDrafter
+    >>> from qdlib.lookup import NgramDrafter
     >>> d = as_drafter(NgramDrafter([[1, 2, 3, 4]], max_n=2), Settings())
     >>> d.begin([7, 2], None); d.propose([7, 2], 2).tokens
     [3, 4]
@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 
 from .decoding import Settings
+from .target_engine import TargetEngine, supports
 from .trees import TreeShape, chain_parents, merge_chain
 
 
@@ -96,8 +97,6 @@ class ModelDrafter(Drafter):
 
     def begin(self, seq, features):
         from transformers import DynamicCache
-
-        from .target_engine import TargetEngine, supports
 
         lean = self.max_len is not None and supports(self.model) is None
         self.engine = TargetEngine(self.model, self.max_len) if lean else None
@@ -320,7 +319,7 @@ class HybridDrafter(Drafter):
     carry that source's q, so the acceptance rule keeps the target's distribution. ``from_lookup`` counts the
     rounds the lookup drafted.
 
-        >>> from qdlib.retrieval import NgramDrafter
+        >>> from qdlib.lookup import NgramDrafter
         >>> class Echo:  # a stand-in fallback: always proposes token 0
         ...     def propose(self, context, k): return [0] * k
         >>> h = HybridDrafter(NgramDrafter([[5, 6, 7, 8]], max_n=2), Echo()).configure(Settings(), vocab_size=10)
@@ -379,7 +378,7 @@ class LookupBranches(Drafter):
     When sampling, a drafter's chain that carries its q is passed on unmerged: the chain's rule accepts more.
     ``extra`` caps the nodes the lookup may add.
 
-        >>> from qdlib.retrieval import NgramDrafter
+        >>> from qdlib.lookup import NgramDrafter
         >>> class Two:  # a stand-in drafter: always proposes the chain [1, 2]
         ...     def propose(self, context, k): return [1, 2][:k]
         >>> d = LookupBranches(Two(), NgramDrafter([], max_n=2, include_context=True)).configure(Settings(), vocab_size=10)

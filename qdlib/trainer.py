@@ -45,7 +45,7 @@ from .sampling import EARLY_EXIT, layer_importance
 from .train import FitConfig, Recipe, TrainingStopped, fit
 from .train.cards import export_draft, plot_curves, read_log, schedule_restarts
 from .train.evaluate import EVAL_SEED_TEST, EVAL_SEED_VALIDATION, eval_sets, evaluate_draft, text_eval_set
-from .training import adamw
+from .train.optim import adamw
 
 __all__ = ["DistillRecipe", "EVAL_SEED_TEST", "EVAL_SEED_VALIDATION", "TrainingStopped", "distill", "distill_recipe",
            "draft_layers", "eval_sets", "evaluate_draft", "export_draft", "plot_curves", "read_log", "schedule_restarts",

@@ -10,7 +10,7 @@ from qdlib.bench import (BUSY_MARGIN, METHODS, SAMPLING_METHODS, BenchConfig, Ca
                          capstone_score, teacher_forced_alpha)
 from qdlib.report import headline, load_report, report_markdown, write_report
 from qdlib.feature_draft import build_feature_draft
-from qdlib.retrieval import NgramDrafter
+from qdlib.lookup import NgramDrafter
 from qdlib.speculative import speculative_generate
 
 from helpers import tiny_qwen3

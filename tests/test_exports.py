@@ -39,7 +39,7 @@ def test_every_lazy_name_is_exported_and_resolves():
     assert unresolved(f"qdlib.{n}" for n in qdlib.__all__) == []
 
 
-@pytest.mark.parametrize("name, module", [("NgramDrafter", "retrieval"), ("FeatureDraft", "feature_draft"),
+@pytest.mark.parametrize("name, module", [("NgramDrafter", "lookup"), ("FeatureDraft", "feature_draft"),
                                           ("load_feature_draft", "feature_draft")])
 def test_the_drafters_the_docstrings_cite_are_exported(name, module):
     assert name in qdlib.__all__

@@ -117,7 +117,7 @@ def test_greedy_output_is_the_teachers_and_the_memory_is_read(tiny, prompts):
 @pytest.mark.slow
 def test_greedy_with_wrappers_and_the_transformers_engine(tiny, prompts):
     """Hybrid and pausing wrappers carry the live memory's needs to the loop; transformers' forward feeds it too."""
-    from qdlib.retrieval import NgramDrafter
+    from qdlib.lookup import NgramDrafter
 
     teacher, _ = tiny
     draft = live_draft(teacher, [13, 27])

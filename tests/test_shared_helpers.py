@@ -11,7 +11,7 @@ from qdlib.fusion import RMSNorm
 from qdlib.metrics import compare_strategies, strategy_layers
 from qdlib.sampling import EARLY_EXIT, first_k_layers
 from qdlib.trainer import draft_layers
-from qdlib.training import adamw, config_changes
+from qdlib.train.optim import adamw, config_changes
 
 from helpers import tiny_qwen3
 

@@ -205,7 +205,7 @@ def test_hybrid_drafter_is_exact_and_uses_both_sources(tiny):
     from qdlib import load_draft
     from qdlib.corpus import heldout_prompts, heldout_texts
     from qdlib.drafters import HybridDrafter
-    from qdlib.retrieval import NgramDrafter
+    from qdlib.lookup import NgramDrafter
 
     teacher, tok = tiny
     draft = load_draft()
@@ -233,7 +233,7 @@ def test_sampling_end_to_end_matches_target_distribution(drafter):
     (lookup where it matches, the model elsewhere).
     """
     from qdlib.drafters import HybridDrafter
-    from qdlib.retrieval import NgramDrafter
+    from qdlib.lookup import NgramDrafter
 
     V = 12
     target = tiny_qwen3(vocab=V, hidden=32, layers=4, seed=7, tie_word_embeddings=False)

@@ -31,7 +31,7 @@ from typing import Any, Callable, ContextManager
 import torch
 
 from ..errors import ConfigError
-from ..training import adamw, config_changes
+from .optim import adamw, config_changes
 
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -126,7 +126,7 @@ class Recipe:
 
     # ---- defaults a recipe may override
     def optimizer(self, fc: FitConfig) -> torch.optim.Optimizer:
-        """AdamW with weight decay on matrices only (:func:`qdlib.training.adamw`)."""
+        """AdamW with weight decay on matrices only (:func:`qdlib.train.optim.adamw`)."""
         return adamw(self.parameters(), fc.lr, fc.weight_decay)
 
     def config_defaults(self) -> dict:

@@ -58,6 +58,9 @@ def active_time(rows) -> float:
     """Training time from the log, with pauses (a stopped or suspended process) left out.
 
     A step that took more than 10x the median step is counted as a median step.
+
+    >>> active_time([{"elapsed_s": 1.0}, {"elapsed_s": 2.0}, {"elapsed_s": 3.0}, {"elapsed_s": 900.0}])  # a pause
+    4.0
     """
     t = [0.0] + [r["elapsed_s"] for r in rows]
     deltas = [b - a for a, b in zip(t, t[1:])]

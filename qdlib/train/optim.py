@@ -1,7 +1,6 @@
-"""Pieces that both training loops share: the optimiser set-up and the resume check.
+"""The one loop's optimiser set-up and resume check (:func:`qdlib.train.fit` uses both for every recipe).
 
-``qd train-teacher`` (:mod:`qdlib.teacher`) and ``qd distill`` (:mod:`qdlib.trainer`)
-both train with AdamW, weight decay on matrices only, and both resume from a
+Every recipe trains with AdamW, weight decay on matrices only, and resumes from a
 checkpoint only when the settings that shape the weights are unchanged:
 
     >>> config_changes({"lr": 1e-3, "steps": 10}, {"lr": 3e-3, "steps": 20}, {"lr": 1e-3, "steps": 10},
