@@ -54,7 +54,8 @@ import torch
 from . import __version__, paths
 from .corpus import heldout_prompts, heldout_texts
 from .draft import build_draft
-from .drafters import HybridDrafter, LookupBranches
+from .decoding import Settings
+from .drafters import HybridDrafter, LookupBranches, as_drafter
 from .heldout_code import heldout_code_prompts
 from .hardware import cpu_name
 from .knowledge import load_items
@@ -64,7 +65,7 @@ from .progress import progress_bar
 from .lookup import NgramDrafter
 from .sampling import first_k_layers, sample_layers
 from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
-from .timing import feature_step_time, step_time, verify_split  # noqa: F401 (step_time: public name)
+from .timing import step_time, verify_split  # noqa: F401 (step_time: public name)
 
 # name -> (label, group, needs). Groups order the table; needs says what the method uses.
 METHODS: dict[str, tuple[str, str]] = {
@@ -538,13 +539,12 @@ def measure_costs(teacher, draft, extra: dict, cfg: BenchConfig) -> dict:
     ctx = cfg.prompt_tokens + cfg.max_new_tokens // 2
     t_step = step_time(teacher, ctx)
     costs = {"teacher_step_ms": 1e3 * t_step, "c": {}}
-    for name, d in {"spec": draft, **extra}.items():
-        costs["c"][name] = (feature_step_time(d, ctx) if getattr(d, "needs_target_features", False)
-                            else step_time(d, ctx)) / t_step
+    for name, d in {"spec": draft, **extra}.items():  # each drafter times its own drafting path
+        costs["c"][name] = as_drafter(d, Settings()).step_cost(ctx) / t_step
     if draft.knowledge is not None:  # the same draft without its cross-attention to the cache
         attached = draft.knowledge
         try:
-            costs["c"]["spec_no_cache"] = step_time(draft.set_knowledge(None), ctx) / t_step
+            costs["c"]["spec_no_cache"] = as_drafter(draft.set_knowledge(None), Settings()).step_cost(ctx) / t_step
         finally:
             draft.set_knowledge(attached)
     costs["verify_cost"] = {str(g): step_time(teacher, ctx, tokens=g + 1) / t_step for g in sorted(set(cfg.gammas) | {cfg.gamma})}

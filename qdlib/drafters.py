@@ -30,6 +30,7 @@ import torch
 
 from .decoding import Settings
 from .target_engine import TargetEngine, supports
+from .timing import feature_step_time, step_time
 from .trees import TreeShape, chain_parents, merge_chain
 
 
@@ -47,10 +48,22 @@ class Drafter:
 
     needs_features = False
     feature_layers: tuple[int, ...] | None = None
+    _parts: tuple = ()  # the drafters a wrapper combines (hybrid, lookup branches, pausing)
 
     def __init__(self, settings: Settings):
         self.s = settings
         self.calls = 0
+
+    def check(self, target) -> None:
+        """Raise ``ValueError`` naming the mismatch when this drafter cannot draft for ``target`` (another
+        vocabulary, other special tokens, features of another width); a wrapper checks what it wraps."""
+        for part in self._parts:
+            part.check(target)
+
+    def step_cost(self, context: int = 96) -> float:
+        """Median seconds of one drafting call after ``context`` tokens, on the path decoding uses (0: no model);
+        over a teacher step this is the draft's c. A wrapper costs what its dearest part does."""
+        return max((part.step_cost(context) for part in self._parts), default=0.0)
 
     def begin(self, seq: list[int], features: torch.Tensor | None) -> None:
         pass
@@ -104,6 +117,19 @@ class ModelDrafter(Drafter):
         if len(seq) > 1:
             self._forward(seq[:-1])
             self.calls += 1
+
+    def check(self, target) -> None:
+        tv, dv = target.config.vocab_size, self.model.config.vocab_size
+        if tv != dv:
+            raise ValueError(f"draft vocabulary ({dv}) differs from the target's ({tv}); the draft must use the "
+                             f"target's tokenizer")
+        for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            a, b = getattr(target.config, key, None), getattr(self.model.config, key, None)
+            if a is not None and b is not None and a != b:
+                raise ValueError(f"draft {key}={b} differs from the target's {a}: the tokenizers do not match")
+
+    def step_cost(self, context: int = 96) -> float:
+        return step_time(self.model, context)
 
     def _hooks(self):
         """A draft's fusion blocks reading its attached memory, for the lean forward (None: a plain stack)."""
@@ -168,6 +194,19 @@ class LiveMemoryDrafter(ModelDrafter):
     def _hooks(self):
         return self.model.fusion_hooks(self.memory)  # the fusion blocks read this generation's memory at lag 1
 
+    def check(self, target) -> None:
+        super().check(target)
+        if target.config.hidden_size != self.model.config.hidden_size:
+            raise ValueError(f"the draft's live memory reads states {self.model.config.hidden_size} wide per layer, "
+                             f"the target's are {target.config.hidden_size}: use the draft with the teacher it came from")
+
+    def step_cost(self, context: int = 96) -> float:  # the fusion blocks read a memory of ``context`` states
+        width = self.model.config.knowledge_enhancement["memory_size"]
+        states = torch.randn(context, width, generator=torch.Generator().manual_seed(0)).to(self.device)
+        memory = self.model.knowledge.fresh()
+        memory.reset(states)
+        return step_time(self.model, context, memory=memory)
+
     def _forward(self, tokens):
         if self.engine is not None:
             return super()._forward(tokens)
@@ -212,6 +251,16 @@ class FeatureDrafter(Drafter):
                  tree: TreeShape | None = None):
         super().__init__(settings)
         self.draft, self.threshold, self.max_len, self.tree = draft, confidence_threshold, max_len, tree
+
+    def check(self, target) -> None:
+        tv, dv, th, dh = target.config.vocab_size, self.draft.vocab_size, target.config.hidden_size, \
+            self.draft.fc.in_features // 2
+        if (tv, th) != (dv, dh):
+            raise ValueError(f"the feature-fed draft was built for vocabulary {dv} and hidden size {dh}, the target "
+                             f"has {tv} and {th}: build or load the draft for this teacher")
+
+    def step_cost(self, context: int = 96) -> float:
+        return feature_step_time(self.draft, context)
 
     def begin(self, seq, features):
         self.kv = self.draft.new_cache(self.max_len)

@@ -107,7 +107,7 @@ class SpecStats:
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, gamma=1, draft=None):
+def _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, gamma=1):
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a (1, T) tensor of token ids, got {getattr(input_ids, 'shape', input_ids)!r}")
     if input_ids.shape[0] != 1:
@@ -129,24 +129,6 @@ def _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, 
     if ctx is not None and input_ids.shape[1] + max_new_tokens > ctx:
         raise ValueError(f"prompt of {input_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
                          f"model's context of {ctx} tokens")
-    if draft is not None and getattr(draft, "needs_target_features", False):
-        tv, dv, th, dh = target.config.vocab_size, draft.vocab_size, target.config.hidden_size, draft.fc.in_features // 2
-        if (tv, th) != (dv, dh):
-            raise ValueError(f"the feature-fed draft was built for vocabulary {dv} and hidden size {dh}, the target "
-                             f"has {tv} and {th}: build or load the draft for this teacher")
-    elif draft is not None and isinstance(draft, torch.nn.Module):
-        tv, dv = target.config.vocab_size, draft.config.vocab_size
-        if tv != dv:
-            raise ValueError(f"draft vocabulary ({dv}) differs from the target's ({tv}); the draft must use the "
-                             f"target's tokenizer")
-        for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
-            a, b = getattr(target.config, key, None), getattr(draft.config, key, None)
-            if a is not None and b is not None and a != b:
-                raise ValueError(f"draft {key}={b} differs from the target's {a}: the tokenizers do not match")
-        layers = getattr(draft, "feature_layers", None)
-        if layers and target.config.hidden_size != draft.config.hidden_size:
-            raise ValueError(f"the draft's live memory reads states {draft.config.hidden_size} wide per layer, the "
-                             f"target's are {target.config.hidden_size}: use the draft with the teacher it came from")
 
 
 def _eos_set(model, eos_token_id) -> set[int]:
@@ -215,7 +197,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     ``propose(context, k)`` such as :class:`qdlib.NgramDrafter`.
     """
     gamma, confidence_threshold, tree = _draft_defaults(draft, gamma, confidence_threshold, tree, temperature == 0)
-    _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, gamma, draft)
+    _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, gamma)
     if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
         raise ValueError(f"confidence_threshold={confidence_threshold} must be in [0, 1]")
     s = Settings(temperature, top_k, top_p, generator)
@@ -224,6 +206,7 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     pause = getattr(getattr(draft, "config", None), "pause", None)  # the draft's own fallback, where it has one
     drafter = as_drafter(Pausing(draft, **pause) if pause else draft, s, confidence_threshold=confidence_threshold,
                          vocab_size=target.config.vocab_size, max_len=max_len, tree=tree)
+    drafter.check(target)  # each kind of drafter knows what it needs of the target
     verify = verifier(target, drafter.needs_features, max_len, engine, layers=drafter.feature_layers)
     if tree is not None and not verify.trees:
         raise ValueError(f"tree={tree!r} needs engine='qdlib' or 'auto' on a model qdlib's engine supports")

@@ -18,11 +18,12 @@ from .target_engine import ENGINES, TargetEngine, supports
 
 
 @torch.no_grad()
-def step_time(model, context: int = 96, tokens: int = 1, n: int = 30, engine: str = "auto") -> float:
+def step_time(model, context: int = 96, tokens: int = 1, n: int = 30, engine: str = "auto", memory=None) -> float:
     """Median seconds of one cached forward over ``tokens`` new tokens after ``context`` cached ones.
 
     ``engine``: the forward the decoding loops use, "auto" (qdlib's :class:`~qdlib.target_engine.TargetEngine`
     where it supports the model, as :func:`qdlib.speculative_generate` does), "qdlib" or "transformers".
+    A draft's fusion blocks read its attached memory on the lean forward, or ``memory`` (a live memory).
     """
     from transformers import DynamicCache
 
@@ -34,7 +35,7 @@ def step_time(model, context: int = 96, tokens: int = 1, n: int = 30, engine: st
     new = torch.randint(3, model.config.vocab_size, (1, tokens), generator=g).to(dev)
     if engine == "qdlib" or (engine == "auto" and supports(model) is None):
         eng = TargetEngine(model, context + tokens)
-        hooks = model.fusion_hooks() if hasattr(model, "fusion_hooks") else None  # a draft's attached static cache
+        hooks = model.fusion_hooks(memory) if hasattr(model, "fusion_hooks") else None  # a draft's attached memory
         eng(prefix[0], hooks=hooks)
         call, undo = (lambda: eng(new[0], tokens, hooks=hooks)), (lambda: eng.crop(context))
     else:

@@ -355,6 +355,48 @@ def test_bad_inputs_batch_empty_vocab():
         speculative_generate(target, other, torch.tensor([[5, 6]]))
 
 
+def test_each_drafter_checks_what_it_needs_of_the_target_and_a_wrapper_checks_its_parts():
+    """speculative_generate asks the drafter (Drafter.check), never its type: each kind names its own mismatch."""
+    from qdlib.drafters import HybridDrafter, Pausing
+    from qdlib.feature_draft import build_feature_draft
+    from qdlib.lookup import NgramDrafter
+
+    target, ids = tiny_qwen3(layers=2), torch.tensor([[5, 6]])
+    wide = tiny_qwen3(layers=2, hidden=128)
+    with pytest.raises(ValueError, match=r"feature-fed draft was built for vocabulary 256 and hidden size 128, the "
+                                         r"target has 256 and 64"):
+        speculative_generate(target, build_feature_draft(wide, 1), ids)
+    live = build_draft(wide, [0, 1], knowledge_enhancement={"enabled": True, "memory": "live"}).set_knowledge("live")
+    with pytest.raises(ValueError, match=r"live memory reads states 128 wide per layer, the target's are 64"):
+        speculative_generate(target, live, ids)
+    other = build_draft(tiny_qwen3(vocab=300, layers=2), [0, 1])
+    for wrapper in (HybridDrafter(NgramDrafter([[1, 2, 3]]), other), Pausing(other)):
+        with pytest.raises(ValueError, match=r"draft vocabulary \(300\) differs from the target's \(256\)"):
+            speculative_generate(target, wrapper, ids)
+    speculative_generate(target, NgramDrafter([[1, 2, 3]]), ids, max_new_tokens=2)  # a lookup needs nothing
+
+
+def test_each_drafter_times_its_own_drafting_path():
+    """Drafter.step_cost: a model's step on the forward decoding uses, nothing for a lookup, a wrapper's dearest part."""
+    from qdlib.decoding import Settings
+    from qdlib.drafters import Drafter, HybridDrafter, as_drafter
+    from qdlib.lookup import NgramDrafter
+
+    class Fixed(Drafter):  # a stand-in with a known cost
+        def __init__(self, cost):
+            super().__init__(Settings())
+            self.cost = cost
+
+        def step_cost(self, context=96):
+            return self.cost
+
+    target = tiny_qwen3(layers=2)
+    assert as_drafter(build_draft(target, [0, 1]), Settings()).step_cost(16) > 0
+    assert as_drafter(NgramDrafter([[1, 2, 3]]), Settings()).step_cost() == 0.0
+    hybrid = HybridDrafter(NgramDrafter([[1, 2, 3]]), Fixed(0.25)).configure(Settings(), vocab_size=256)
+    assert hybrid.step_cost() == 0.25
+
+
 def test_trace_reproduces_the_output():
     from qdlib.viz import trace_tokens
 

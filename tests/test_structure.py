@@ -305,3 +305,14 @@ def test_the_checks_on_the_tests_find_each_mistake(toy_tests):
     for check in (vacuous_subset_asserts, unbounded_failure_counts):  # nothing found where there is no mistake
         assert not check(toy_tests / "test_skip.py")
     assert not skipping_tests(toy_tests / "test_counts.py")
+
+
+def test_the_decoding_loop_and_the_bench_costs_ask_the_drafter_not_its_type():
+    """A new kind of drafter brings its own check(target) and step_cost(); the loop and the costs never branch on
+    what a draft is (issue 26: the type switches they had)."""
+    loop = (PACKAGE / "speculative.py").read_text()
+    assert "needs_target_features" not in loop and "isinstance(draft" not in loop
+    bench = (PACKAGE / "bench.py").read_text()
+    costs = bench[bench.index("def measure_costs"):]
+    costs = costs[: costs.index("\ndef ")]
+    assert "needs_target_features" not in costs and "step_cost" in costs
