@@ -261,3 +261,23 @@ def test_setup_seeds_torch_and_returns_the_course_device(monkeypatch):
     first = torch.rand(3)
     torch.manual_seed(3)
     assert torch.equal(first, torch.rand(3))
+
+
+EXERCISE = re.compile(r"\*\*Exercise (\d+)(?: \(([a-z]+)\))?\.\*\*")
+GUIDE_ROW = re.compile(r"^\| (\d\d) \| (\d+|capstone)\b[^|]*\| ([a-z]+)( \(warm-up\))? \| [^|]+ \|$", re.M)
+
+
+def exercises_in(nb) -> list[tuple[str, str]]:
+    """``(number, kind label or "")`` of every exercise heading in a notebook's markdown."""
+    return [(m.group(1), m.group(2) or "") for c in nb["cells"] if c["cell_type"] == "markdown"
+            for m in EXERCISE.finditer(source(c))]
+
+
+def test_the_instructor_guide_lists_every_exercise_with_its_kind():
+    guide = (paths.REPO_DIR / "notebooks" / "README.md").read_text(encoding="utf-8")
+    listed = {(nb, ex): (kind, bool(warm)) for nb, ex, kind, warm in GUIDE_ROW.findall(guide)}
+    found = {(p.name[:2], n): label for p in NOTEBOOKS for n, label in exercises_in(load(p))}
+    assert found and set(listed) - {("07", "capstone")} == set(found), "the guide's exercise list and the notebooks differ"
+    for key, label in found.items():  # a labelled exercise is listed as its label says; an unlabelled one is a warm-up
+        want = (label, False) if label else ("implementation", True)
+        assert listed[key] == want, f"notebook {key[0]} exercise {key[1]}: listed as {listed[key]}, heading says {want}"
