@@ -64,6 +64,7 @@ from .models import model_name
 from .progress import progress_bar
 from .lookup import NgramDrafter
 from .sampling import first_k_layers, sample_layers
+from .schema import Choices, Integer, IntList, Number, OrNull, Text, field_ok, field_problems, raise_problems, setting
 from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
 from .timing import step_time, verify_split  # noqa: F401 (step_time: public name)
 
@@ -102,65 +103,37 @@ BUSY_MARGIN = 0.25
 
 @dataclass
 class BenchConfig:
-    """What ``run_bench`` measures. Every field is validated by :meth:`validate`.
+    """What ``run_bench`` measures: every field declared once with its check and help (:mod:`qdlib.schema`), so
+    :meth:`validate` names a bad value and what is allowed, as every other config of qdlib does."""
 
-    Attributes:
-        n_prompts: prompts per kind. prompt_tokens: length of each held-out code prompt.
-        max_new_tokens: tokens generated per prompt (the same budget for every method).
-        gamma: draft tokens per round for the fixed-length runs (and qdlib-matched assisted generation).
-        dynamic_max, dynamic_threshold: the dynamic-length run drafts up to ``dynamic_max`` tokens and
-            stops a round early when the draft's top probability falls below the threshold.
-        repeats: timed repeats (median reported); warmup: untimed calls per method first.
-        temperature: the sampling-mode rows (0 disables them).
-        gammas: the sweep; sweep_prompts: code prompts used for it (0 disables the sweep).
-        methods: names from :data:`METHODS` (None: all). kinds: prompt kinds to run.
-        seed: the held-out prompt seed and the sampling generator's seed.
-        code: a file or folder of the learner's own Python code; its prompts are the kind "yours".
-    """
-
-    n_prompts: int = 8
-    prompt_tokens: int = 64
-    max_new_tokens: int = 64
-    gamma: int = 4
-    dynamic_max: int = 8
-    dynamic_threshold: float = 0.4
-    repeats: int = 3
-    warmup: int = 1
-    temperature: float = 0.8
-    gammas: tuple = (1, 2, 3, 4, 5, 6, 7, 8)
-    sweep_prompts: int = 4
-    methods: tuple | None = None
-    kinds: tuple = ("code", "unfamiliar", "paraphrase")
-    seed: int = 0
-    code: str | None = None
+    n_prompts: int = setting(8, Integer(1), "prompts per kind")
+    prompt_tokens: int = setting(64, Integer(1), "length of each held-out code prompt, in tokens")
+    max_new_tokens: int = setting(64, Integer(1), "tokens generated per prompt (the same budget for every method)")
+    gamma: int = setting(4, Integer(1), "draft tokens per round of the fixed-length runs (and matched assisted "
+                                        "generation)")
+    dynamic_max: int = setting(8, Integer(1), "the dynamic-length run drafts up to this many tokens a round")
+    dynamic_threshold: float = setting(0.4, Number(0, 1), "... and stops a round when the draft's top probability "
+                                                          "falls below this")
+    repeats: int = setting(3, Integer(1), "timed repeats per method (the median is reported)")
+    warmup: int = setting(1, Integer(0), "untimed calls per method first")
+    temperature: float = setting(0.8, Number(0), "the sampling-mode rows (0: none)")
+    gammas: list = setting([1, 2, 3, 4, 5, 6, 7, 8], IntList(1, "gammas", low=1), "the gamma sweep")
+    sweep_prompts: int = setting(4, Integer(0), "code prompts of the sweep (0: no sweep)")
+    methods: list | None = setting(None, OrNull(Choices(*METHODS)), "the methods to run (null: all)")
+    kinds: list = setting(["code", "unfamiliar", "paraphrase"], Choices(*KINDS), "prompt kinds to run")
+    seed: int = setting(0, Integer(0), "the held-out prompts' seed and the sampling generator's")
+    code: str | None = setting(None, OrNull(Text()), "a file or folder of your own Python code: its prompts are the "
+                                                   "kind 'yours'")
 
     def validate(self) -> "BenchConfig":
-        for key in ("n_prompts", "prompt_tokens", "max_new_tokens", "gamma", "dynamic_max", "repeats"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"bench {key}={v!r} must be a positive integer")
-        for key in ("warmup", "sweep_prompts", "seed"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"bench {key}={v!r} must be a non-negative integer")
-        if not 0 <= self.dynamic_threshold <= 1:
-            raise ValueError(f"bench dynamic_threshold={self.dynamic_threshold} must be in [0, 1]")
-        if self.temperature < 0:
-            raise ValueError(f"bench temperature={self.temperature} must be >= 0 (0: no sampling rows)")
-        bad = [g for g in self.gammas if not isinstance(g, int) or g < 1]
-        if bad:
-            raise ValueError(f"bench gammas {bad} must be positive integers")
-        if self.methods is not None:
-            unknown = [m for m in self.methods if m not in METHODS]
-            if unknown:
-                raise ValueError(f"unknown bench method(s) {unknown}; allowed: {', '.join(METHODS)}")
-        unknown = [k for k in self.kinds if k not in KINDS]
-        if unknown or not self.kinds:
-            raise ValueError(f"bench kinds {list(self.kinds)} invalid; allowed: {', '.join(KINDS)}")
-        if ("yours" in self.kinds) != (self.code is not None):
-            raise ValueError("the kind 'yours' needs code=PATH (qd bench --code PATH), and code=PATH adds it")
-        if self.code is not None and not Path(self.code).exists():
-            raise ValueError(f"bench code={self.code!r}: no such file or folder")
+        """Coerce and check every field (:func:`qdlib.schema.field_problems`), then what relates two of them."""
+        problems = field_problems(self, "bench")
+        if field_ok(self, "kinds") and ("yours" in self.kinds) != (self.code is not None):
+            problems.append("bench.kinds has 'yours' only together with bench.code=PATH (qd bench --code PATH), "
+                            "and code=PATH adds it")
+        if self.code is not None and field_ok(self, "code") and not Path(self.code).exists():
+            problems.append(f"bench.code={self.code!r}: no such file or folder")
+        raise_problems(problems)
         return self
 
     @property

@@ -128,11 +128,11 @@ class Boolean(Check):
 
 
 class IntList(Check):
-    """A list of at least ``min_len`` integers."""
+    """A list of at least ``min_len`` integers, each at least ``low`` when given."""
 
-    def __init__(self, min_len: int = 1, what: str = "integers"):
-        self.min_len = min_len
-        self.allowed = f"a list of at least {min_len} {what}"
+    def __init__(self, min_len: int = 1, what: str = "integers", low: int | None = None):
+        self.min_len, self.low = min_len, low
+        self.allowed = f"a list of at least {min_len} {what}" + (f" (each >= {low})" if low is not None else "")
 
     def coerce(self, v):
         return list(v) if isinstance(v, tuple) else v
@@ -140,7 +140,30 @@ class IntList(Check):
     def problem(self, v):
         if not isinstance(v, list) or len(v) < self.min_len or not all(_is_int(i) for i in v):
             return "is not allowed"
+        if self.low is not None and any(i < self.low for i in v):
+            return "is out of range"
         return None
+
+
+class Choices(Check):
+    """A list of at least ``min_len`` names, each one of ``options``.
+
+    >>> Choices("ab", "cd").problem(["ab", "xy"]), Choices("ab").allowed
+    ("names 'xy', which are not allowed", 'a list of: ab')
+    """
+
+    def __init__(self, *options: str, min_len: int = 1):
+        self.options, self.min_len = options, min_len
+        self.allowed = f"a list of: {', '.join(options)}"
+
+    def coerce(self, v):
+        return list(v) if isinstance(v, tuple) else v
+
+    def problem(self, v):
+        if not isinstance(v, list) or len(v) < self.min_len:
+            return f"is not a list of at least {self.min_len}"
+        bad = [x for x in v if x not in self.options]
+        return f"names {', '.join(map(repr, bad))}, which are not allowed" if bad else None
 
 
 class Text(Check):

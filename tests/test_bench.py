@@ -10,6 +10,7 @@ from qdlib.bench import (BUSY_MARGIN, METHODS, SAMPLING_METHODS, BenchConfig, Ca
                          capstone_score, teacher_forced_alpha)
 from qdlib.report import headline, load_report, report_markdown, write_report
 from qdlib.feature_draft import build_feature_draft
+from qdlib.errors import ConfigError
 from qdlib.lookup import NgramDrafter
 from qdlib.speculative import speculative_generate
 
@@ -70,12 +71,19 @@ def test_teacher_forced_alpha_of_an_exact_copy_is_one():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"n_prompts": 0}, "n_prompts"), ({"repeats": 1.5}, "repeats"), ({"gammas": (0, 2)}, "gammas"),
-    ({"methods": ("spec", "warp_drive")}, "warp_drive"), ({"kinds": ("poetry",)}, "kinds"),
-    ({"temperature": -1}, "temperature"), ({"dynamic_threshold": 2}, "dynamic_threshold"),
+    ({"n_prompts": 0}, r"bench.n_prompts=0 is out of range; allowed: an integer >= 1"),
+    ({"repeats": 1.5}, r"bench.repeats=1.5 is not an integer"),
+    ({"gammas": (0, 2)}, r"bench.gammas=\[0, 2\] is out of range; allowed: a list of at least 1 gammas \(each >= 1\)"),
+    ({"methods": ("spec", "warp_drive")}, r"bench.methods=.* names 'warp_drive', which are not allowed; allowed: a "
+                                          r"list of: teacher_generate, "),
+    ({"kinds": ("poetry",)}, r"bench.kinds=\['poetry'\] names 'poetry'.*allowed: a list of: code, unfamiliar"),
+    ({"temperature": -1}, r"bench.temperature=-1 is out of range; allowed: a number >= 0"),
+    ({"dynamic_threshold": 2}, r"bench.dynamic_threshold=2 is out of range; allowed: a number in \[0, 1\]"),
+    ({"kinds": ("code", "yours")}, r"'yours' only together with bench.code=PATH"),
+    ({"n_prompts": 0, "seed": -1}, r"2 problems: bench.n_prompts=0 .*; bench.seed=-1 is out of range"),
 ])
-def test_bench_config_errors_name_the_value(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bench_config_errors_name_the_value_and_what_is_allowed(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
         BenchConfig(**kwargs).validate()
 
 
@@ -249,7 +257,7 @@ def test_code_prompts_come_from_the_learners_own_files(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no Python files"):
         code_prompts(tok, tmp_path / "empty", 4, 32)
-    with pytest.raises(ValueError, match="needs code=PATH"):
+    with pytest.raises(ValueError, match="only together with bench.code=PATH"):
         BenchConfig(kinds=("yours",)).validate()
     with pytest.raises(ValueError, match="no such file or folder"):
         BenchConfig(kinds=("yours",), code=str(tmp_path / "nope")).validate()
