@@ -28,6 +28,7 @@ from .corpus import (SOURCES, bits_per_byte, build_manifest, corpus_files, greed
                      tokenize_corpus, train_tokenizer)
 from .corpus import heldout_texts  # noqa: F401  notebooks 01 and 05 import it from here: remove once they use qdlib.corpus
 from .errors import ConfigError
+from .schema import Boolean, Choices, Integer, Number, OrNull, field_ok, field_problems, raise_problems, setting
 from .hardware import cpu_supports_bf16
 from .io import atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
 from .train import FORMAT, FitConfig, Recipe, fit
@@ -63,34 +64,44 @@ def teacher_config(vocab_size: int = 8192, hidden: int = 192, layers: int = 28):
 
 @dataclass
 class TeacherTrainConfig:
-    steps: int = 2400
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    stdlib_weight: float = 0.7  # share of sequences drawn from the standard library ...
-    final_stdlib_only: float = 0.2  # ... and the last 20% of steps use the standard library only
-    hidden: int = 192
-    vocab_size: int = 8192
-    eval_every: int = 250
-    ckpt_every: int = 50
-    seed: int = 0
-    bf16: bool | None = None  # None: use bf16 autocast where the CPU supports it
-    sources: tuple = SOURCES  # corpus sources; the first must be "stdlib"
-    max_files: int | None = None  # use only the first N files of each source (tests)
-    compile: bool = True  # torch.compile the training forward (~25% faster here, ~2 min to compile)
+    """``qd train-teacher``'s settings, each declared once with its check and help (:mod:`qdlib.schema`)."""
+
+    steps: int = setting(2400, Integer(1), "optimizer steps of the main phase")
+    batch_size: int = setting(16, Integer(1), "sequences per step")
+    seq_len: int = setting(256, Integer(8), "tokens per sequence")
+    lr: float = setting(3e-3, Number(0, 1, low_open=True), "peak learning rate (warm-up, then cosine)")
+    min_lr_ratio: float = setting(0.1, Number(0, 1), "the cosine's floor, as a share of lr")
+    warmup_steps: int = setting(100, Integer(0), "linear warm-up steps")
+    weight_decay: float = setting(0.1, Number(0), "AdamW weight decay (matrices only)")
+    grad_clip: float = setting(1.0, Number(0, low_open=True), "gradient norm clip")
+    stdlib_weight: float = setting(0.7, Number(0, 1), "share of sequences drawn from the standard library ...")
+    final_stdlib_only: float = setting(0.2, Number(0, 1), "... and the share of final steps on the standard library only")
+    hidden: int = setting(192, Integer(8), "hidden size (28 layers, as Qwen3-0.6B)")
+    vocab_size: int = setting(8192, Integer(256), "tokenizer vocabulary (a BPE trained on the corpus)")
+    eval_every: int = setting(250, Integer(1), "steps between held-out evaluations")
+    ckpt_every: int = setting(50, Integer(1), "steps between checkpoints (last.pt)")
+    seed: int = setting(0, Integer(0), "data order and initialisation")
+    bf16: bool | None = setting(None, OrNull(Boolean()), "bf16 autocast; null: where the CPU supports it")
+    sources: list = setting(list(SOURCES), Choices(*SOURCES), "corpus sources; the first must be stdlib")
+    max_files: int | None = setting(None, OrNull(Integer(1)), "only the first N files of each source (tests)")
+    compile: bool = setting(True, Boolean(), "torch.compile the training forward (~25% faster here, ~2 min to compile)")
     # Phase 2, after ``steps``: sequence-level unlikelihood polish (Welleck et al. 2019, "Neural text
     # generation with unlikelihood training"). Each step adds, to the ordinary stdlib loss, a penalty
     # -log(1 - p(token)) on the tokens of the model's own greedy continuations that repeat a 4-gram.
-    ul_steps: int = 100
-    ul_lr: float = 3e-4  # constant learning rate of the polish phase (the main phase's final rate)
-    ul_weight: float = 1.0
-    ul_batch: int = 8  # greedy continuations per step ...
-    ul_prompt_tokens: int = 64  # ... of prompts cut from the training stdlib stream ...
-    ul_new_tokens: int = 128  # ... continued this far
+    ul_steps: int = setting(100, Integer(0), "steps of the unlikelihood polish after the main phase")
+    ul_lr: float = setting(3e-4, Number(0, 1, low_open=True), "constant learning rate of the polish")
+    ul_weight: float = setting(1.0, Number(0), "weight of the unlikelihood penalty")
+    ul_batch: int = setting(8, Integer(1), "greedy continuations per polish step ...")
+    ul_prompt_tokens: int = setting(64, Integer(1), "... of prompts cut from the training stdlib stream ...")
+    ul_new_tokens: int = setting(128, Integer(1), "... continued this far")
+
+    def validate(self) -> "TeacherTrainConfig":
+        """Coerce and check every field; a ConfigError names each bad value and what is allowed."""
+        problems = field_problems(self, "teacher")
+        if field_ok(self, "sources") and self.sources[0] != "stdlib":
+            problems.append(f"teacher.sources={self.sources!r} must start with 'stdlib' (the held-out split is its)")
+        raise_problems(problems)
+        return self
 
 
 def _sample_batch(data: dict[str, torch.Tensor], cfg: TeacherTrainConfig, step: int) -> torch.Tensor:
@@ -205,6 +216,8 @@ def teacher_recipe(cfg: TeacherTrainConfig, run_dir: Path, log=print) -> tuple[T
     """The data (prepared once in ``run_dir``), a fresh model and the loop settings: the cosine over ``steps``, then
     ``ul_steps`` of polish at the constant ``ul_lr``."""
     from transformers import Qwen3ForCausalLM
+
+    cfg.validate()
 
     manifest, tokenizer, data, val_texts = prepare_data(run_dir, cfg, log)
     torch.manual_seed(cfg.seed)

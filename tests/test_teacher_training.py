@@ -62,3 +62,14 @@ def test_unlikelihood_polish_lowers_repeated_tokens_probability(tmp_path):
     prompts = torch.tensor([[3, 4, 5, 6, 3, 4, 5, 6]])
     ul, rep = _unlikelihood_loss(m, prompts, 24, use_bf16=False)
     assert 0 <= rep <= 1 and (ul.item() > 0) == (rep > 0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"steps": 0}, r"teacher.steps=0 is out of range; allowed: an integer >= 1"),
+    ({"sources": ("torch", "stdlib")}, r"must start with 'stdlib'"),
+    ({"sources": ("stdlib", "numpy")}, r"teacher.sources=.* names 'numpy', which are not allowed"),
+    ({"lr": 0, "bf16": "yes"}, r"2 problems: teacher.lr=0 .*; teacher.bf16='yes'"),
+])
+def test_a_bad_teacher_setting_is_named_with_what_is_allowed(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_cfg(**kw).validate()
