@@ -24,14 +24,14 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import divergence, paths
-from .corpus import heldout_prompts, heldout_texts, random_prompts
+from .corpus import SOURCES, heldout_prompts, heldout_texts, random_prompts
 from .distill_data import EvalSet, continue_greedy, heldout_eval_set, training_stream, unfamiliar_eval_set
 from .errors import ConfigError
 from .feature_draft import (HEAD_TOKENS, FeatureDraft, build_feature_draft, frequent_tokens, load_feature_draft,
@@ -39,6 +39,7 @@ from .feature_draft import (HEAD_TOKENS, FeatureDraft, build_feature_draft, freq
 from .hardware import cpu_supports_bf16
 from .io import torch_load_safe, torch_save_atomic, write_json_atomic
 from .models import load_teacher
+from .schema import Boolean, Integer, Number, OrNull, Text, Weights, field_problems, raise_problems, setting
 from .speculative import speculative_generate
 from .timing import feature_step_time, step_time
 from .train import FitConfig, Recipe, fit
@@ -50,42 +51,38 @@ EVAL_SEED_TEST = 0
 
 @dataclass
 class FeatureTrainConfig:
-    num_layers: int = 1
-    steps: int = 3000
-    batch_rows: int = 16
-    seq_len: int = 256
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    feature_weight: float = 0.1
-    unroll: int = 2  # 1 = teacher features only; 2 = also one depth on the draft's own features
-    unroll_weight: float = 0.5
-    source_weights: dict = field(default_factory=lambda: {"stdlib": 0.5, "torch": 0.25, "transformers": 0.25})
-    max_tokens_per_source: int | None = 6_000_000
-    generated: int = 768  # teacher greedy continuations of training prompts ...
-    generated_share: float = 0.25  # ... and the share of rows taken from them
-    prompt_tokens: int = 32
-    eval_every: int = 250
-    eval_prompts: int = 24
-    ckpt_every: int = 50
-    seed: int = 0
-    bf16: bool | None = None
-    max_files: int | None = None  # tests: only the first files of each source
-    init_from: str | None = None  # a feature-draft folder to continue from (see :func:`grow_from`)
+    """``qd train-fast``'s settings, each declared once with its check and help (:mod:`qdlib.schema`); a bad value
+    is refused when the config is made, naming it and what is allowed."""
+
+    num_layers: int = setting(1, Integer(1), "decoder layers of the feature-fed draft")
+    steps: int = setting(3000, Integer(1), "optimizer steps")
+    batch_rows: int = setting(16, Integer(1), "rows per step")
+    seq_len: int = setting(256, Integer(1), "tokens per row")
+    lr: float = setting(1e-3, Number(0, 1, low_open=True), "peak learning rate (warm-up, then cosine)")
+    min_lr_ratio: float = setting(0.1, Number(0, 1), "the cosine's floor, as a share of lr")
+    warmup_steps: int = setting(100, Integer(0), "linear warm-up steps")
+    weight_decay: float = setting(0.0, Number(0), "AdamW weight decay (matrices only)")
+    grad_clip: float = setting(1.0, Number(0, low_open=True), "gradient norm clip")
+    feature_weight: float = setting(0.1, Number(0), "weight of the feature-regression loss beside the KL")
+    unroll: int = setting(2, Integer(1), "drafting depths trained: 1 = teacher features only; 2 = also one depth on "
+                                         "the draft's own features")
+    unroll_weight: float = setting(0.5, Number(0), "weight of each deeper depth's loss")
+    source_weights: dict = setting({"stdlib": 0.5, "torch": 0.25, "transformers": 0.25}, Weights(*SOURCES),
+                                   "the training mixture over the teacher's own sources")
+    max_tokens_per_source: int | None = setting(6_000_000, OrNull(Integer(1)), "tokens read from each source")
+    generated: int = setting(768, Integer(0), "teacher greedy continuations of training prompts ...")
+    generated_share: float = setting(0.25, Number(0, 1, high_open=True), "... and the share of rows taken from them")
+    prompt_tokens: int = setting(32, Integer(1), "length of those prompts")
+    eval_every: int = setting(250, Integer(1), "steps between evaluations")
+    eval_prompts: int = setting(24, Integer(1), "held-out prompts of each evaluation")
+    ckpt_every: int = setting(50, Integer(1), "steps between checkpoints (last.pt)")
+    seed: int = setting(0, Integer(0), "data order and initialisation")
+    bf16: bool | None = setting(None, OrNull(Boolean()), "bf16 autocast; null: where the CPU supports it")
+    max_files: int | None = setting(None, OrNull(Integer(1)), "only the first files of each source (tests)")
+    init_from: str | None = setting(None, OrNull(Text()), "a feature-draft folder to continue from (grow_from)")
 
     def __post_init__(self):
-        bad = {k: v for k, v in self.source_weights.items() if k not in ("stdlib", "torch", "transformers") or v < 0}
-        if bad or not self.source_weights or sum(self.source_weights.values()) <= 0:
-            raise ConfigError(f"source_weights={self.source_weights!r}: keys among stdlib, torch, transformers, "
-                             f"non-negative weights with a positive sum")
-        for k in ("steps", "batch_rows", "seq_len", "num_layers", "unroll", "eval_every", "ckpt_every"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{k}={v!r} must be an integer >= 1")
-        if not 0 <= self.generated_share < 1:
-            raise ConfigError(f"generated_share={self.generated_share} must be in [0, 1)")
+        raise_problems(field_problems(self, "fast"))
 
 
 # ---------------------------------------------------------------------------------------------- data

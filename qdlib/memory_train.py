@@ -42,6 +42,7 @@ from .errors import ConfigError
 from .io import atomic_path, torch_load_safe, torch_save_atomic, write_json_atomic
 from .knowledge import KnowledgeCache, build_knowledge_cache, load_knowledge_cache
 from .memory import arms_on, code_items
+from .schema import Boolean, Choice, Integer, Number, field_problems, raise_problems, setting
 from .train import FitConfig, Recipe, fit
 from .train.evaluate import evaluate_draft
 
@@ -50,37 +51,39 @@ FUSION_INITS = ("keep", "similarity")
 
 @dataclasses.dataclass
 class RetrievalConfig:
-    """The settings of one retrieval-training run (all of them shape the weights except ``eval_every``)."""
+    """The settings of one retrieval-training run (all of them shape the weights except ``eval_every``), each
+    declared once with its check and help (:mod:`qdlib.schema`); a bad value is refused when the config is made."""
 
-    items: int = 400  # documented functions of the stdlib training files ...
-    val_items: int = 40  # ... of which the last ones only select checkpoints
-    memory_items: int = 24  # items in each step's memory (the protocol's size)
-    batch_items: int = 8  # items whose paraphrases (2 each) form one batch
-    swapped_share: float = 0.25  # steps whose memory holds none of the batch's items
-    question_rows: bool = True  # batches also hold each item's question itself (its continuation is the cached answer)
-    steps: int = 1200
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
-    gate_init: float = 0.1  # tanh(gate) at the start (the distilled draft's gates are reset to it)
-    fusion_init: str = "keep"  # "keep": the distilled fusion weights; "similarity": see similarity_init
-    similarity_scale: float = 3.0  # the q/k-norm weights of "similarity" (higher: sharper attention)
-    answer_tokens: int = 48
-    new_tokens: int = 32
-    seed: int = 0
-    eval_every: int = 100
+    items: int = setting(400, Integer(2), "documented functions of the stdlib training files ...")
+    val_items: int = setting(40, Integer(1), "... of which the last ones only select checkpoints")
+    memory_items: int = setting(24, Integer(2), "items in each step's memory (the protocol's size)")
+    batch_items: int = setting(8, Integer(1), "items whose paraphrases (2 each) form one batch")
+    swapped_share: float = setting(0.25, Number(0, 1, high_open=True), "steps whose memory holds none of the batch's "
+                                                                      "items")
+    question_rows: bool = setting(True, Boolean(), "batches also hold each item's question itself (its continuation "
+                                                   "is the cached answer)")
+    steps: int = setting(1200, Integer(1), "optimizer steps")
+    learning_rate: float = setting(3e-3, Number(0, 1, low_open=True), "peak learning rate")
+    warmup_steps: int = setting(50, Integer(0), "linear warm-up steps")
+    gate_init: float = setting(0.1, Number(0, 1, high_open=True), "tanh(gate) at the start (the distilled draft's "
+                                                                 "gates are reset to it)")
+    fusion_init: str = setting("keep", Choice(*FUSION_INITS), "keep: the distilled fusion weights; similarity: see "
+                                                             "similarity_init")
+    similarity_scale: float = setting(3.0, Number(0, low_open=True), "the q/k-norm weights of similarity (higher: "
+                                                                     "sharper attention)")
+    answer_tokens: int = setting(48, Integer(1), "tokens of each cached answer")
+    new_tokens: int = setting(32, Integer(1), "teacher tokens continued after each paraphrase")
+    seed: int = setting(0, Integer(0), "item choice and data order")
+    eval_every: int = setting(100, Integer(1), "steps between evaluations")
 
     def __post_init__(self):
-        if not 0 < self.val_items < self.items:
-            raise ConfigError(f"val_items={self.val_items} must be between 1 and items - 1 ({self.items - 1})")
-        if not self.batch_items < self.memory_items <= self.items - self.val_items - self.batch_items:
-            raise ConfigError(f"memory_items={self.memory_items} must exceed batch_items={self.batch_items} and leave "
-                              f"room for other items among the {self.items - self.val_items} training items")
-        if not 0.0 <= self.swapped_share < 1.0:
-            raise ConfigError(f"swapped_share={self.swapped_share} must be in [0, 1)")
-        if self.fusion_init not in FUSION_INITS:
-            raise ConfigError(f"fusion_init={self.fusion_init!r}; allowed: {', '.join(FUSION_INITS)}")
-        if not 0.0 <= self.gate_init < 1.0:
-            raise ConfigError(f"gate_init={self.gate_init} must be in [0, 1) (it is tanh of the gate)")
+        problems = field_problems(self, "memory")
+        if not problems and not 0 < self.val_items < self.items:
+            problems.append(f"memory.val_items={self.val_items} must be between 1 and items - 1 ({self.items - 1})")
+        if not problems and not self.batch_items < self.memory_items <= self.items - self.val_items - self.batch_items:
+            problems.append(f"memory.memory_items={self.memory_items} must exceed batch_items={self.batch_items} and "
+                            f"leave room for other items among the {self.items - self.val_items} training items")
+        raise_problems(problems)
 
 
 # ----------------------------------------------------------------------------- data

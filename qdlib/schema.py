@@ -166,6 +166,28 @@ class Choices(Check):
         return f"names {', '.join(map(repr, bad))}, which are not allowed" if bad else None
 
 
+class Weights(Check):
+    """A mapping of names among ``keys`` to non-negative numbers with a positive sum (a data mixture).
+
+    >>> Weights("a", "b").problem({"a": 1.0, "c": 2}), Weights("a").problem({"a": 0})
+    ("names 'c', which are not allowed", 'has no positive weight')
+    """
+
+    def __init__(self, *keys: str):
+        self.keys = keys
+        self.allowed = f"weights >= 0 of {', '.join(keys)}, with a positive sum"
+
+    def problem(self, v):
+        if not isinstance(v, dict) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in v.values()):
+            return "is not a mapping of names to numbers"
+        bad = [k for k in v if k not in self.keys]
+        if bad:
+            return f"names {', '.join(map(repr, bad))}, which are not allowed"
+        if any(w < 0 for w in v.values()):
+            return "has a negative weight"
+        return None if sum(v.values()) > 0 else "has no positive weight"
+
+
 class Text(Check):
     """A non-empty string (a path, a name)."""
 

@@ -271,9 +271,10 @@ def test_grown_draft_computes_the_same_function_then_trains_its_new_layer():
 
 
 def test_train_config_refuses_bad_values():
-    with pytest.raises(ValueError, match=r"source_weights=\{'numpy': 1.0\}"):
+    with pytest.raises(ValueError, match=r"fast.source_weights=\{'numpy': 1.0\} names 'numpy', which are not allowed; "
+                                         r"allowed: weights >= 0 of stdlib, torch, transformers"):
         small_config(source_weights={"numpy": 1.0})
-    with pytest.raises(ValueError, match="steps=0 must be an integer >= 1"):
+    with pytest.raises(ValueError, match="fast.steps=0 is out of range; allowed: an integer >= 1"):
         small_config(steps=0)
 
 
