@@ -152,7 +152,7 @@ def quick_config(**changes) -> BenchConfig:
     draft (the ``"fast"`` rows: the committed one, or a candidate).
 
     >>> quick_config().kinds, quick_config(n_prompts=5).n_prompts
-    (('unfamiliar',), 5)
+    (['unfamiliar'], 5)
     """
     base = dict(n_prompts=3, max_new_tokens=48, gamma=3, repeats=2, temperature=0.0, sweep_prompts=0,
                 kinds=("unfamiliar",), methods=("teacher_generate", "teacher_plain", "spec_no_cache", "fast"))
