@@ -226,12 +226,14 @@ class DraftForCausalLM(PreTrainedModel, GenerationMixin):
         :class:`~qdlib.memories.LiveMemory`, at lag 1 as a drafting round does); None when nothing is read."""
         if not len(self.fusion) or self._knowledge is None:
             return None
+        call = {}  # the memories of the current engine call, read once for all its fusion blocks
 
         def hook(i: str):
             def fuse(h, positions):
-                pos = positions[None]  # (1, T)
-                mems, mask = self._memories(memory, 1, pos, int(positions[0]))
-                return h if not mems else self.fusion[i](h[None], mems[i], mask, pos)[0]  # (T, H)
+                if call.get("positions") is not positions:  # one engine call hands every hook the same positions
+                    call.update(positions=positions, read=self._memories(memory, 1, positions[None], int(positions[0])))
+                mems, mask = call["read"]
+                return h if not mems else self.fusion[i](h[None], mems[i], mask, positions[None])[0]  # (T, H)
             return fuse
 
         return {int(i): hook(i) for i in self.fusion}
