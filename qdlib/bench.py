@@ -6,7 +6,7 @@
     >>> teacher, tok = load_teacher(); draft = load_draft()
     >>> cfg = BenchConfig(n_prompts=1, max_new_tokens=8, repeats=1, temperature=0, gammas=(4,), sweep_prompts=0,
     ...                   methods=("teacher_generate", "spec"), kinds=("code",))   # BenchConfig(): the full bench
-    >>> report = run_bench(teacher, tok, draft, cfg)
+    >>> report = run_bench(teacher, tok, {"reference": draft}, cfg)
     >>> print(report_markdown(report))
     # qd bench: tiny teacher, draft layers [0, 5, 11, 16, 22, 27] (... training steps, test agreement ...)
     ...
@@ -45,118 +45,28 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import __version__, paths
+from .bench_methods import ROLE_OF, Run, check_drafts, make_methods, method_label
 from .corpus import heldout_prompts, heldout_texts
-from .draft import build_draft
 from .decoding import Settings
-from .drafters import HybridDrafter, LookupBranches, as_drafter
+from .drafters import as_drafter
 from .heldout_code import heldout_code_prompts
 from .hardware import cpu_name
 from .knowledge import load_items
 from .metrics import distribution_metrics, expected_speedup, expected_tokens_per_call
 from .models import model_name
 from .progress import progress_bar
-from .lookup import NgramDrafter
-from .sampling import first_k_layers, sample_layers
-from .schema import Choices, Integer, IntList, Number, OrNull, Text, field_ok, field_problems, raise_problems, setting
-from .speculative import generate_plain, hf_generate_kwargs, speculative_generate
-from .timing import step_time, verify_split  # noqa: F401 (step_time: public name)
+from .settings.bench import METHODS, BenchConfig
+from .timing import step_time, verify_split
 
-# name -> (label, group, needs). Groups order the table; needs says what the method uses.
-METHODS: dict[str, tuple[str, str]] = {
-    "teacher_generate": ("teacher alone: transformers generate", "baseline"),
-    "teacher_plain": ("teacher alone: qdlib generate_plain", "baseline"),
-    "spec": ("qdlib speculative, draft + knowledge cache", "qdlib"),
-    "spec_no_cache": ("qdlib speculative, cache detached", "qdlib"),
-    "spec_dynamic": ("qdlib speculative, dynamic length", "qdlib"),
-    "assisted_default": ("transformers assisted, its defaults", "transformers"),
-    "assisted_matched": ("transformers assisted, matched settings", "transformers"),
-    "prompt_lookup": ("transformers prompt lookup (no draft)", "lookup"),
-    "retrieval": ("n-gram lookup in the knowledge items (REST-style)", "lookup"),
-    "hybrid": ("qdlib speculative, item lookup then the draft (hybrid)", "qdlib"),
-    "untrained_uniform": ("qdlib speculative, untrained uniform draft", "ablation"),
-    "early_exit": ("qdlib speculative, untrained first-k-layers draft", "ablation"),
-    "fast": ("qdlib speculative, fast draft (feature-fed, its own settings)", "qdlib"),
-    "fast_chain": ("qdlib speculative, fast draft, chains (no tree)", "qdlib"),
-    "fast_lookup": ("qdlib speculative, fast draft + lookup branches", "qdlib"),
-    "context_lookup": ("qdlib speculative, lookup in the text so far (no draft)", "lookup"),
-    "teacher_plain_hf": ("teacher alone: plain loop on transformers' forward", "baseline"),
-}
-# the draft behind each drafting method, as named in the report's costs["c"] (baselines and lookups have none)
-DRAFT_OF = {"spec": "spec", "spec_no_cache": "spec_no_cache", "spec_dynamic": "spec", "assisted_default": "spec",
-            "assisted_matched": "spec", "untrained_uniform": "untrained_uniform", "early_exit": "early_exit",
-            "fast": "fast", "hybrid": "spec", "fast_chain": "fast", "fast_lookup": "fast"}
 SAMPLING_METHODS = ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "fast", "fast_chain",
                     "fast_lookup")
-# held-out standard-library code, third-party code no training used (qdlib.heldout_code), knowledge paraphrases,
-# and the learner's own code (``qd bench --code PATH``)
-KINDS = ("code", "unfamiliar", "paraphrase", "yours")
 # repeats of one method whose tokens/s differ by more than this share of their median mark the row unreliable
 BUSY_MARGIN = 0.25
-
-
-@dataclass
-class BenchConfig:
-    """What ``run_bench`` measures: every field declared once with its check and help (:mod:`qdlib.schema`), so
-    :meth:`validate` names a bad value and what is allowed, as every other config of qdlib does."""
-
-    n_prompts: int = setting(8, Integer(1), "prompts per kind")
-    prompt_tokens: int = setting(64, Integer(1), "length of each held-out code prompt, in tokens")
-    max_new_tokens: int = setting(64, Integer(1), "tokens generated per prompt (the same budget for every method)")
-    gamma: int = setting(4, Integer(1), "draft tokens per round of the fixed-length runs (and matched assisted "
-                                        "generation)")
-    dynamic_max: int = setting(8, Integer(1), "the dynamic-length run drafts up to this many tokens a round")
-    dynamic_threshold: float = setting(0.4, Number(0, 1), "... and stops a round when the draft's top probability "
-                                                          "falls below this")
-    repeats: int = setting(3, Integer(1), "timed repeats per method (the median is reported)")
-    warmup: int = setting(1, Integer(0), "untimed calls per method first")
-    temperature: float = setting(0.8, Number(0), "the sampling-mode rows (0: none)")
-    gammas: list = setting([1, 2, 3, 4, 5, 6, 7, 8], IntList(1, "gammas", low=1), "the gamma sweep")
-    sweep_prompts: int = setting(4, Integer(0), "code prompts of the sweep (0: no sweep)")
-    methods: list | None = setting(None, OrNull(Choices(*METHODS)), "the methods to run (null: all)")
-    kinds: list = setting(["code", "unfamiliar", "paraphrase"], Choices(*KINDS), "prompt kinds to run")
-    seed: int = setting(0, Integer(0), "the held-out prompts' seed and the sampling generator's")
-    code: str | None = setting(None, OrNull(Text()), "a file or folder of your own Python code: its prompts are the "
-                                                   "kind 'yours'")
-
-    def validate(self) -> "BenchConfig":
-        """Coerce and check every field (:func:`qdlib.schema.field_problems`), then what relates two of them."""
-        problems = field_problems(self, "bench")
-        if field_ok(self, "kinds") and ("yours" in self.kinds) != (self.code is not None):
-            problems.append("bench.kinds has 'yours' only together with bench.code=PATH (qd bench --code PATH), "
-                            "and code=PATH adds it")
-        if self.code is not None and field_ok(self, "code") and not Path(self.code).exists():
-            problems.append(f"bench.code={self.code!r}: no such file or folder")
-        raise_problems(problems)
-        return self
-
-    @property
-    def method_names(self) -> list[str]:
-        names = list(self.methods) if self.methods is not None else list(METHODS)
-        if "teacher_generate" not in names:
-            names.insert(0, "teacher_generate")  # every speed-up is over it
-        return names
-
-
-def quick_config(**changes) -> BenchConfig:
-    """``qd bench --quick``: the capstone's scoring run, about a minute on 2 cores.
-
-    Greedy decoding of 3 prompts of unfamiliar third-party code, 48 new tokens, 2 interleaved repeats: the teacher's
-    ``generate``, ``generate_plain``, the reference draft (cache detached, gamma 3, its best there) and a feature-fed
-    draft (the ``"fast"`` rows: the committed one, or a candidate).
-
-    >>> quick_config().kinds, quick_config(n_prompts=5).n_prompts
-    (['unfamiliar'], 5)
-    """
-    base = dict(n_prompts=3, max_new_tokens=48, gamma=3, repeats=2, temperature=0.0, sweep_prompts=0,
-                kinds=("unfamiliar",), methods=("teacher_generate", "teacher_plain", "spec_no_cache", "fast"))
-    return BenchConfig(**{**base, **changes}).validate()
 
 
 def capstone_score(report: dict, kind: str = "unfamiliar") -> dict:
@@ -227,48 +137,7 @@ def code_prompts(tokenizer, path, n_prompts: int, prompt_tokens: int, seed: int 
     return prompts
 
 
-def knowledge_datastore(draft, teacher, tokenizer) -> list[list[int]]:
-    """Token ids of the texts the knowledge cache holds (question + teacher answer), for the lookup drafter.
-
-    Taken from the draft's attached cache when there is one, so the lookup and the
-    cache know exactly the same texts; otherwise the items' questions and reference answers.
-    """
-    cache = getattr(draft, "knowledge", None)
-    if cache is not None:
-        return [ids[m].tolist() for ids, m in zip(cache.input_ids, cache.mask)]
-    return [tokenizer(it["question"] + it.get("reference_answer", ""), add_special_tokens=False)["input_ids"]
-            for it in load_items(None, teacher)]
-
-
-# ----------------------------------------------------------------------------- counting and costs
-
-
-class CallCounter:
-    """Counts forward calls of models while active (a forward pre-hook each).
-
-    >>> m = torch.nn.Linear(2, 2)
-    >>> with CallCounter(m=m) as n:
-    ...     _ = m(torch.zeros(1, 2)); _ = m(torch.zeros(1, 2))
-    >>> n["m"]
-    2
-    """
-
-    def __init__(self, **models):
-        self.models = {k: v for k, v in models.items() if isinstance(v, torch.nn.Module)}
-        self.counts = {k: 0 for k in self.models}
-        self._hooks = []
-
-    def __enter__(self):
-        for name, m in self.models.items():
-            def hook(_mod, _args, _name=name):
-                self.counts[_name] += 1
-            self._hooks.append(m.register_forward_pre_hook(hook))
-        return self.counts
-
-    def __exit__(self, *exc):
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+# ----------------------------------------------------------------------------- agreement
 
 
 @torch.no_grad()
@@ -286,133 +155,6 @@ def teacher_forced_alpha(teacher, draft, sequences: list[list[int]], prompt_lens
         qs.append(q[mask])
     m = distribution_metrics(torch.cat(ps)[None], torch.cat(qs)[None])
     return {"agreement": m["agreement"], "alpha": m["alpha"], "positions": sum(x.shape[0] for x in ps)}
-
-
-# ----------------------------------------------------------------------------- the methods
-
-
-@dataclass
-class Run:
-    """One decoding call: the output and what it cost."""
-
-    out: list[int]
-    seconds: float
-    new_tokens: int
-    target_calls: int
-    proposed: int | None = None
-    accepted: int | None = None
-    time_draft: float | None = None
-    time_verify: float | None = None
-
-
-def _from_stats(out, stats) -> Run:
-    return Run(out=out[0].tolist(), seconds=stats.time_total, new_tokens=stats.new_tokens,
-               target_calls=stats.target_calls - stats.prefill_calls, proposed=stats.proposed,
-               accepted=stats.accepted, time_draft=stats.time_draft, time_verify=stats.time_verify)
-
-
-def ablation_drafts(teacher, draft, names) -> dict:
-    """The never-distilled drafts among ``names``, with as many layers as ``draft``.
-
-    ``"untrained_uniform"``: uniformly sampled teacher layers; ``"early_exit"``: the first k layers.
-    """
-    L, k = teacher.config.num_hidden_layers, draft.config.num_hidden_layers
-    out = {}
-    if "untrained_uniform" in names:
-        out["untrained_uniform"] = build_draft(teacher, sample_layers(L, k)).float().eval()
-    if "early_exit" in names:
-        out["early_exit"] = build_draft(teacher, first_k_layers(L, k), keep_ends=False).float().eval()
-    return out
-
-
-def make_methods(teacher, tokenizer, draft, cfg: BenchConfig, extra_drafts: dict | None = None) -> dict[str, Callable]:
-    """``name -> run(ids, temperature, generator) -> Run`` for every method in ``cfg``.
-
-    ``extra_drafts``: the ablation drafts (:func:`ablation_drafts`); methods whose draft is missing are left out.
-    """
-    from transformers import GenerationConfig
-
-    extra = dict(extra_drafts or {})
-    names = cfg.method_names
-    wants_lookup = "retrieval" in names or "hybrid" in names
-    lookup = NgramDrafter(knowledge_datastore(draft, teacher, tokenizer), max_n=4, min_n=2) if wants_lookup else None
-    budget = cfg.max_new_tokens
-    attached = draft.knowledge
-
-    def hf(ids, temperature, generator, **kw):
-        ids_t = torch.tensor([ids], device=teacher.device)
-        gen = hf_generate_kwargs(ids_t, tokenizer, max_new_tokens=budget, temperature=temperature)
-        with CallCounter(teacher=teacher, draft=kw.get("assistant_model")) as n:
-            t0 = time.perf_counter()
-            out = teacher.generate(ids_t, **gen, **kw)
-            sec = time.perf_counter() - t0
-        new = out.shape[1] - len(ids)
-        drafted = n.get("draft")
-        return Run(out=out[0].tolist(), seconds=sec, new_tokens=new, target_calls=n["teacher"],
-                   proposed=drafted, accepted=max(0, new - n["teacher"]) if drafted is not None else None)
-
-    def assisted(gconf):
-        def run(ids, temperature, generator):
-            saved = draft.generation_config
-            draft.generation_config = gconf
-            try:
-                return hf(ids, temperature, generator, assistant_model=draft)
-            finally:
-                draft.generation_config = saved
-        return run
-
-    defaults = GenerationConfig()  # transformers' own assistant defaults (num_assistant_tokens, threshold, schedule)
-    matched = GenerationConfig(num_assistant_tokens=cfg.gamma, num_assistant_tokens_schedule="constant",
-                               assistant_confidence_threshold=0.0)
-
-    def spec(model, cache="keep", **kw):
-        def run(ids, temperature, generator):
-            if cache != "keep":
-                model.set_knowledge(cache)
-            try:
-                # the fast draft decodes with its own tuned gamma and tree (None: from its config)
-                out, stats = speculative_generate(teacher, model, torch.tensor([ids]), gamma=kw.get("gamma", cfg.gamma),
-                                                  max_new_tokens=budget, temperature=temperature, generator=generator,
-                                                  confidence_threshold=kw.get("confidence_threshold"),
-                                                  tree=kw.get("tree"))
-            finally:
-                if cache != "keep":
-                    model.set_knowledge(attached)
-            return _from_stats(out, stats)
-        return run
-
-    def plain(engine):
-        def run(ids, temperature, generator):
-            out, stats = generate_plain(teacher, torch.tensor([ids]), max_new_tokens=budget, temperature=temperature,
-                                        generator=generator, engine=engine)
-            return _from_stats(out, stats)
-        return run
-
-    fast = extra.get("fast")
-    context = NgramDrafter([], max_n=4, min_n=2, include_context=True)
-
-    table = {
-        "teacher_generate": lambda ids, t, g: hf(ids, t, g),
-        "teacher_plain": plain("auto"),
-        "teacher_plain_hf": plain("transformers"),
-        "spec": spec(draft),
-        "spec_no_cache": spec(draft, cache=None),
-        "spec_dynamic": spec(draft, gamma=cfg.dynamic_max, confidence_threshold=cfg.dynamic_threshold),
-        "assisted_default": assisted(defaults),
-        "assisted_matched": assisted(matched),
-        "prompt_lookup": lambda ids, t, g: hf(ids, t, g, prompt_lookup_num_tokens=cfg.gamma),
-        "retrieval": spec(lookup) if lookup is not None else None,
-        "hybrid": spec(HybridDrafter(lookup, draft)) if lookup is not None else None,
-        "untrained_uniform": spec(extra["untrained_uniform"]) if "untrained_uniform" in extra else None,
-        "early_exit": spec(extra["early_exit"]) if "early_exit" in extra else None,
-        "fast": spec(fast, gamma=None) if fast is not None else None,
-        "fast_chain": spec(fast, gamma=None, tree=False) if fast is not None else None,
-        "fast_lookup": spec(LookupBranches(fast, context), gamma=None) if fast is not None else None,
-        "context_lookup": spec(context),
-    }
-    if attached is None:  # without a cache there is nothing to detach
-        table["spec_no_cache"] = None
-    return {n: table[n] for n in names if table.get(n) is not None}
 
 
 # ----------------------------------------------------------------------------- running
@@ -480,7 +222,8 @@ def _measure_rows(methods: dict, prompts: dict, cfg: BenchConfig, modes: list, j
         base = {m: _summarise(per[(m, "teacher_generate")], None)["tokens_per_s"] for m, _ in modes}
         plain = {m: _summarise(per[(m, "teacher_plain")], None)["tokens_per_s"] for m, _ in modes if (m, "teacher_plain") in per}
         for mode, _, name in jobs:
-            row = {"method": name, "label": METHODS[name][0], "group": METHODS[name][1], "kind": kind, "mode": mode,
+            label, group = method_label(name)
+            row = {"method": name, "label": label, "group": group, "kind": kind, "mode": mode,
                    **_summarise(per[(mode, name)], refs[kind] if mode == "greedy" else None)}
             row["speedup"] = row["tokens_per_s"] / base[mode]  # over the teacher's own generate ...
             if mode in plain:  # ... and over the same engine without a draft: the gain that is speculation's
@@ -507,13 +250,18 @@ def per_prompt_spread(runs: list[list[Run]], base: list[list[Run]]) -> dict:
     return {"worst": ups[0], "median": statistics.median(ups), "best": ups[-1]}
 
 
-def measure_costs(teacher, draft, extra: dict, cfg: BenchConfig) -> dict:
-    """Step costs in teacher steps: ``c`` per draft (one draft step over one teacher step) and ``verify_cost[g]``."""
+def measure_costs(teacher, drafts: dict, cfg: BenchConfig) -> dict:
+    """Step costs in teacher steps: ``c`` per draft (one draft step over one teacher step) and ``verify_cost[g]``.
+
+    ``c`` is keyed as ``DRAFT_OF`` names the drafts: the reference is ``"spec"`` (and ``"spec_no_cache"`` with its
+    cache detached, when one is attached), every other entry of ``drafts`` its own name.
+    """
     ctx = cfg.prompt_tokens + cfg.max_new_tokens // 2
     t_step = step_time(teacher, ctx)
     costs = {"teacher_step_ms": 1e3 * t_step, "c": {}}
-    for name, d in {"spec": draft, **extra}.items():  # each drafter times its own drafting path
-        costs["c"][name] = as_drafter(d, Settings()).step_cost(ctx) / t_step
+    draft = drafts["reference"]
+    for name, d in drafts.items():  # each drafter times its own drafting path
+        costs["c"]["spec" if name == "reference" else name] = as_drafter(d, Settings()).step_cost(ctx) / t_step
     if draft.knowledge is not None:  # the same draft without its cross-attention to the cache
         attached = draft.knowledge
         try:
@@ -529,10 +277,11 @@ def measure_costs(teacher, draft, extra: dict, cfg: BenchConfig) -> dict:
 def _gamma_sweep(teacher, tokenizer, draft, cfg: BenchConfig, prompts: list, refs: list, alpha: float, costs: dict,
                  bar) -> list[dict]:
     """Speculative decoding at every gamma of ``cfg.gammas`` on ``prompts``: measured speed-ups and the theory's."""
-    sweep_methods = make_methods(teacher, tokenizer, draft, dataclasses.replace(cfg, methods=("teacher_plain",)))
+    drafts = {"reference": draft}
+    sweep_methods = make_methods(teacher, tokenizer, drafts, dataclasses.replace(cfg, methods=("teacher_plain",)))
     for gm in cfg.gammas:
         sweep_methods[f"gamma{gm}"] = make_methods(
-            teacher, tokenizer, draft, dataclasses.replace(cfg, gamma=gm, methods=("spec",)))["spec"]
+            teacher, tokenizer, drafts, dataclasses.replace(cfg, gamma=gm, methods=("spec",)))["spec"]
     per = {n: [] for n in sweep_methods}
     for _ in range(cfg.repeats):
         for n, fn in sweep_methods.items():
@@ -556,26 +305,29 @@ def _gamma_sweep(teacher, tokenizer, draft, cfg: BenchConfig, prompts: list, ref
     return sweep
 
 
-def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, progress: bool = True,
-              extra_drafts: dict | None = None, fast_draft=None, log=print) -> dict:
+def run_bench(teacher, tokenizer, drafts: dict, cfg: BenchConfig | None = None, *, progress: bool = True,
+              log=print) -> dict:
     """Measure every method of ``cfg`` on the same prompts; returns the report (a JSON-able dict).
 
-    ``fast_draft`` (a feature-fed draft, :func:`qdlib.load_draft("fast") <qdlib.draft.load_draft>`) adds the
-    ``"fast"`` rows; without it they are left out.
+    ``drafts``: name -> draft; the bench builds none. ``"reference"`` (required) is the layer-sampled draft of the
+    ``spec`` rows, the assisted and hybrid rows, the teacher-forced agreement and the gamma sweep; ``"fast"`` (a
+    feature-fed draft, :func:`qdlib.load_draft("fast") <qdlib.draft_files.load_draft>`) adds the fast rows;
+    ``"untrained_uniform"`` and ``"early_exit"`` the ablations' (:func:`qdlib.bench_methods.ablation_drafts` makes
+    them). Any other name is a draft of your own: one more method of that name, decoding with the draft's own
+    settings. Methods whose draft is absent are left out.
 
     Write it with :func:`qdlib.report.write_report`, read it with :func:`qdlib.report.report_markdown`.
     """
     cfg = (cfg or BenchConfig()).validate()
+    drafts = check_drafts(drafts)
     teacher.eval()
-    draft.eval()
-    attached = getattr(draft, "knowledge", None)
+    draft = drafts["reference"].eval()
+    attached = draft.knowledge
     prompts = bench_prompts(teacher, tokenizer, cfg, attached.items if attached is not None else None)
-    extra = extra_drafts if extra_drafts is not None else ablation_drafts(teacher, draft, cfg.method_names)
-    if fast_draft is not None and "fast" in cfg.method_names:
-        extra = {**extra, "fast": fast_draft.eval()}
-    methods = make_methods(teacher, tokenizer, draft, cfg, extra)
+    methods = make_methods(teacher, tokenizer, drafts, cfg)
     modes = [("greedy", 0.0)] + ([("sampling", cfg.temperature)] if cfg.temperature > 0 else [])
-    jobs = [(mode, t, name) for mode, t in modes for name in methods if mode == "greedy" or name in SAMPLING_METHODS]
+    jobs = [(mode, t, name) for mode, t in modes for name in methods
+            if mode == "greedy" or name in SAMPLING_METHODS or name not in METHODS]
     n_calls = sum(len(p) for p in prompts.values()) * len(jobs) * cfg.repeats
     sweep_calls = (len(cfg.gammas) + 2) * min(cfg.sweep_prompts, len(prompts.get("code", []))) * cfg.repeats
     bar = progress_bar(total=n_calls + sweep_calls, desc="bench", unit="call", enabled=progress)
@@ -583,7 +335,8 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
     t_start = time.perf_counter()
     rows, refs = _measure_rows(methods, prompts, cfg, modes, jobs, bar)
     # the costs, and the teacher-forced agreement and alpha, behind the theory
-    costs = measure_costs(teacher, draft, extra, cfg)
+    used = {ROLE_OF.get(n, n) for n in methods} | {"reference"}  # a draft's own method is named as the draft
+    costs = measure_costs(teacher, {n: d for n, d in drafts.items() if n in used}, cfg)
     alpha = {kind: teacher_forced_alpha(teacher, draft, refs[kind], [len(p) for p in kind_prompts])
              for kind, kind_prompts in prompts.items()}
     # the gamma sweep (code prompts): measured speed-ups over the teacher, theory over the plain loop
@@ -599,8 +352,8 @@ def run_bench(teacher, tokenizer, draft, cfg: BenchConfig | None = None, *, prog
         "draft": {"layers": draft.config.kept_layers, "knowledge": draft.knowledge is not None,
                   "memory_items": [it["id"] for it in draft.knowledge.items] if draft.knowledge is not None else [],
                   "path": _display_path(getattr(draft.config, "_name_or_path", None)), "card": draft_card(draft)},
-        "fast_draft": None if fast_draft is None else {k: getattr(fast_draft.config, k) for k in
-                                                       ("num_layers", "gamma", "draft_vocab", "init_layers")},
+        "fast_draft": None if "fast" not in methods else {k: getattr(drafts["fast"].config, k) for k in
+                                                          ("num_layers", "gamma", "draft_vocab", "init_layers")},
         "prompts": {k: len(v) for k, v in prompts.items()},
         "rows": rows,
         "costs": costs,

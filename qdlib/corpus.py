@@ -31,11 +31,11 @@ import torch
 
 from . import paths
 from .errors import ConfigError
+from .settings.names import SOURCES
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 VAL_PERCENT = 4  # stdlib files whose path hash falls below this percentage are held out
-SOURCES = ("stdlib", "torch", "transformers")
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "__pycache__", "lib2to3", "testing"}
 
 

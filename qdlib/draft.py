@@ -29,9 +29,6 @@ knowledge cache, or a live memory: the teacher's states of the verified text.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -42,84 +39,11 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Model, Qwen3RMSNorm
 
-from . import paths
-from .errors import ConfigError, QdError
-from .feature_draft import is_feature_draft_folder, load_feature_draft
-from .fusion import GATES, GatedFusion, Memory, RMSNorm
-from .io import atomic_dir, check_model_folder, write_json_atomic
-from .knowledge import load_knowledge_cache, teacher_fingerprint
-from .memories import MEMORY_KINDS, fusion_inputs, is_live, resolve
-from .models import default_teacher_name, is_bundled, quiet_loading, resolve_device, resolve_dtype
-from .schema import Boolean, Choice, Integer, IntList, Number, OrNull, field_problems, raise_problems, setting, unknown_key_problems
-
-@dataclasses.dataclass
-class KnowledgeConfig:
-    """The ``knowledge_enhancement`` block: one schema for ``build_draft``, the YAML configs and ``--set``."""
-
-    enabled: bool = setting(False, Boolean(), "add the knowledge path at all")
-    cache_dim: int | None = setting(None, OrNull(Integer(1)),
-                                    "width of the cross-attention; null: half the hidden size (512 for Qwen3-0.6B)")
-    num_heads: int | None = setting(None, OrNull(Integer(1)),
-                                    "cross-attention heads; null: cache_dim // 64 (8 for Qwen3-0.6B), at least 1")
-    fusion_gate: str = setting("channel", Choice(*GATES), "channel (one tanh gate per hidden channel) or scalar")
-    after_layers: list[int] | None = setting(None, OrNull(IntList(1, "draft layer positions")),
-                                             "draft layer positions (0..k-1) followed by fusion; null: the middle and the last")
-    memory_size: int | None = setting(None, OrNull(Integer(1)), "width of the cached states; null: the teacher's hidden size")
-    gate_init: float = setting(0.0, Number(0.0, 1.0, high_open=True),
-                               "tanh(gate) at the start: 0 (default) makes the draft exactly the plain draft; a small "
-                               "value such as 0.1 lets the cross-attention receive gradient from the first step")
-    memory: str = setting("static", Choice(*MEMORY_KINDS),
-                          "what the fusion blocks read: static (a knowledge cache of items) or live (the teacher's "
-                          "states of the verified text, qdlib.memories)")
-    memory_layers: list[int] | None = setting(None, OrNull(IntList(1, "teacher layer indices")),
-                                              "teacher layers a live memory reads (concatenated); null: the last "
-                                              "(the final-norm output the head reads)")
-    recency: bool | None = setting(None, OrNull(Boolean()),
-                                   "a learned recency bias per cross-attention head (a live memory's slots are "
-                                   "positions of the text); null: on for a live memory, off for a static one")
-
-
-KNOWLEDGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(KnowledgeConfig)}  # the block's defaults, by name
-
-
-def knowledge_block(block: dict | None, hidden_size: int, num_layers: int) -> dict:
-    """Fill a ``knowledge_enhancement`` block with defaults and validate it (:class:`KnowledgeConfig`).
-
-    >>> knowledge_block({"enabled": True}, 1024, 6)["cache_dim"]
-    512
-    >>> knowledge_block({"enabled": True}, 1024, 6)["after_layers"]
-    [2, 5]
-    """
-    block = dict(block or {})
-    raise_problems(unknown_key_problems(KnowledgeConfig, "knowledge_enhancement", block))
-    cfg = KnowledgeConfig(**block)
-    raise_problems(field_problems(cfg, "knowledge_enhancement"))
-    out = dataclasses.asdict(cfg)
-    if out["cache_dim"] is None:
-        out["cache_dim"] = max(64, hidden_size // 2)
-    if out["num_heads"] is None:
-        out["num_heads"] = max(1, out["cache_dim"] // 64)
-    layers = out["memory_layers"]
-    if layers is not None and len(set(layers)) != len(layers):
-        raise ConfigError(f"knowledge_enhancement.memory_layers={layers!r} must be distinct teacher layer indices")
-    if out["memory_size"] is None:
-        out["memory_size"] = hidden_size * (len(layers) if out["memory"] == "live" and layers else 1)
-    if out["recency"] is None:
-        out["recency"] = out["memory"] == "live"
-    elif out["recency"] and out["memory"] != "live":
-        raise ConfigError("knowledge_enhancement.recency=True needs memory: live (a static cache's slots are items' "
-                          "tokens, not positions of the text); allowed with memory: static are false or null")
-    if out["cache_dim"] % out["num_heads"]:
-        raise ConfigError(f"knowledge_enhancement.cache_dim={out['cache_dim']} is not divisible by "
-                          f"num_heads={out['num_heads']}")
-    if out["after_layers"] is None:
-        out["after_layers"] = sorted({(num_layers - 1) // 2, num_layers - 1})
-    after = list(out["after_layers"])
-    if not after or any(not isinstance(i, int) or not 0 <= i < num_layers for i in after) or len(set(after)) != len(after):
-        raise ConfigError(f"knowledge_enhancement.after_layers={after!r} must be distinct draft layer positions in "
-                          f"0..{num_layers - 1}")
-    out["after_layers"] = sorted(after)
-    return out
+from .errors import ConfigError
+from .fusion import GatedFusion, Memory, RMSNorm
+from .knowledge import teacher_fingerprint
+from .memories import fusion_inputs, is_live, resolve
+from .settings.distill import knowledge_block
 
 
 def _own_norms(module: nn.Module) -> None:
@@ -143,7 +67,7 @@ class DraftConfig(Qwen3Config):
     Extra fields: ``kept_layers`` (teacher indices, in draft order),
     ``teacher_num_layers``, ``teacher_name_or_path``, ``teacher_fingerprint``
     (see :func:`qdlib.knowledge.teacher_fingerprint`) and the
-    ``knowledge_enhancement`` block (see :data:`KNOWLEDGE_DEFAULTS`).
+    ``knowledge_enhancement`` block (see :data:`qdlib.settings.distill.KNOWLEDGE_DEFAULTS`).
     """
 
     model_type = "qd_draft"
@@ -373,30 +297,10 @@ def validate_layers(layers: Sequence[int], num_layers: int, *, keep_ends: bool =
     return layers
 
 
-def build_draft(teacher, layers: Sequence[int], *, keep_ends: bool = True, knowledge_enhancement: dict | None = None,
-                freeze_shared: bool = False) -> DraftForCausalLM:
-    """Build a draft from the teacher's layers ``layers`` (indices into its decoder stack).
-
-    The chosen decoder layers, the token embeddings, the final norm and the
-    output head are **copied** (the draft's weights are new tensors, not views
-    of the teacher's), so training the draft never changes the teacher.
-    ``freeze_shared=True`` sets ``requires_grad=False`` on the copied
-    embeddings, final norm and head. The draft takes the teacher's dtype and
-    device and is returned in eval mode.
-
-    Args:
-        teacher: a Qwen3-style causal LM (not the ``(model, tokenizer)`` tuple).
-        layers: sorted, distinct indices; they must include the first and last
-            layer unless ``keep_ends=False`` (used on purpose by the early-exit
-            baseline, which keeps the first k layers).
-        knowledge_enhancement: the knowledge block (see :data:`KNOWLEDGE_DEFAULTS`);
-            missing keys take the defaults.
-    """
-    if isinstance(teacher, tuple):
-        raise TypeError("build_draft wants the teacher model, not the (model, tokenizer) tuple from load_teacher")
+def _draft_config(teacher, layers: list[int], knowledge_enhancement: dict | None) -> DraftConfig:
+    """The teacher's config with only ``layers`` kept, the provenance, and the knowledge block filled in."""
     tcfg = teacher.config
     L = tcfg.num_hidden_layers
-    layers = validate_layers(layers, L, keep_ends=keep_ends)
     base = tcfg.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype",
                 "torch_dtype", "layer_types", "num_hidden_layers", "max_window_layers"):
@@ -414,6 +318,32 @@ def build_draft(teacher, layers: Sequence[int], *, keep_ends: bool = True, knowl
         knowledge_enhancement=knowledge_block(knowledge_enhancement, tcfg.hidden_size, len(layers)),
     )
     cfg._attn_implementation = tcfg._attn_implementation
+    return cfg
+
+
+def build_draft(teacher, layers: Sequence[int], *, keep_ends: bool = True, knowledge_enhancement: dict | None = None,
+                freeze_shared: bool = False) -> DraftForCausalLM:
+    """Build a draft from the teacher's layers ``layers`` (indices into its decoder stack).
+
+    The chosen decoder layers, the token embeddings, the final norm and the
+    output head are **copied** (the draft's weights are new tensors, not views
+    of the teacher's), so training the draft never changes the teacher.
+    ``freeze_shared=True`` sets ``requires_grad=False`` on the copied
+    embeddings, final norm and head. The draft takes the teacher's dtype and
+    device and is returned in eval mode.
+
+    Args:
+        teacher: a Qwen3-style causal LM (not the ``(model, tokenizer)`` tuple).
+        layers: sorted, distinct indices; they must include the first and last
+            layer unless ``keep_ends=False`` (used on purpose by the early-exit
+            baseline, which keeps the first k layers).
+        knowledge_enhancement: the knowledge block (see :data:`qdlib.settings.distill.KNOWLEDGE_DEFAULTS`);
+            missing keys take the defaults.
+    """
+    if isinstance(teacher, tuple):
+        raise TypeError("build_draft wants the teacher model, not the (model, tokenizer) tuple from load_teacher")
+    layers = validate_layers(layers, teacher.config.num_hidden_layers, keep_ends=keep_ends)
+    cfg = _draft_config(teacher, layers, knowledge_enhancement)
     with torch.device("meta"):
         draft = DraftForCausalLM(cfg)
     src = teacher.model
@@ -451,98 +381,3 @@ def build_draft(teacher, layers: Sequence[int], *, keep_ends: bool = True, knowl
             p.requires_grad_(False)
     draft.eval()
     return draft
-
-
-# ----------------------------------------------------------------------------- loading a trained draft
-
-
-class DraftLoadError(QdError, RuntimeError):
-    """No draft could be loaded (missing folder, or no reference draft for this teacher)."""
-
-
-def load_draft(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None, dtype=None, *,
-               progress: bool = False):
-    """The draft model alone, in eval mode (float32 on CPU), with its knowledge cache attached.
-
-    No name gives the course's reference draft (``outputs/reference_draft``) when the
-    default teacher is the bundled one; a folder written by ``qd distill --export`` (or
-    any ``save_pretrained`` folder of a :class:`qdlib.DraftForCausalLM`) loads that draft.
-    A ``knowledge_cache/`` subfolder is attached with ``set_knowledge``, so
-    ``draft(input_ids=...)``, ``generate``, ``assistant_model=draft`` and
-    ``speculative_generate(teacher, draft, ids)`` all work as they are. Loading is quiet
-    unless ``progress=True``.
-
-    ``"fast"`` gives the course's fast draft (``outputs/fast_draft``), a feature-fed draft
-    (:mod:`qdlib.feature_draft`) that reads the teacher's hidden states: it works with
-    ``speculative_generate(teacher, draft, ids)`` (with its own tuned gamma), not as an
-    ``assistant_model``. Any folder written by :func:`qdlib.feature_draft.save_feature_draft` loads the same way.
-    """
-    if name_or_path == "fast":
-        if not is_bundled(default_teacher_name()):
-            raise DraftLoadError("the fast draft was trained for the bundled teacher; with QD_MODEL set, train one "
-                                 "for your teacher (qdlib.feature_train) and pass its folder")
-        name_or_path = paths.FAST_DRAFT_DIR
-    if name_or_path is None:
-        teacher = default_teacher_name()
-        if not is_bundled(teacher):
-            raise DraftLoadError(
-                f"no reference draft exists for the teacher {teacher!r} (QD_MODEL): the course ships one only for the "
-                f"bundled teacher. Distil one with `qd distill --config qwen3 --export <folder>` and pass that folder "
-                f"to load_draft, or unset QD_MODEL")
-        name_or_path = paths.DRAFT_DIR
-    folder = Path(name_or_path)
-    if not (folder / "config.json").is_file():
-        raise DraftLoadError(f"{folder} is not a draft folder (no config.json); expected the output of "
-                             f"`qd distill --export` or DraftForCausalLM.save_pretrained")
-    check_model_folder(folder, what="draft", error=DraftLoadError, fix="export it again (`qd distill --export "
-                       "FOLDER`, or qdlib.feature_train.export_fast_draft for a feature-fed draft)")
-    dev = resolve_device(device)
-    if is_feature_draft_folder(folder):
-        return load_feature_draft(folder, device=dev, dtype=resolve_dtype(dtype, dev) or torch.float32)
-    with quiet_loading(progress):  # no "Loading weights" bar unless asked
-        draft = DraftForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype, dev) or torch.float32).to(dev).eval()
-    kb = draft.config.knowledge_enhancement
-    if kb.get("enabled") and kb.get("memory") == "live":
-        draft.set_knowledge("live")  # trained to read the teacher's states of the verified text
-    elif (folder / "knowledge_cache").is_dir() and kb.get("enabled"):
-        draft.set_knowledge(load_knowledge_cache(folder / "knowledge_cache"))
-    return draft
-
-
-PROVENANCE_KEYS = ("kept_layers", "teacher_num_layers", "teacher_name_or_path", "teacher_fingerprint")
-QD_ONLY_KEYS = (*PROVENANCE_KEYS,
-                "knowledge_enhancement", "architectures", "model_type", "auto_map", "transformers_version")
-
-
-def export_qwen3(draft: DraftForCausalLM, out_dir: str | os.PathLike, tokenizer=None) -> dict:
-    """Write ``draft`` as a plain ``Qwen3ForCausalLM`` folder that any Qwen3 runtime loads (transformers' Auto
-    classes, and serving engines such as vLLM or SGLang as a draft model), with ``tokenizer`` beside it.
-
-    A layer-sampled draft without a knowledge path *is* a plain Qwen3 of k layers: same weights, same logits. A
-    draft with fusion blocks is exported without them, which equals the draft with its cache detached; the note
-    returned (and kept in ``qd_provenance.json`` with the kept layers and the teacher's fingerprint) says so and how
-    open its gates were. The folder is written atomically. Returns the provenance record.
-    """
-    from transformers import Qwen3ForCausalLM
-
-    cfg = {k: v for k, v in draft.config.to_dict().items() if k not in QD_ONLY_KEYS}
-    qwen = Qwen3ForCausalLM(Qwen3Config(**cfg)).to(draft.dtype)
-    state = {k: v for k, v in draft.state_dict().items() if not k.startswith("fusion.")}
-    missing, unexpected = qwen.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not qwen.config.tie_word_embeddings]
-    if missing or unexpected:  # pragma: no cover - the two layouts agree by construction; say so if they drift
-        raise QdError(f"the draft's weights do not map onto Qwen3 (missing {missing}, unexpected {unexpected})")
-    qwen.tie_weights()
-    note = "a plain Qwen3: the same logits as the draft"
-    if len(draft.fusion):
-        gate = max(torch.tanh(f.gate).abs().max().item() for f in draft.fusion.values())
-        note = (f"the knowledge path is dropped ({len(draft.fusion)} fusion blocks, largest |tanh(gate)| {gate:.4f}): "
-                f"the export equals the draft with its cache detached")
-    record = {k: draft.config.to_dict().get(k) for k in PROVENANCE_KEYS} | {"note": note}
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        qwen.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "qd_provenance.json", record)
-    return record

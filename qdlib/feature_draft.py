@@ -61,7 +61,7 @@ class FeatureDraftConfig:
     gamma: int | None = None  # tuned drafting settings carried with the draft (None: the caller's default)
     confidence_threshold: float | None = None
     tree: dict | None = None  # a qdlib.trees.TreeShape as a dict: the draft grows token trees (None: chains)
-    pause: dict | None = None  # qdlib.drafters.Pausing's settings: pause speculation where it stops paying
+    pause: dict | None = None  # qdlib.combined_drafters.Pausing's settings: pause speculation where it stops paying
 
     def get_text_config(self, *args, **kwargs):  # what transformers' generate() asks an assistant's config first
         _not_an_assistant()

@@ -24,22 +24,22 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import divergence, paths
-from .corpus import SOURCES, heldout_prompts, heldout_texts, random_prompts
+from .corpus import heldout_prompts, heldout_texts, random_prompts
 from .distill_data import EvalSet, continue_greedy, heldout_eval_set, training_stream, unfamiliar_eval_set
 from .errors import ConfigError
 from .feature_draft import (HEAD_TOKENS, FeatureDraft, build_feature_draft, frequent_tokens, load_feature_draft,
                             save_feature_draft, teacher_features)
-from .hardware import cpu_supports_bf16
+from .hardware import use_bf16
 from .io import torch_load_safe, torch_save_atomic, write_json_atomic
 from .models import load_teacher
-from .schema import Boolean, Integer, Number, OrNull, Text, Weights, field_problems, raise_problems, setting
+from .schema import renamed
+from .settings.training import FeatureTrainConfig
 from .speculative import speculative_generate
 from .timing import feature_step_time, step_time
 from .train import FitConfig, Recipe, fit
@@ -47,42 +47,6 @@ from .train.data import MixData
 
 EVAL_SEED_VALIDATION = 1  # the same split of roles as the trainer: seed 1 selects, seed 0 reports
 EVAL_SEED_TEST = 0
-
-
-@dataclass
-class FeatureTrainConfig:
-    """``qd train-fast``'s settings, each declared once with its check and help (:mod:`qdlib.schema`); a bad value
-    is refused when the config is made, naming it and what is allowed."""
-
-    num_layers: int = setting(1, Integer(1), "decoder layers of the feature-fed draft")
-    steps: int = setting(3000, Integer(1), "optimizer steps")
-    batch_rows: int = setting(16, Integer(1), "rows per step")
-    seq_len: int = setting(256, Integer(1), "tokens per row")
-    lr: float = setting(1e-3, Number(0, 1, low_open=True), "peak learning rate (warm-up, then cosine)")
-    min_lr_ratio: float = setting(0.1, Number(0, 1), "the cosine's floor, as a share of lr")
-    warmup_steps: int = setting(100, Integer(0), "linear warm-up steps")
-    weight_decay: float = setting(0.0, Number(0), "AdamW weight decay (matrices only)")
-    grad_clip: float = setting(1.0, Number(0, low_open=True), "gradient norm clip")
-    feature_weight: float = setting(0.1, Number(0), "weight of the feature-regression loss beside the KL")
-    unroll: int = setting(2, Integer(1), "drafting depths trained: 1 = teacher features only; 2 = also one depth on "
-                                         "the draft's own features")
-    unroll_weight: float = setting(0.5, Number(0), "weight of each deeper depth's loss")
-    source_weights: dict = setting({"stdlib": 0.5, "torch": 0.25, "transformers": 0.25}, Weights(*SOURCES),
-                                   "the training mixture over the teacher's own sources")
-    max_tokens_per_source: int | None = setting(6_000_000, OrNull(Integer(1)), "tokens read from each source")
-    generated: int = setting(768, Integer(0), "teacher greedy continuations of training prompts ...")
-    generated_share: float = setting(0.25, Number(0, 1, high_open=True), "... and the share of rows taken from them")
-    prompt_tokens: int = setting(32, Integer(1), "length of those prompts")
-    eval_every: int = setting(250, Integer(1), "steps between evaluations")
-    eval_prompts: int = setting(24, Integer(1), "held-out prompts of each evaluation")
-    ckpt_every: int = setting(50, Integer(1), "steps between checkpoints (last.pt)")
-    seed: int = setting(0, Integer(0), "data order and initialisation")
-    bf16: bool | None = setting(None, OrNull(Boolean()), "bf16 autocast; null: where the CPU supports it")
-    max_files: int | None = setting(None, OrNull(Integer(1)), "only the first files of each source (tests)")
-    init_from: str | None = setting(None, OrNull(Text()), "a feature-draft folder to continue from (grow_from)")
-
-    def __post_init__(self):
-        raise_problems(field_problems(self, "fast"))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -102,11 +66,11 @@ def prepare_data(teacher, tokenizer, cfg: FeatureTrainConfig, run_dir: Path, log
     p = run_dir / "generated.pt"
     if not p.exists():
         log(f"teacher continuations of {cfg.generated} prompts ...")
-        gen = torch.zeros(0, cfg.seq_len + 1, dtype=torch.int32)
+        gen = torch.zeros(0, cfg.max_seq_length + 1, dtype=torch.int32)
         if cfg.generated:
             base = streams.get("stdlib", next(iter(streams.values())))
             prompts = random_prompts(base, cfg.generated, cfg.prompt_tokens, cfg.seed + 4242)
-            gen = continue_greedy(teacher, prompts, cfg.seq_len + 1 - cfg.prompt_tokens).int()
+            gen = continue_greedy(teacher, prompts, cfg.max_seq_length + 1 - cfg.prompt_tokens).int()
         torch_save_atomic(gen, p)
     return MixData(streams, dict(cfg.source_weights), torch_load_safe(p), cfg.generated_share, cfg.seed)
 
@@ -209,7 +173,7 @@ class FeatureRecipe(Recipe):
         return list(self.draft.trainable_parameters())
 
     def batch(self, step: int, micro: int) -> torch.Tensor:
-        return self.data.batch(step, self.cfg.batch_rows, self.cfg.seq_len)  # (B, T+1)
+        return self.data.batch(step, self.cfg.batch_size, self.cfg.max_seq_length)  # (B, T+1)
 
     def loss(self, ids: torch.Tensor, autocast):
         return feature_loss(self.teacher, self.draft, ids, self.cfg, self.bf16)
@@ -242,10 +206,12 @@ class FeatureRecipe(Recipe):
 
 
 def fit_config(cfg: FeatureTrainConfig, bf16: bool = False) -> FitConfig:
-    """The loop's settings of a feature-draft run (``steps``, ``eval_every``, ``ckpt_every`` may change on resume)."""
-    return FitConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
-                     weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16, ckpt_every=cfg.ckpt_every,
-                     eval_every=cfg.eval_every, may_change=("steps", "eval_every", "ckpt_every"))
+    """The loop's settings of a feature-draft run (``steps``, ``eval_every``, ``checkpoint_every`` may change on
+    resume)."""
+    return FitConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                     min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                     bf16=bf16, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+                     may_change=("steps", "eval_every", "checkpoint_every"))
 
 
 def feature_recipe(cfg: FeatureTrainConfig, run_dir: Path, teacher=None, tokenizer=None,
@@ -256,14 +222,14 @@ def feature_recipe(cfg: FeatureTrainConfig, run_dir: Path, teacher=None, tokeniz
         teacher, tokenizer = load_teacher("tiny")
     for p in teacher.parameters():
         p.requires_grad_(False)
-    bf16 = cpu_supports_bf16() if cfg.bf16 is None else cfg.bf16
+    bf16 = use_bf16(cfg.mixed_precision, teacher.device)
     torch.manual_seed(cfg.seed)
     write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
     data = prepare_data(teacher, tokenizer, cfg, run_dir, log)
     val = heldout_eval_set(teacher, tokenizer, heldout_texts(), n_prompts=cfg.eval_prompts, seed=EVAL_SEED_VALIDATION)
     draft = build_feature_draft(teacher, cfg.num_layers).float().train()
     if cfg.init_from:
-        grow_from(draft, load_feature_draft(cfg.init_from))
+        grow_from(draft, load_feature_draft(cfg.init_from, trim_head=False))  # a trimmed head grows on its full rows
     return FeatureRecipe(teacher, draft, data, val, cfg, bf16), fit_config(cfg, bf16)
 
 
@@ -307,7 +273,7 @@ def export_fast_draft(run_dir: str | os.PathLike, out_dir: str | os.PathLike, te
         teacher, tokenizer = load_teacher("tiny")
     best = load_feature_draft(run_dir / "best")
     info = json.loads((run_dir / "best" / "eval.json").read_text())
-    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg = renamed(json.loads((run_dir / "config.json").read_text()))
     with tempfile.TemporaryDirectory() as tmp:  # measure what is shipped: the bf16 weights, loaded back
         save_feature_draft(best, tmp)
         draft = load_feature_draft(tmp)
@@ -378,13 +344,13 @@ def _init_summary(init_from: str | None) -> dict | None:
 
 
 def _fast_card(m: dict) -> str:
-    a, cfg, init = m["agreement"], m["config"], m.get("init")
+    a, cfg, init = m["agreement"], renamed(m["config"]), m.get("init")
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v['depth1']:.3f} | {v['depth2']:.3f} | {v['positions']} |"
                      for k, v in a.items())
     speeds = ", ".join(f"{g}: {s:.1f}" for g, s in m["gamma_speeds_validation"].items())
     n = m["num_layers"]
     layers = f"{n} decoder layer" + ("s" if n > 1 else "")
-    positions = m["steps"] * cfg["batch_rows"] * cfg["seq_len"]
+    positions = m["steps"] * cfg["batch_size"] * cfg["max_seq_length"]
     planned = "" if m["steps"] == cfg["steps"] else f" (of {cfg['steps']} planned: the best checkpoint)"
     start = "initialised from the teacher's last layers"
     grown = ""
@@ -404,14 +370,14 @@ head turns into a distribution. Load it with `qdlib.load_draft("fast")`; decode 
 transformers' `assistant_model` (generate() does not pass the teacher's hidden states to an assistant).
 
 ## Training
-{grown}- {m['steps']} steps{planned} of {cfg['batch_rows']} x {cfg['seq_len']} tokens ({positions / 1e6:.1f}M
+{grown}- {m['steps']} steps{planned} of {cfg['batch_size']} x {cfg['max_seq_length']} tokens ({positions / 1e6:.1f}M
   token positions), {m['train_time_s'] / 60:.0f} min of training on a 2-core CPU.
 - Data: windows of the teacher's own training mix (source weights {cfg['source_weights']}, at most
   {cfg['max_tokens_per_source']} tokens per source) and, for {cfg['generated_share']:.0%} of rows, the teacher's
   greedy continuations of {cfg['generated']} training prompts. No held-out standard-library file and no third-party
   package of `qdlib.heldout_code` was used.
 - Loss: KL(teacher || draft) + {cfg['feature_weight']} x smooth-L1 on the predicted features, at depth 1 (teacher
-  features) and depth 2 (the draft's own predicted features, weight {cfg['unroll_weight']}). AdamW, lr {cfg['lr']},
+  features) and depth 2 (the draft's own predicted features, weight {cfg['unroll_weight']}). AdamW, learning rate {cfg['learning_rate']},
   {cfg['warmup_steps']} warm-up steps then cosine to {cfg['min_lr_ratio']:.0%}.
 - Best checkpoint by validation agreement (mean of depths 1 and 2 on held-out standard-library prompts, seed 1):
   {m['validation_agreement']:.3f}.

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GATES = ("channel", "scalar")
+from .settings.names import GATES
 
 
 class RMSNorm(nn.Module):

@@ -31,3 +31,20 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(choice: str, device=None) -> bool:
+    """Whether a trainer's ``mixed_precision`` choice means bf16 autocast on ``device`` (None: cuda when there is
+    one, else the CPU).
+
+    >>> use_bf16("bf16"), use_bf16("no"), use_bf16("auto", "cpu") == cpu_supports_bf16()
+    (True, False, True)
+    """
+    if choice != "auto":
+        return choice == "bf16"
+    import torch
+
+    kind = str(device).split(":")[0] if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_supports_bf16()

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from .errors import ConfigError
 from .fusion import Memory, lag_mask
 
-MEMORY_KINDS = ("static", "live")
 
 
 class LiveMemory:

@@ -32,7 +32,7 @@ import torch
 
 from .corpus import corpus_files, read_source
 from .distill_data import paraphrase_eval_set
-from .draft import load_draft
+from .draft_files import load_draft
 from .errors import ConfigError
 from .io import write_json_atomic
 from .knowledge import KnowledgeCache, build_knowledge_cache

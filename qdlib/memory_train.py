@@ -42,49 +42,9 @@ from .errors import ConfigError
 from .io import atomic_path, torch_load_safe, torch_save_atomic, write_json_atomic
 from .knowledge import KnowledgeCache, build_knowledge_cache, load_knowledge_cache
 from .memory import arms_on, code_items
-from .schema import Boolean, Choice, Integer, Number, field_problems, raise_problems, setting
+from .settings.training import RetrievalConfig
 from .train import FitConfig, Recipe, fit
 from .train.evaluate import evaluate_draft
-
-FUSION_INITS = ("keep", "similarity")
-
-
-@dataclasses.dataclass
-class RetrievalConfig:
-    """The settings of one retrieval-training run (all of them shape the weights except ``eval_every``), each
-    declared once with its check and help (:mod:`qdlib.schema`); a bad value is refused when the config is made."""
-
-    items: int = setting(400, Integer(2), "documented functions of the stdlib training files ...")
-    val_items: int = setting(40, Integer(1), "... of which the last ones only select checkpoints")
-    memory_items: int = setting(24, Integer(2), "items in each step's memory (the protocol's size)")
-    batch_items: int = setting(8, Integer(1), "items whose paraphrases (2 each) form one batch")
-    swapped_share: float = setting(0.25, Number(0, 1, high_open=True), "steps whose memory holds none of the batch's "
-                                                                      "items")
-    question_rows: bool = setting(True, Boolean(), "batches also hold each item's question itself (its continuation "
-                                                   "is the cached answer)")
-    steps: int = setting(1200, Integer(1), "optimizer steps")
-    learning_rate: float = setting(3e-3, Number(0, 1, low_open=True), "peak learning rate")
-    warmup_steps: int = setting(50, Integer(0), "linear warm-up steps")
-    gate_init: float = setting(0.1, Number(0, 1, high_open=True), "tanh(gate) at the start (the distilled draft's "
-                                                                 "gates are reset to it)")
-    fusion_init: str = setting("keep", Choice(*FUSION_INITS), "keep: the distilled fusion weights; similarity: see "
-                                                             "similarity_init")
-    similarity_scale: float = setting(3.0, Number(0, low_open=True), "the q/k-norm weights of similarity (higher: "
-                                                                     "sharper attention)")
-    answer_tokens: int = setting(48, Integer(1), "tokens of each cached answer")
-    new_tokens: int = setting(32, Integer(1), "teacher tokens continued after each paraphrase")
-    seed: int = setting(0, Integer(0), "item choice and data order")
-    eval_every: int = setting(100, Integer(1), "steps between evaluations")
-
-    def __post_init__(self):
-        problems = field_problems(self, "memory")
-        if not problems and not 0 < self.val_items < self.items:
-            problems.append(f"memory.val_items={self.val_items} must be between 1 and items - 1 ({self.items - 1})")
-        if not problems and not self.batch_items < self.memory_items <= self.items - self.val_items - self.batch_items:
-            problems.append(f"memory.memory_items={self.memory_items} must exceed batch_items={self.batch_items} and "
-                            f"leave room for other items among the {self.items - self.val_items} training items")
-        raise_problems(problems)
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -267,8 +227,9 @@ class MemoryRecipe(Recipe):
 
 def fit_config(cfg: RetrievalConfig) -> FitConfig:
     """The loop's settings of a retrieval run: evaluation and checkpoint every ``eval_every`` steps."""
-    return FitConfig(steps=cfg.steps, lr=cfg.learning_rate, warmup_steps=cfg.warmup_steps, min_lr_ratio=0.1,
-                     weight_decay=0.0, grad_clip=1.0, ckpt_every=cfg.eval_every, eval_every=cfg.eval_every,
+    return FitConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                     min_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, checkpoint_every=cfg.eval_every,
+                     eval_every=cfg.eval_every,
                      may_change=("eval_every",))
 
 

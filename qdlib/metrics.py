@@ -24,7 +24,8 @@ from typing import Iterable, Sequence
 import torch
 
 from . import divergence
-from .sampling import EARLY_EXIT, STRATEGIES, first_k_layers, run_layers, sample_layers
+from .sampling import first_k_layers, run_layers, sample_layers
+from .settings.names import EARLY_EXIT, STRATEGIES
 
 
 def distribution_sums(lp: torch.Tensor, lq: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
@@ -84,7 +85,7 @@ def subset_metrics(teacher, batches: torch.Tensor, layers: Sequence[int], p_logi
 
 
 def strategy_layers(num_layers: int, k: int, strategy: str, scores=None) -> list[int]:
-    """Layers for a strategy name, including the early-exit baseline :data:`~qdlib.sampling.EARLY_EXIT`."""
+    """Layers for a strategy name, including the early-exit baseline :data:`~qdlib.settings.names.EARLY_EXIT`."""
     if strategy == EARLY_EXIT:
         return first_k_layers(num_layers, k)
     return sample_layers(num_layers, k, strategy, scores=scores if strategy == "importance" else None)

@@ -17,7 +17,9 @@ import json
 import os
 from pathlib import Path
 
-from .bench import BUSY_MARGIN, DRAFT_OF, KINDS, METHODS
+from .bench import BUSY_MARGIN
+from .bench_methods import DRAFT_OF, method_label
+from .settings.bench import KINDS
 from .errors import MissingFileError
 from .io import atomic_dir, write_json_atomic
 
@@ -62,40 +64,10 @@ def report_markdown(report: dict) -> str:
              f"transformers {env['transformers']}, qdlib {env['qdlib']}. "
              f"{report['config']['max_new_tokens']} new tokens per prompt, gamma {report['config']['gamma']}, "
              f"median of {report['config']['repeats']} repeats; run took {report['seconds']:.0f} s.", ""]
-    c = report["costs"]
     for kind in KINDS:
         for mode in ("greedy", "sampling"):
-            rows = [r for r in report["rows"] if r["kind"] == kind and r["mode"] == mode]
-            if not rows:
-                continue
-            what = {"code": "held-out code", "unfamiliar": "unfamiliar third-party code", "yours": "your code"}.get(
-                kind, "knowledge paraphrases")
-            lines += [f"## {what}, {mode}" + (f" (temperature {report['config']['temperature']})" if mode == "sampling" else ""),
-                      "", "| method | tokens/s | speed-up | vs plain loop | worst / median / best prompt | acceptance rate "
-                      "| tokens/target call | c | identical |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for r in rows:
-                cc = c["c"].get(DRAFT_OF.get(r["method"]))
-                ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "(sampled)"
-                vs_plain = _vs_plain(r, rows)
-                pp = r.get("per_prompt")
-                spread = f"{pp['worst']:.2f} / {pp['median']:.2f} / {pp['best']:.2f}" if pp else "–"
-                speed = (f"unreliable (busy machine: repeats differ by {r['repeat_spread']:.0%})" if r.get("unreliable")
-                         else f"{r['speedup']:.2f}x")
-                lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {speed} | {vs_plain} | {spread} "
-                             f"| {_fmt(r.get('acceptance'))} | {_fmt(r['tokens_per_target_call'])} | {_fmt(cc)} | {ident} |")
-            busy = [r for r in rows if r.get("unreliable")]
-            if busy:
-                lines += ["", f"**The machine was busy**: the repeats of {len(busy)} method(s) differ by more than "
-                              f"{BUSY_MARGIN:.0%} of their median, so those rows are not results. Rerun with nothing "
-                              "else running."]
-            a = report["alpha"].get(kind)
-            if a:
-                lines += ["", f"Teacher-forced agreement of the draft on these prompts: {a['agreement']:.3f} "
-                              f"(sum-min alpha {a['alpha']:.3f}, {a['positions']} positions). \"acceptance rate\" in the table "
-                              "is accepted over proposed draft tokens: a round stops at its first rejection, so it is "
-                              "lower than the per-token agreement."]
-            lines.append("")
+            lines += _table_lines(report, kind, mode)
+    c = report["costs"]
     lines += ["## Costs", "", f"One teacher step: {c['teacher_step_ms']:.2f} ms. Draft/teacher step ratio c: " +
               ", ".join(f"{k} {v:.3f}" for k, v in c["c"].items()) + ". Verification of g+1 tokens, in teacher steps: " +
               ", ".join(f"g={g}: {v:.2f}" for g, v in c["verify_cost"].items()) + ".", ""]
@@ -106,17 +78,7 @@ def report_markdown(report: dict) -> str:
         lines += [f"| {r['label']} | {r['time_split']['draft']:.0%} | {r['time_split']['verify']:.0%} | "
                   f"{r['time_split']['other']:.0%} |" for r in split]
         lines.append("")
-    if report["sweep"]:
-        lines += [f"## Gamma sweep (held-out code, greedy, {report['config']['sweep_prompts']} prompts)", "",
-                  "Fewer prompts than the tables above, so its gamma-4 row need not match them. The theory columns use "
-                  "the micro-benchmark costs above (c and the verification costs); notebook 06 shows that the costs "
-                  "measured inside the loop are higher and bring the theory down to the measurement.", "",
-                  "| gamma | speed-up vs generate | vs plain loop | theory vs plain loop | tokens/call | theory tokens/call |",
-                  "|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {s['gamma']} | {s['speedup_vs_generate']:.2f}x | {s['speedup_vs_plain']:.2f}x | "
-                  f"{s['theory_speedup_vs_plain']:.2f}x | {s['tokens_per_target_call']:.2f} | {s['theory_tokens_per_call']:.2f} |"
-                  for s in report["sweep"]]
-        lines.append("")
+    lines += _sweep_lines(report)
     h = headline(report)
     if "speedup" in h:
         lines += [f"**Headline** (held-out code, greedy): qdlib speculative decoding is {h['speedup']:.2f}x the teacher's "
@@ -124,6 +86,56 @@ def report_markdown(report: dict) -> str:
                   + (f", {h['over_assisted_matched']:.2f}x transformers assisted generation with matched settings"
                      if "over_assisted_matched" in h else "") + ".", ""]
     return "\n".join(lines)
+
+
+def _table_lines(report: dict, kind: str, mode: str) -> list[str]:
+    """One kind's table in one mode (nothing when it has no rows), with the busy-machine note and the agreement."""
+    rows = [r for r in report["rows"] if r["kind"] == kind and r["mode"] == mode]
+    if not rows:
+        return []
+    what = {"code": "held-out code", "unfamiliar": "unfamiliar third-party code", "yours": "your code"}.get(
+        kind, "knowledge paraphrases")
+    lines = [f"## {what}, {mode}" + (f" (temperature {report['config']['temperature']})" if mode == "sampling" else ""),
+             "", "| method | tokens/s | speed-up | vs plain loop | worst / median / best prompt | acceptance rate "
+             "| tokens/target call | c | identical |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cc = report["costs"]["c"].get(DRAFT_OF.get(r["method"], r["method"]))
+        ident = f"{r['identical']}/{r['prompts']}" if "identical" in r else "(sampled)"
+        pp = r.get("per_prompt")
+        spread = f"{pp['worst']:.2f} / {pp['median']:.2f} / {pp['best']:.2f}" if pp else "–"
+        speed = (f"unreliable (busy machine: repeats differ by {r['repeat_spread']:.0%})" if r.get("unreliable")
+                 else f"{r['speedup']:.2f}x")
+        lines.append(f"| {r['label']} | {r['tokens_per_s']:.1f} | {speed} | {_vs_plain(r, rows)} | {spread} "
+                     f"| {_fmt(r.get('acceptance'))} | {_fmt(r['tokens_per_target_call'])} | {_fmt(cc)} | {ident} |")
+    busy = [r for r in rows if r.get("unreliable")]
+    if busy:
+        lines += ["", f"**The machine was busy**: the repeats of {len(busy)} method(s) differ by more than "
+                      f"{BUSY_MARGIN:.0%} of their median, so those rows are not results. Rerun with nothing "
+                      "else running."]
+    a = report["alpha"].get(kind)
+    if a:
+        lines += ["", f"Teacher-forced agreement of the draft on these prompts: {a['agreement']:.3f} "
+                      f"(sum-min alpha {a['alpha']:.3f}, {a['positions']} positions). \"acceptance rate\" in the table "
+                      "is accepted over proposed draft tokens: a round stops at its first rejection, so it is "
+                      "lower than the per-token agreement."]
+    return lines + [""]
+
+
+def _sweep_lines(report: dict) -> list[str]:
+    """The gamma sweep's table (nothing without a sweep)."""
+    if not report["sweep"]:
+        return []
+    lines = [f"## Gamma sweep (held-out code, greedy, {report['config']['sweep_prompts']} prompts)", "",
+             "Fewer prompts than the tables above, so its gamma-4 row need not match them. The theory columns use "
+             "the micro-benchmark costs above (c and the verification costs); notebook 06 shows that the costs "
+             "measured inside the loop are higher and bring the theory down to the measurement.", "",
+             "| gamma | speed-up vs generate | vs plain loop | theory vs plain loop | tokens/call | theory tokens/call |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {s['gamma']} | {s['speedup_vs_generate']:.2f}x | {s['speedup_vs_plain']:.2f}x | "
+              f"{s['theory_speedup_vs_plain']:.2f}x | {s['tokens_per_target_call']:.2f} | {s['theory_tokens_per_call']:.2f} |"
+              for s in report["sweep"]]
+    return lines + [""]
 
 
 def _split_lines(split: dict | None) -> list[str]:
@@ -159,7 +171,7 @@ def plot_report(report: dict):
             r = vals.get(n)
             if r and "identical" in r and r["identical"] != r["prompts"]:
                 a.text(bar_.get_width(), bar_.get_y() + w / 2, " output differs", va="center", fontsize=7)
-    a.set_yticks([i + w * (len(kinds) - 1) / 2 for i in range(len(names))], [METHODS[n][0] for n in names], fontsize=8)
+    a.set_yticks([i + w * (len(kinds) - 1) / 2 for i in range(len(names))], [method_label(n)[0] for n in names], fontsize=8)
     a.axvline(1.0, color="grey", lw=0.8)
     a.axvline(2.0, color="grey", lw=0.8, ls="--")
     a.invert_yaxis()

@@ -28,9 +28,8 @@ import torch
 
 from . import divergence
 from .errors import ConfigError
+from .settings.names import STRATEGIES
 
-STRATEGIES = ("uniform", "geometric", "logarithmic", "importance")
-EARLY_EXIT = "first-k"  # the early-exit baseline (the first k layers, as LayerSkip): a draft, not a sampling strategy
 GEOMETRIC_RATIO = 1.5  # each gap 1.5x the previous one
 LOG_BASE = 10.0  # logarithmic positions follow log10(1 + 9 t)
 

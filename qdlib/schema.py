@@ -256,6 +256,25 @@ def unknown_key_problems(cls, section: str, data: dict) -> list[str]:
     return [f"unknown {section} key(s) {unknown}{hint}{listing}"]
 
 
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``"training.learning_rate=1.0e-3"`` -> ``("training", "learning_rate", 0.001)``; the value is read as YAML.
+
+    >>> parse_override("knowledge_enhancement.after_layers=[2, 5]")
+    ('knowledge_enhancement', 'after_layers', [2, 5])
+    """
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise ConfigError(f"--set {text!r} is not of the form section.key=value, e.g. training.learning_rate=1.0e-3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return section, name.strip(), value
+
+
 def raise_problems(problems: list[str], where: str = "") -> None:
     """Raise one :class:`ConfigError` listing every problem (one line), if there are any."""
     if not problems:
@@ -277,3 +296,28 @@ def describe(cls_or_obj, section: str) -> list[str]:
         check = f.metadata.get("check", Check())
         lines.append(f"{section}.{f.name} = {json.dumps(value)}  # {check.allowed}; {f.metadata.get('doc', '')}")
     return lines
+
+
+# Settings renamed so that every trainer calls one concept by one name (the distillation config's names); a config
+# written before (a run's config.json, a checkpoint, a card's metrics.json) is read through :func:`renamed`.
+RENAMED = {"lr": "learning_rate", "ul_lr": "ul_learning_rate", "batch_rows": "batch_size", "seq_len": "max_seq_length",
+           "grad_clip": "max_grad_norm", "ckpt_every": "checkpoint_every", "bf16": "mixed_precision"}
+_BF16_CHOICE = {None: "auto", True: "bf16", False: "no"}
+
+
+def renamed(settings: dict) -> dict:
+    """``settings`` with the names :data:`RENAMED` retired replaced by today's (``bf16`` true/false/null becomes
+    ``mixed_precision`` bf16/no/auto); nested sections too.
+
+    >>> renamed({"lr": 0.1, "bf16": None, "training": {"steps": 3}})
+    {'learning_rate': 0.1, 'mixed_precision': 'auto', 'training': {'steps': 3}}
+    """
+    out = {}
+    for k, v in settings.items():
+        if k == "bf16" and "mixed_precision" not in settings:
+            out["mixed_precision"] = _BF16_CHOICE.get(v, v)
+        elif k in RENAMED and RENAMED[k] not in settings:
+            out[RENAMED[k]] = v
+        else:
+            out[k] = renamed(v) if isinstance(v, dict) else v
+    return out

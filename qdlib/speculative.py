@@ -33,7 +33,8 @@ from typing import NamedTuple
 import torch
 
 from .decoding import Settings, accept_or_resample, accept_round, process_logits  # noqa: F401 (public names)
-from .drafters import Drafter, Pausing, Proposal, as_drafter, rollback
+from .drafters import Drafter, Proposal, as_drafter, rollback
+from .combined_drafters import Pausing
 from .target_engine import verifier
 from .trees import TreeShape, accept_tree, chain_parents, tree_depths, tree_mask
 
@@ -198,35 +199,16 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     """
     gamma, confidence_threshold, tree = _draft_defaults(draft, gamma, confidence_threshold, tree, temperature == 0)
     _check_inputs(target, input_ids, max_new_tokens, temperature, top_p, top_k, gamma)
-    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
-        raise ValueError(f"confidence_threshold={confidence_threshold} must be in [0, 1]")
     s = Settings(temperature, top_k, top_p, generator)
     n_prompt = input_ids.shape[1]
     max_len = n_prompt + max_new_tokens + max(gamma, tree.budget if tree else 0) + 1  # the most a round can hold
-    pause = getattr(getattr(draft, "config", None), "pause", None)  # the draft's own fallback, where it has one
-    drafter = as_drafter(Pausing(draft, **pause) if pause else draft, s, confidence_threshold=confidence_threshold,
-                         vocab_size=target.config.vocab_size, max_len=max_len, tree=tree)
-    drafter.check(target)  # each kind of drafter knows what it needs of the target
-    verify = verifier(target, drafter.needs_features, max_len, engine, layers=drafter.feature_layers)
-    if tree is not None and not verify.trees:
-        raise ValueError(f"tree={tree!r} needs engine='qdlib' or 'auto' on a model qdlib's engine supports")
+    drafter, verify = _drafter_and_verifier(target, draft, s, confidence_threshold, tree, max_len, engine)
     calls_before = drafter.calls
     eos = _eos_set(target, eos_token_id)
     stats = SpecStats(proposed_at=[0] * gamma, accepted_at=[0] * gamma)
     t_start = time.perf_counter()
     seq = input_ids[0].tolist()
-
-    # Prefill: the target's cache (and the drafter's) hold all prompt tokens but the last, always seq[:-1] or less.
-    t0 = time.perf_counter()
-    feats = None
-    if n_prompt > 1:
-        _, feats = verify(seq[:-1], 1)
-        stats.target_calls += 1
-        stats.prefill_calls += 1
-    stats.time_verify += time.perf_counter() - t0
-    t0 = time.perf_counter()
-    drafter.begin(seq, feats)
-    stats.time_draft += time.perf_counter() - t0
+    _prefill(verify, drafter, seq, stats)
 
     while len(seq) - n_prompt < max_new_tokens:
         remaining = max_new_tokens - (len(seq) - n_prompt)
@@ -261,6 +243,35 @@ def speculative_generate(target, draft, input_ids: torch.Tensor, *, gamma: int |
     stats.new_tokens = len(seq) - n_prompt
     stats.time_total = time.perf_counter() - t_start
     return torch.tensor([seq], device=input_ids.device), stats
+
+
+def _drafter_and_verifier(target, draft, s: Settings, confidence_threshold, tree, max_len: int, engine: str):
+    """The drafter of ``draft`` (with its own pausing fallback, where its config has one), checked against the
+    target, and the target's verifier for it."""
+    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
+        raise ValueError(f"confidence_threshold={confidence_threshold} must be in [0, 1]")
+    pause = getattr(getattr(draft, "config", None), "pause", None)
+    drafter = as_drafter(Pausing(draft, **pause) if pause else draft, s, confidence_threshold=confidence_threshold,
+                         vocab_size=target.config.vocab_size, max_len=max_len, tree=tree)
+    drafter.check(target)  # each kind of drafter knows what it needs of the target
+    verify = verifier(target, drafter.needs_features, max_len, engine, layers=drafter.feature_layers)
+    if tree is not None and not verify.trees:
+        raise ValueError(f"tree={tree!r} needs engine='qdlib' or 'auto' on a model qdlib's engine supports")
+    return drafter, verify
+
+
+def _prefill(verify, drafter, seq: list[int], stats: SpecStats) -> None:
+    """The target's cache (and the drafter's) take all prompt tokens but the last: always ``seq[:-1]`` or less."""
+    t0 = time.perf_counter()
+    feats = None
+    if len(seq) > 1:
+        _, feats = verify(seq[:-1], 1)
+        stats.target_calls += 1
+        stats.prefill_calls += 1
+    stats.time_verify += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    drafter.begin(seq, feats)
+    stats.time_draft += time.perf_counter() - t0
 
 
 def _verify(verify, pending: list[int], prop: Proposal):

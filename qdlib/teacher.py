@@ -16,20 +16,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import paths
-from .corpus import (SOURCES, bits_per_byte, build_manifest, corpus_files, greedy_repetition, heldout_files,
+from .corpus import (bits_per_byte, build_manifest, corpus_files, greedy_repetition, heldout_files,
                      heldout_prompts, loss_by_position, random_prompts, read_source, repeated_ngram_share,
                      tokenize_corpus, train_tokenizer)
-from .corpus import heldout_texts  # noqa: F401  notebooks 01 and 05 import it from here: remove once they use qdlib.corpus
 from .errors import ConfigError
-from .schema import Boolean, Choices, Integer, Number, OrNull, field_ok, field_problems, raise_problems, setting
-from .hardware import cpu_supports_bf16
+from .schema import renamed
+from .settings.training import TeacherTrainConfig
+from .hardware import use_bf16
 from .io import atomic_dir, torch_load_safe, torch_save_atomic, write_json_atomic
 from .train import FORMAT, FitConfig, Recipe, fit
 from .train.teacher_card import active_time, context_section, log_rows, model_card, plot_loss
@@ -62,48 +61,6 @@ def teacher_config(vocab_size: int = 8192, hidden: int = 192, layers: int = 28):
 # --------------------------------------------------------------------------- training
 
 
-@dataclass
-class TeacherTrainConfig:
-    """``qd train-teacher``'s settings, each declared once with its check and help (:mod:`qdlib.schema`)."""
-
-    steps: int = setting(2400, Integer(1), "optimizer steps of the main phase")
-    batch_size: int = setting(16, Integer(1), "sequences per step")
-    seq_len: int = setting(256, Integer(8), "tokens per sequence")
-    lr: float = setting(3e-3, Number(0, 1, low_open=True), "peak learning rate (warm-up, then cosine)")
-    min_lr_ratio: float = setting(0.1, Number(0, 1), "the cosine's floor, as a share of lr")
-    warmup_steps: int = setting(100, Integer(0), "linear warm-up steps")
-    weight_decay: float = setting(0.1, Number(0), "AdamW weight decay (matrices only)")
-    grad_clip: float = setting(1.0, Number(0, low_open=True), "gradient norm clip")
-    stdlib_weight: float = setting(0.7, Number(0, 1), "share of sequences drawn from the standard library ...")
-    final_stdlib_only: float = setting(0.2, Number(0, 1), "... and the share of final steps on the standard library only")
-    hidden: int = setting(192, Integer(8), "hidden size (28 layers, as Qwen3-0.6B)")
-    vocab_size: int = setting(8192, Integer(256), "tokenizer vocabulary (a BPE trained on the corpus)")
-    eval_every: int = setting(250, Integer(1), "steps between held-out evaluations")
-    ckpt_every: int = setting(50, Integer(1), "steps between checkpoints (last.pt)")
-    seed: int = setting(0, Integer(0), "data order and initialisation")
-    bf16: bool | None = setting(None, OrNull(Boolean()), "bf16 autocast; null: where the CPU supports it")
-    sources: list = setting(list(SOURCES), Choices(*SOURCES), "corpus sources; the first must be stdlib")
-    max_files: int | None = setting(None, OrNull(Integer(1)), "only the first N files of each source (tests)")
-    compile: bool = setting(True, Boolean(), "torch.compile the training forward (~25% faster here, ~2 min to compile)")
-    # Phase 2, after ``steps``: sequence-level unlikelihood polish (Welleck et al. 2019, "Neural text
-    # generation with unlikelihood training"). Each step adds, to the ordinary stdlib loss, a penalty
-    # -log(1 - p(token)) on the tokens of the model's own greedy continuations that repeat a 4-gram.
-    ul_steps: int = setting(100, Integer(0), "steps of the unlikelihood polish after the main phase")
-    ul_lr: float = setting(3e-4, Number(0, 1, low_open=True), "constant learning rate of the polish")
-    ul_weight: float = setting(1.0, Number(0), "weight of the unlikelihood penalty")
-    ul_batch: int = setting(8, Integer(1), "greedy continuations per polish step ...")
-    ul_prompt_tokens: int = setting(64, Integer(1), "... of prompts cut from the training stdlib stream ...")
-    ul_new_tokens: int = setting(128, Integer(1), "... continued this far")
-
-    def validate(self) -> "TeacherTrainConfig":
-        """Coerce and check every field; a ConfigError names each bad value and what is allowed."""
-        problems = field_problems(self, "teacher")
-        if field_ok(self, "sources") and self.sources[0] != "stdlib":
-            problems.append(f"teacher.sources={self.sources!r} must start with 'stdlib' (the held-out split is its)")
-        raise_problems(problems)
-        return self
-
-
 def _sample_batch(data: dict[str, torch.Tensor], cfg: TeacherTrainConfig, step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     w_std = 1.0 if step >= cfg.steps * (1 - cfg.final_stdlib_only) else cfg.stdlib_weight
@@ -115,8 +72,8 @@ def _sample_batch(data: dict[str, torch.Tensor], cfg: TeacherTrainConfig, step: 
         else:
             src = others[int(torch.randint(len(others), (), generator=g))]
         stream = data[src]
-        start = int(torch.randint(len(stream) - cfg.seq_len - 1, (), generator=g))
-        rows.append(stream[start : start + cfg.seq_len + 1].long())
+        start = int(torch.randint(len(stream) - cfg.max_seq_length - 1, (), generator=g))
+        rows.append(stream[start : start + cfg.max_seq_length + 1].long())
     return torch.stack(rows)  # (B, T+1)
 
 
@@ -152,8 +109,8 @@ def prepare_data(run_dir: Path, cfg: TeacherTrainConfig, log=print):
 
 
 # settings that may change between a run and its resumption
-_RESUMABLE_CHANGES = ("steps", "compile", "eval_every", "ckpt_every", "ul_steps", "ul_lr", "ul_weight", "ul_batch",
-                      "ul_prompt_tokens", "ul_new_tokens")
+_RESUMABLE_CHANGES = ("steps", "compile", "eval_every", "checkpoint_every", "ul_steps", "ul_learning_rate", "ul_weight",
+                      "ul_batch", "ul_prompt_tokens", "ul_new_tokens")
 
 
 class TeacherRecipe(Recipe):
@@ -214,7 +171,7 @@ class TeacherRecipe(Recipe):
 
 def teacher_recipe(cfg: TeacherTrainConfig, run_dir: Path, log=print) -> tuple[TeacherRecipe, FitConfig]:
     """The data (prepared once in ``run_dir``), a fresh model and the loop settings: the cosine over ``steps``, then
-    ``ul_steps`` of polish at the constant ``ul_lr``."""
+    ``ul_steps`` of polish at the constant ``ul_learning_rate``."""
     from transformers import Qwen3ForCausalLM
 
     cfg.validate()
@@ -222,19 +179,20 @@ def teacher_recipe(cfg: TeacherTrainConfig, run_dir: Path, log=print) -> tuple[T
     manifest, tokenizer, data, val_texts = prepare_data(run_dir, cfg, log)
     torch.manual_seed(cfg.seed)
     model = Qwen3ForCausalLM(teacher_config(len(tokenizer), cfg.hidden))
-    bf16 = cpu_supports_bf16() if cfg.bf16 is None else cfg.bf16
+    bf16 = use_bf16(cfg.mixed_precision, "cpu")
     recipe = TeacherRecipe(model, data, _val_batch(tokenizer, val_texts, cfg), cfg, bf16)
-    fc = FitConfig(steps=cfg.steps + cfg.ul_steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                   min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16,
-                   ckpt_every=cfg.ckpt_every, eval_every=cfg.eval_every, may_change=_RESUMABLE_CHANGES,
-                   decay_steps=cfg.steps, tail_lr=cfg.ul_lr if cfg.ul_steps else None)
+    fc = FitConfig(steps=cfg.steps + cfg.ul_steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                   min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+                   bf16=bf16, checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every,
+                   may_change=_RESUMABLE_CHANGES, decay_steps=cfg.steps,
+                   tail_lr=cfg.ul_learning_rate if cfg.ul_steps else None)
     return recipe, fc
 
 
 def train_teacher(cfg: TeacherTrainConfig, run_dir: str | os.PathLike | None = None, log=print, on_step=None) -> Path:
     """Train (or resume training) the bundled teacher in ``run_dir`` with :func:`qdlib.train.fit`.
 
-    ``last.pt`` (atomic) every ``ckpt_every`` steps and after every evaluation; rerunning the same command resumes
+    ``last.pt`` (atomic) every ``checkpoint_every`` steps and after every evaluation; rerunning the same command resumes
     there. Progress goes to a tqdm bar and ``log.jsonl``; the best held-out loss is kept in ``best/``.
     """
     run_dir = Path(run_dir) if run_dir else paths.runs_dir() / "teacher"
@@ -292,8 +250,8 @@ def _val_batch(tokenizer, texts, cfg, n: int = 16) -> torch.Tensor:
     for t in texts:
         ids += [tokenizer.eos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids)
-    step = max(1, (len(ids) - cfg.seq_len - 1) // n)
-    return torch.stack([ids[i * step : i * step + cfg.seq_len + 1] for i in range(n)])
+    step = max(1, (len(ids) - cfg.max_seq_length - 1) // n)
+    return torch.stack([ids[i * step : i * step + cfg.max_seq_length + 1] for i in range(n)])
 
 
 def _val_loss(model, batch, use_bf16) -> float:
@@ -313,7 +271,7 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
     if state.get("format") != FORMAT:
         raise ConfigError(f"{run_dir / 'last.pt'} was written by an older qdlib training loop; export it with the "
                           f"qdlib that trained it, or train again")
-    cfg = TeacherTrainConfig(**state["config"])
+    cfg = TeacherTrainConfig(**renamed(state["config"]))
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     model = Qwen3ForCausalLM(teacher_config(len(tokenizer), cfg.hidden))
     model.load_state_dict(state["trainee"]["model"])
@@ -327,7 +285,7 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
     bpb = bits_per_byte(model, tokenizer, texts)
     rep = greedy_repetition(model, heldout_prompts(tokenizer, texts))
     real_rep = [repeated_ngram_share(p2[64:192]) for p2 in heldout_prompts(tokenizer, texts, prompt_tokens=192)]
-    log_rows = log_rows(run_dir)
+    rows = log_rows(run_dir)
     metrics = {
         "heldout_bits_per_byte": round(bpb["bpb"], 4),
         "heldout_tokens": bpb["tokens"],
@@ -336,11 +294,11 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
         "real_code_repeated_4gram_share": round(sum(real_rep) / len(real_rep), 4),
         "steps": state["step"],
         "tokens_seen": state["trainee"]["tokens"],
-        "train_wall_time_s": round(active_time(log_rows), 1),
-        "final_train_loss": log_rows[-1]["ce"],
-        "final_val_loss": next((r["val_loss"] for r in reversed(log_rows) if "val_loss" in r), None),
+        "train_wall_time_s": round(active_time(rows), 1),
+        "final_train_loss": rows[-1]["ce"],
+        "final_val_loss": next((r["val_loss"] for r in reversed(rows) if "val_loss" in r), None),
         "context_loss": loss_by_position(model, tokenizer, texts, context=model.config.max_position_embeddings,
-                                         short=cfg.seq_len),
+                                         short=cfg.max_seq_length),
     }
     with atomic_dir(out_dir) as tmp:
         model.to(torch.bfloat16).save_pretrained(tmp)
@@ -348,7 +306,7 @@ def export_teacher(run_dir: str | os.PathLike | None = None, out_dir: str | os.P
         write_json_atomic(tmp / "manifest.json", manifest)
         write_json_atomic(tmp / "metrics.json", metrics)
         write_json_atomic(tmp / "train_config.json", dataclasses.asdict(cfg))
-        plot_loss(log_rows, tmp / "loss_curve.png")
-        (tmp / "README.md").write_text(model_card(cfg, metrics, manifest) + context_section(metrics["context_loss"], cfg.seq_len))
+        plot_loss(rows, tmp / "loss_curve.png")
+        (tmp / "README.md").write_text(model_card(cfg, metrics, manifest) + context_section(metrics["context_loss"], cfg.max_seq_length))
     log(json.dumps(metrics, indent=2))
     return out_dir

@@ -26,8 +26,9 @@ from . import paths, trainer
 from .bench import BenchConfig, run_bench
 from .corpus import heldout_prompts, heldout_texts
 from .costs import count_params
-from .distill import DEFAULT_CONFIGS, load_config
-from .draft import DraftLoadError, build_draft, load_draft
+from .settings import DEFAULT_CONFIGS, load_config
+from .draft import build_draft
+from .draft_files import DraftLoadError, load_draft
 from .heldout_code import heldout_code_prompts
 from .knowledge import build_knowledge_cache, load_items, nearest_items
 from .models import TeacherLoadError, is_bundled, load_teacher, model_name
@@ -58,7 +59,6 @@ def _short_distil(teacher, tokenizer, run_dir, log=print):
 def tour(model: str | None = None, *, distill: bool = False, device=None) -> int:
     """Run the tour; returns a process exit code (0 when the speculative output equals the teacher's)."""
     t_start = time.perf_counter()
-    run_dir = paths.runs_dir() / "tour"
     torch.manual_seed(0)
 
     _say("1. The teacher")
@@ -77,13 +77,26 @@ def tour(model: str | None = None, *, distill: bool = False, device=None) -> int
         layers = sample_layers(L, 6, strategy=strategy)
         print(f"{strategy:>12}  {layer_strip(L, layers)}  {layers}")
 
+    draft = _draft_step(teacher, tok, distill)
+    same = _speculative_step(teacher, tok, draft, is_bundled(name))
+    fast = _fast_step(teacher, tok, draft) if is_bundled(name) else None
+    _bench_step(teacher, tok, draft, fast, is_bundled(name))
+    print(f"\ntour finished in {time.perf_counter() - t_start:.0f} s")
+    print("\nNext, measure it on your own code (a .py file or a project folder; nothing else should run meanwhile):\n"
+          "  qd bench --code path/to/your/project --kinds unfamiliar --temperature 0 --sweep-prompts 0 \\\n"
+          "           --methods teacher_generate teacher_plain fast")
+    return 0 if same else 1
+
+
+def _draft_step(teacher, tok, distill: bool):
+    """Step 3: the reference draft (or one distilled now, or an untrained one) and its knowledge cache."""
     _say("3. The draft and its knowledge cache")
     draft = None
     if distill:
         card = paths.DRAFT_DIR / "metrics.json"
         ref = f"; the reference draft had {json.loads(card.read_text())['steps']:,}" if card.exists() else ""
         print(f"distilling a small draft (40 steps{ref}) ...")
-        draft = load_draft(_short_distil(teacher, tok, run_dir, log=print), device=teacher.device)
+        draft = load_draft(_short_distil(teacher, tok, paths.runs_dir() / "tour", log=print), device=teacher.device)
     else:
         try:
             draft = load_draft(None, device=teacher.device)
@@ -93,6 +106,7 @@ def tour(model: str | None = None, *, distill: bool = False, device=None) -> int
             print("continuing with an untrained uniform draft with a knowledge cache built now "
                   "(run `qd tour --distill` to distil one first)")
     if draft is None:
+        L = teacher.config.num_hidden_layers
         draft = build_draft(teacher, sample_layers(L, 6), knowledge_enhancement={"enabled": True}).float()
         draft.set_knowledge(build_knowledge_cache(teacher, tok, progress=False))
     cache = draft.knowledge
@@ -105,9 +119,13 @@ def tour(model: str | None = None, *, distill: bool = False, device=None) -> int
         if para:
             best = nearest_items(cache, teacher, tok, para, k=1)[0]
             print(f"a question it never saw: {para!r}\n  nearest cached item: {best[0]!r} (cosine {best[1]:.2f})")
+    return draft
 
+
+def _speculative_step(teacher, tok, draft, bundled: bool) -> bool:
+    """Step 4: one speculative generation, shown round by round; whether it equals the teacher's own output."""
     _say("4. Speculative decoding: the draft proposes, the teacher verifies")
-    prompts = heldout_prompts(tok, heldout_texts(), n_prompts=1, prompt_tokens=48, seed=0) if is_bundled(name) else []
+    prompts = heldout_prompts(tok, heldout_texts(), n_prompts=1, prompt_tokens=48, seed=0) if bundled else []
     ids = torch.tensor(prompts[:1]) if prompts else tok("The capital of France is", return_tensors="pt").input_ids
     ids = ids.to(teacher.device)
     out, stats = speculative_generate(teacher, draft, ids, gamma=4, max_new_tokens=64)
@@ -123,25 +141,22 @@ def tour(model: str | None = None, *, distill: bool = False, device=None) -> int
     print(f"{stats.new_tokens} tokens in {stats.rounds} rounds: {stats.accepted}/{stats.proposed} draft tokens "
           f"accepted, {stats.tokens_per_target_call:.2f} tokens per teacher call; "
           f"identical to the teacher's own greedy output: {same}")
-    if is_bundled(name):
+    if bundled:
         print("(the text reads as nonsense: the bundled teacher is a 13.6M-parameter model trained for under two "
               "hours on a CPU; what matters is that speculative decoding reproduces it exactly)")
+    return same
 
-    fast = _fast_step(teacher, tok, draft) if is_bundled(name) else None
 
+def _bench_step(teacher, tok, draft, fast, bundled: bool) -> None:
+    """Step 6: a short benchmark of the teacher alone, the drafts and the alternatives."""
     _say("6. A short benchmark (3 prompts, 48 tokens, 2 interleaved repeats; `qd bench` does it properly)")
-    methods = ("teacher_generate", "teacher_plain", "spec", "assisted_matched", "prompt_lookup")
+    drafts = {"reference": draft} | ({"fast": fast} if fast is not None else {})
     cfg = BenchConfig(n_prompts=3, max_new_tokens=48, repeats=2, temperature=0.0, sweep_prompts=0,
-                      methods=methods + (("fast",) if fast is not None else ()),
-                      kinds=("unfamiliar",) if fast is not None else ("code",) if is_bundled(name) else ("paraphrase",))
-    report = run_bench(teacher, tok, draft, cfg, progress=False, fast_draft=fast)
+                      methods=("teacher_generate", "teacher_plain", "spec", "assisted_matched", "prompt_lookup", "fast"),
+                      kinds=("unfamiliar",) if fast is not None else ("code",) if bundled else ("paraphrase",))
+    report = run_bench(teacher, tok, drafts, cfg, progress=False)
     md = report_markdown(report).split("\n## ")
     print("## " + md[1].strip())
-    print(f"\ntour finished in {time.perf_counter() - t_start:.0f} s")
-    print("\nNext, measure it on your own code (a .py file or a project folder; nothing else should run meanwhile):\n"
-          "  qd bench --code path/to/your/project --kinds unfamiliar --temperature 0 --sweep-prompts 0 \\\n"
-          "           --methods teacher_generate teacher_plain fast")
-    return 0 if same else 1
 
 
 def _fast_step(teacher, tok, reference):

@@ -1,6 +1,6 @@
 """The distillation trainer behind `qd distill` (notebook 04).
 
-    from qdlib.distill import load_config
+    from qdlib.settings import load_config
     from qdlib.trainer import distill
     result = distill(load_config("qdlib/configs/distill_tiny.yaml"), run_dir="outputs/runs/distill/tiny")
 
@@ -31,17 +31,19 @@ import torch
 
 from . import paths
 from .corpus import heldout_texts, pad_id
-from .distill import DistillConfig, ce_loss, distill_loss, text_sources, validate
+from .distill import ce_loss, distill_loss
+from .settings.distill import DistillConfig, text_sources, validate
 from .distill_data import DistillData, build_distill_data
 from .draft import build_draft
-from .hardware import cpu_supports_bf16
+from .hardware import use_bf16
 from .errors import ConfigError, MissingFileError
 from .io import torch_load_safe, torch_save_atomic, write_json_atomic
 from .knowledge import build_knowledge_cache, check_cache_matches, load_items, load_knowledge_cache, teacher_fingerprint
 from .memories import LiveMemory, draw_lags, is_live, teacher_states
 from .metrics import strategy_layers
 from .models import load_teacher, model_name
-from .sampling import EARLY_EXIT, layer_importance
+from .sampling import layer_importance
+from .settings.names import EARLY_EXIT
 from .train import FitConfig, Recipe, TrainingStopped, fit
 from .train.cards import export_draft, plot_curves, read_log, schedule_restarts
 from .train.evaluate import EVAL_SEED_TEST, EVAL_SEED_VALIDATION, eval_sets, evaluate_draft, text_eval_set
@@ -120,14 +122,6 @@ def set_trainable(draft, which: str) -> list[str]:
 # ----------------------------------------------------------------------------- training
 
 
-def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if cpu_supports_bf16() else "no"
-
-
 _BOOKKEEPING = ("num_epochs", "checkpoint_every", "eval_prompts", "eval_new_tokens", "eval_text_windows",
                 "mixed_precision")
 
@@ -186,7 +180,7 @@ class DistillRecipe(Recipe):
     def optimizer(self, fc: FitConfig) -> torch.optim.Optimizer:
         """AdamW (fusion blocks at ``fusion_lr_scale`` times the rate), prepared by Accelerate with the draft."""
         fusion = [p for n, p in self.draft.named_parameters() if n.startswith("fusion.") and p.requires_grad]
-        opt = adamw(self.parameters(), fc.lr, fc.weight_decay, scaled=fusion, scale=self.cfg.training.fusion_lr_scale)
+        opt = adamw(self.parameters(), fc.learning_rate, fc.weight_decay, scaled=fusion, scale=self.cfg.training.fusion_lr_scale)
         self.model, opt = self.acc.prepare(self.draft, opt)
         self.draft = self.acc.unwrap_model(self.model)
         return opt
@@ -348,10 +342,10 @@ def distill_recipe(cfg: DistillConfig, run_dir=None, *, teacher=None, tokenizer=
 def _fit_config(cfg: DistillConfig, total: int, steps_per_epoch: int) -> FitConfig:
     """The loop's settings: an evaluation at every epoch's end; epochs, evaluation and bookkeeping may change."""
     t = cfg.training
-    return FitConfig(steps=total, lr=t.learning_rate, warmup_steps=int(t.warmup_ratio * total), min_lr_ratio=0.0,
-                     weight_decay=t.weight_decay, grad_clip=t.max_grad_norm, accumulation=t.gradient_accumulation_steps,
-                     bf16=_mixed_precision(t.mixed_precision) == "bf16", max_bad_steps=t.max_bad_steps,
-                     ckpt_every=t.checkpoint_every, eval_every=steps_per_epoch,
+    return FitConfig(steps=total, learning_rate=t.learning_rate, warmup_steps=int(t.warmup_ratio * total),
+                     min_lr_ratio=0.0, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+                     accumulation=t.gradient_accumulation_steps, bf16=use_bf16(t.mixed_precision),
+                     max_bad_steps=t.max_bad_steps, checkpoint_every=t.checkpoint_every, eval_every=steps_per_epoch,
                      may_change=tuple(f"training.{k}" for k in _BOOKKEEPING))
 
 

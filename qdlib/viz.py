@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .metrics import expected_speedup, expected_tokens_per_call, strategy_layers
-from .sampling import EARLY_EXIT
+from .settings.names import EARLY_EXIT
 
 KEPT, DROPPED = "■", "□"
 

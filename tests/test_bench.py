@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from qdlib import build_draft, paths, sample_layers
-from qdlib.bench import (BUSY_MARGIN, METHODS, SAMPLING_METHODS, BenchConfig, CallCounter, code_prompts, run_bench,
-                         capstone_score, teacher_forced_alpha)
+from qdlib.bench import (BUSY_MARGIN, METHODS, SAMPLING_METHODS, BenchConfig, code_prompts, run_bench, capstone_score,
+                         teacher_forced_alpha)
+from qdlib.bench_methods import CallCounter, ablation_drafts
 from qdlib.report import headline, load_report, report_markdown, write_report
 from qdlib.feature_draft import build_feature_draft
 from qdlib.errors import ConfigError
@@ -110,7 +111,8 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     draft = build_draft(teacher, sample_layers(28, 6)).float()  # untrained, no knowledge: spec_no_cache drops out
     fast = build_feature_draft(teacher, 1).float()  # an untrained feature-fed draft for the "fast" rows
     cfg = BenchConfig(n_prompts=2, max_new_tokens=12, repeats=1, gammas=(1, 4), sweep_prompts=1)
-    r = run_bench(teacher, tok, draft, cfg, progress=False, fast_draft=fast)
+    r = run_bench(teacher, tok, {"reference": draft, "fast": fast, **ablation_drafts(teacher, draft, METHODS)}, cfg,
+                  progress=False)
     greedy = {(x["method"], x["kind"]) for x in r["rows"] if x["mode"] == "greedy"}
     expected = {(m, k) for m in METHODS if m != "spec_no_cache" for k in ("code", "unfamiliar", "paraphrase")}
     assert greedy == expected
@@ -165,6 +167,37 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     assert "The machine was busy" in md and "unreliable (busy machine: repeats differ by 40%)" in md
 
 
+@pytest.mark.slow
+def test_bench_runs_any_drafts_it_is_given_each_under_its_name(tiny):
+    """drafts is a dict: the reference's rows, plus one row per draft of your own (its own settings), each with its
+    own c; methods whose draft is absent are left out, and no caller branches on a draft's type."""
+    teacher, tok = tiny
+    ref = build_draft(teacher, sample_layers(28, 6)).float()
+    mine = build_draft(teacher, sample_layers(28, 4)).float()
+    lookup = NgramDrafter([], max_n=3, include_context=True)  # a model-free drafter is a draft too
+    cfg = BenchConfig(n_prompts=1, max_new_tokens=6, repeats=1, temperature=0, sweep_prompts=0, kinds=("code",),
+                      methods=("teacher_plain", "spec", "fast"))  # no "fast" draft given: its row is left out
+    r = run_bench(teacher, tok, {"reference": ref, "mine": mine, "lookup4": lookup}, cfg, progress=False)
+    rows = {x["method"]: x for x in r["rows"]}
+    assert set(rows) == {"teacher_generate", "teacher_plain", "spec", "mine", "lookup4"}
+    assert rows["mine"]["group"] == "yours" and "'mine'" in rows["mine"]["label"]
+    assert all(rows[m]["identical"] == 1 for m in ("spec", "mine", "lookup4"))  # lossless, whichever draft
+    assert set(r["costs"]["c"]) == {"spec", "mine", "lookup4"} and r["fast_draft"] is None
+    assert "draft 'mine'" in report_markdown(r)
+    with pytest.raises(ConfigError, match="'reference' entry"):
+        run_bench(teacher, tok, ref, cfg, progress=False)  # a bare draft, not a dict
+    with pytest.raises(ConfigError, match=r"\['spec'\] are method names"):
+        run_bench(teacher, tok, {"reference": ref, "spec": mine}, cfg, progress=False)
+
+
+def test_cli_bench_add_names_its_bad_value(tmp_path, capsys):
+    from qdlib.cli import main
+
+    for spec, says in (("mine", "write NAME=DIR"), ("spec=x", "is taken"), (f"mine={tmp_path}", "no config.json")):
+        assert main(["bench", "--quick", "--add", spec]) != 0
+        assert says in capsys.readouterr().err, spec
+
+
 def test_the_report_names_the_trained_draft_behind_it(tiny, tmp_path):
     from qdlib.bench import draft_card
     from qdlib.draft import DraftForCausalLM
@@ -182,12 +215,15 @@ def test_the_report_names_the_trained_draft_behind_it(tiny, tmp_path):
 
 
 def test_cli_bench_offers_every_prompt_kind_by_default():
-    from qdlib.bench import KINDS
+    from qdlib.settings import KINDS
     from qdlib.cli import build_parser
 
-    args = build_parser().parse_args(["bench"])
-    assert tuple(args.kinds) + ("yours",) == KINDS and "unfamiliar" in KINDS  # "yours" comes with --code PATH
-    assert build_parser().parse_args(["bench", "--code", "x.py"]).code == "x.py"
+    from qdlib.cli.bench import _bench_config
+
+    cfg = _bench_config(build_parser().parse_args(["bench"]))
+    assert tuple(cfg.kinds) + ("yours",) == KINDS and "unfamiliar" in KINDS  # "yours" comes with --code PATH
+    cfg = _bench_config(build_parser().parse_args(["bench", "--code", "qdlib/paths.py"]))
+    assert cfg.code == "qdlib/paths.py" and cfg.kinds[-1] == "yours"
 
 
 @pytest.mark.slow
@@ -247,7 +283,7 @@ def test_code_prompts_come_from_the_learners_own_files(tiny, tmp_path):
     src = paths.REPO_DIR / "qdlib"
     folder = tmp_path / "mine"
     folder.mkdir()
-    for name in ("bench.py", "cli.py", "speculative.py"):
+    for name in ("bench.py", "report.py", "speculative.py"):
         (folder / name).write_text((src / name).read_text())
     prompts = code_prompts(tok, folder, 4, 32)
     assert len(prompts) == 4 and all(len(p) == 32 for p in prompts)

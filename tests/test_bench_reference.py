@@ -3,7 +3,8 @@
 import pytest
 
 from qdlib import paths
-from qdlib.report import METHODS, headline, load_report, report_markdown
+from qdlib.report import headline, load_report, report_markdown
+from qdlib.settings import METHODS
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 
 from qdlib import cli
 from qdlib.cli import build_parser, main
+from qdlib.errors import ConfigError
 
 # settings that make `qd distill` take seconds: no teacher-generated rows, a little text, tiny evaluation
 FAST_DISTILL = [f"--set=training.{kv}" for kv in (
@@ -63,11 +64,14 @@ def test_help_imports_neither_torch_nor_transformers():
     assert lines[-1] == "['torch']"  # ... and the probe does see torch once a name that needs it is used
 
 
-def test_the_clis_strategy_names_are_the_librarys():
-    from qdlib.distill import STRATEGY_NAMES
-    from qdlib.sampling import EARLY_EXIT
+def test_the_library_acts_on_the_strategy_names_the_settings_declare():
+    from qdlib import sampling
+    from qdlib.settings.names import EARLY_EXIT, STRATEGIES, STRATEGY_NAMES
 
-    assert cli.STRATEGIES == list(STRATEGY_NAMES) and EARLY_EXIT in cli.STRATEGIES
+    assert sampling.STRATEGIES is STRATEGIES and STRATEGY_NAMES == STRATEGIES + (EARLY_EXIT,)
+    with pytest.raises(ConfigError, match=", ".join(STRATEGIES)):  # sample_layers refuses others, naming these
+        sampling.sample_layers(28, 6, "random")
+    assert build_parser().parse_args(["compare-layers", "--strategies", EARLY_EXIT]).strategies == [EARLY_EXIT]
 
 
 def test_every_option_has_help_text():
@@ -86,10 +90,7 @@ def test_every_option_has_help_text():
     (["generate", "--max-new-tokens", "-5"], "argument --max-new-tokens: -5 is out of range; allowed: an integer >= 1"),
     (["generate", "--temperature", "hot"], "argument --temperature: 'hot' is not a number"),
     (["generate", "--device", "gpu0"], "argument --device: unknown device 'gpu0'; allowed: cpu, cuda, cuda:N, mps or auto"),
-    (["bench", "--gamma", "0"], "argument --gamma: 0 is out of range; allowed: an integer >= 1"),
-    (["bench", "--gammas", "2", "-1"], "argument --gammas: -1 is out of range"),
     (["compare-layers", "--k", "1"], "argument --k: 1 is out of range; allowed: an integer >= 2"),
-    (["distill", "--batch-size", "0"], "argument --batch-size: 0 is out of range"),
     (["distill", "--export", "a", "--export-only", "b"], "not allowed with argument --export"),
     (["fly"], "argument COMMAND: invalid choice: 'fly'"),
 ])
@@ -107,14 +108,19 @@ def test_bad_options_end_in_one_line(capsys, argv, message):
     (["build-cache", "--items", "/no/such/items.yaml"], "error: --items /no/such/items.yaml: no such file"),
     (["bench", "--methods", "spec", "warp"], "error: bench.methods=['spec', 'warp'] names 'warp', which are not allowed"),
     (["bench", "--draft", "/no/such/draft"], "error: /no/such/draft is not a draft folder"),
-    (["bench", "--quick", "--candidate", "outputs/reference_draft"],
-     "error: --candidate outputs/reference_draft is a layer-sampled draft; the candidate is a feature-fed draft"),
+    (["bench", "--gamma", "0"], "error: bench.gamma=0 is out of range; allowed: an integer >= 1"),
+    (["bench", "--gammas", "2", "-1"], "error: bench.gammas=[2, -1] is out of range; allowed: a list of at least 1"),
+    (["bench", "--set", "bench.gama=3"], "error: unknown bench key(s) ['gama'] (did you mean 'gamma'?)"),
+    (["bench", "--set", "fast.steps=3"], "error: --set 'fast.steps=3': this command's keys are bench.KEY"),
+    (["distill", "--batch-size", "0"], "training.batch_size=0 is out of range; allowed: an integer >= 1"),
+    (["train-fast", "--lr", "2"], "error: fast.learning_rate=2 is out of range; allowed: a number in (0, 1]"),
+    (["train-teacher", "--mixed-precision", "fp8"], "error: teacher.mixed_precision='fp8' is unknown; allowed: auto, bf16, no"),
     (["bench", "--cache", "/no/such/cache"], "error: --cache /no/such/cache: no knowledge cache there"),
     (["bench", "--fusion", "/no/such/fusion.safetensors"], "error: --fusion /no/such/fusion.safetensors: no such file"),
     (["bench", "--fusion", "outputs/memory_protocol/README.md", "--draft", "outputs/ablation_no_knowledge"],
      "error: --fusion outputs/memory_protocol/README.md: this draft has no knowledge path"),
     (["train-memory", "--gate-init", "1.5"], "error: memory.gate_init=1.5 is out of range; allowed: a number in [0, 1)"),
-    (["train-memory", "--swapped-share", "1"], "error: memory.swapped_share=1.0 is out of range; allowed: a number in [0, 1)"),
+    (["train-memory", "--swapped-share", "1"], "error: memory.swapped_share=1 is out of range; allowed: a number in [0, 1)"),
     (["distill", "--config", "/no/such.yaml"], "error: config file /no/such.yaml does not exist"),
     (["distill", "--run-dir", "/no/such/run", "--export-only", "/no/out"], "error: /no/such/run/best holds no trained draft"),
     (["train-teacher", "--export", "--run-dir", "/no/such/run"], "error: /no/such/run holds no trained teacher"),
@@ -251,7 +257,7 @@ def test_train_fast_passes_its_options_and_export_needs_a_trained_run(monkeypatc
     seen = {}
 
     def fake_train(cfg, run_dir, log=print):
-        seen.update(layers=cfg.num_layers, steps=cfg.steps, lr=cfg.lr, init=cfg.init_from, files=cfg.max_files,
+        seen.update(layers=cfg.num_layers, steps=cfg.steps, lr=cfg.learning_rate, init=cfg.init_from, files=cfg.max_files,
                     run_dir=run_dir)
 
     monkeypatch.setattr("qdlib.feature_train.train_feature_draft", fake_train)
@@ -262,6 +268,28 @@ def test_train_fast_passes_its_options_and_export_needs_a_trained_run(monkeypatc
                     "run_dir": tmp_path / "r"}
     assert main(["train-fast", "--export", "--run-dir", str(tmp_path / "r")]) != 0
     assert "holds no trained fast draft" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, cls, section", [
+    ("train-fast", "FeatureTrainConfig", "fast"), ("train-teacher", "TeacherTrainConfig", "teacher"),
+    ("train-memory", "RetrievalConfig", "memory"), ("bench", "BenchConfig", "bench")])
+def test_each_configured_command_takes_its_schemas_keys_as_options_set_and_list_keys(capsys, no_model_loads, command,
+                                                                                      cls, section):
+    """One option per setting, named as the setting; --set for the same keys (the option wins); --list-keys."""
+    import dataclasses
+
+    from qdlib import settings
+
+    fields = dataclasses.fields(getattr(settings, cls))
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = {o for a in sub._actions for o in a.option_strings}
+    assert {"--" + f.name.replace("_", "-") for f in fields} <= options and {"--set", "--list-keys"} <= options
+    assert main([command, "--seed", "3", "--set", f"{section}.seed=5", "--set", f"{section}.steps=9"
+                 if command != "bench" else "bench.repeats=9", "--list-keys"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == len(fields) and f"{section}.seed = 3  # an integer >= 0; " in "\n".join(out)  # the option won
+    assert any(line.startswith(f"{section}.{'repeats' if command == 'bench' else 'steps'} = 9  #") for line in out)
 
 
 def test_ctrl_c_ends_in_one_line(capsys, monkeypatch):

@@ -5,9 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from qdlib.distill import (DEFAULT_CONFIGS, SECTIONS, DistillConfig, ce_loss, config_from_dict, config_keys, distill_loss,
-                           kl_loss, load_config, parse_override, tvd_loss, validate)
-from qdlib.draft import KNOWLEDGE_DEFAULTS, knowledge_block
+from qdlib.distill import ce_loss, distill_loss, kl_loss, tvd_loss
+from qdlib.schema import parse_override
+from qdlib.settings.distill import (DEFAULT_CONFIGS, KNOWLEDGE_DEFAULTS, SECTIONS, DistillConfig, config_from_dict,
+                                    config_keys, knowledge_block, load_config, validate)
 from qdlib.errors import ConfigError, QdError
 
 

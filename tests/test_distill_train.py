@@ -15,7 +15,7 @@ import torch
 from helpers import tiny_qwen3
 
 from qdlib import paths
-from qdlib.distill import DEFAULT_CONFIGS, load_config
+from qdlib.settings import DEFAULT_CONFIGS, load_config
 from qdlib.distill_data import DistillData
 from qdlib.trainer import distill, evaluate_draft, share_prepared
 
@@ -123,7 +123,7 @@ def test_data_mix_and_item_rows(small_teacher, tmp_path):
 
 def test_text_from_several_sources_each_capped(tiny):
     from qdlib.distill_data import build_distill_data, training_stream
-    from qdlib.distill import DistillConfig, text_sources
+    from qdlib.settings.distill import DistillConfig, text_sources
 
     teacher, tok = tiny
     t = DistillConfig().training
@@ -136,7 +136,7 @@ def test_text_from_several_sources_each_capped(tiny):
 
 
 def test_a_continued_draft_counts_every_training_stage(tmp_path):
-    from qdlib.distill import DistillConfig
+    from qdlib.settings.distill import DistillConfig
     from qdlib.train.cards import _stages_text, _training_stages
 
     first = tmp_path / "first"

@@ -21,6 +21,14 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # without examples would pass the test below having checked nothing).
 NO_EXAMPLES = {
     "qdlib.cli": "the `qd` command line: tests/test_cli.py runs its commands",
+    "qdlib.cli.bench": "`qd bench`: tests/test_cli.py and tests/test_bench.py run it",
+    "qdlib.cli.commands": "the `qd` commands that load models: tests/test_cli.py runs each",
+    "qdlib.cli.interrupt": "what Ctrl-C keeps: tests/test_cli.py interrupts commands",
+    "qdlib.cli.parser": "the parser: tests/test_cli.py parses every command and checks every option's help",
+    "qdlib.cli.shared": "loads the teacher: tests/test_cli.py runs the commands that use it",
+    "qdlib.cli.train": "the training commands: tests/test_cli.py runs them with the trainers replaced",
+    "qdlib.settings": "re-exports the config classes; their modules have the examples",
+    "qdlib.settings.names": "names only: tests/test_cli.py checks the library acts on them",
     "qdlib.tour": "`qd tour` runs the course end to end for minutes: tests/test_tour.py runs it",
     "qdlib.train.loop": "fit() trains for many steps: tests/test_train_loop.py runs it for every recipe",
     "qdlib.train.evaluate": "scores a draft on teacher-continued prompts: tests/test_distill_train.py runs it",

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qdlib import DraftForCausalLM, build_draft, first_k_layers, sample_layers
-from qdlib.draft import knowledge_block
+from qdlib.settings.distill import knowledge_block
 from qdlib.sampling import run_layers
 
 from helpers import tiny_qwen3

@@ -248,8 +248,8 @@ def test_accept_round_sampling_keeps_the_target_distribution():
 def small_config(**kw):
     from qdlib.feature_train import FeatureTrainConfig
 
-    base = dict(steps=6, batch_rows=2, seq_len=32, lr=3e-3, warmup_steps=2, generated=2, prompt_tokens=8,
-                eval_every=3, eval_prompts=2, ckpt_every=2, max_files=3, max_tokens_per_source=20_000,
+    base = dict(steps=6, batch_size=2, max_seq_length=32, learning_rate=3e-3, warmup_steps=2, generated=2, prompt_tokens=8,
+                eval_every=3, eval_prompts=2, checkpoint_every=2, max_files=3, max_tokens_per_source=20_000,
                 source_weights={"stdlib": 1.0})
     return FeatureTrainConfig(**{**base, **kw})
 
@@ -296,7 +296,7 @@ def test_training_learns_and_keeps_the_best(tiny, tmp_path):
     assert [e["step"] for e in evals] == [3, 6]
     assert best["validation_agreement"] == max((e["eval"]["depth1"] + e["eval"]["depth2"]) / 2 for e in evals)
     with pytest.raises(ValueError, match="was made with other settings"):
-        train_feature_draft(small_config(lr=1e-4), run, teacher, tok, log=lambda s: None)
+        train_feature_draft(small_config(learning_rate=1e-4), run, teacher, tok, log=lambda s: None)
 
 
 # ----------------------------------------------------------------------------- the committed fast draft

@@ -212,7 +212,7 @@ def test_memory_projected_once_per_cache(small, cache, monkeypatch):
 
 def test_a_slightly_open_gate_lets_the_cross_attention_learn_from_the_first_step(small, cache):
     """gate_init 0 (the default) keeps the identity at initialisation; 0.1 trades it for gradient everywhere."""
-    from qdlib.draft import knowledge_block
+    from qdlib.settings.distill import knowledge_block
 
     teacher, _ = small
     x = torch.randint(2, teacher.config.vocab_size, (1, 12))

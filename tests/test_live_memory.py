@@ -15,7 +15,8 @@ import torch
 from helpers import chi_square, tiny_qwen3, two_token_counts
 from qdlib import build_draft, paths, sample_layers
 from qdlib.decoding import Settings, process_logits
-from qdlib.drafters import HybridDrafter, LiveMemoryDrafter, ModelDrafter, Pausing, as_drafter
+from qdlib.drafters import LiveMemoryDrafter, ModelDrafter, as_drafter
+from qdlib.combined_drafters import HybridDrafter, Pausing
 from qdlib.errors import ConfigError
 from qdlib.fusion import GatedFusion, KnowledgeCrossAttention, lag_mask
 from qdlib.memories import LiveMemory, draw_lags, teacher_states

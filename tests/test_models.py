@@ -71,7 +71,7 @@ def test_exact_qwen3_06b_config_on_the_meta_device(tmp_path):
 
     from helpers import QWEN3_06B
     from qdlib import sample_layers
-    from qdlib.distill import DEFAULT_CONFIGS, load_config
+    from qdlib.settings import DEFAULT_CONFIGS, load_config
 
     Qwen3Config(**QWEN3_06B).save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qdlib import paths
-from qdlib.draft import DraftLoadError, load_draft
+from qdlib.draft_files import DraftLoadError, load_draft
 from qdlib.trainer import EVAL_SEED_TEST, eval_sets, evaluate_draft
 
 AGREEMENT_BAR = 0.80

@@ -6,10 +6,11 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from qdlib import build_draft, sample_layers
 from qdlib.corpus import pad_id
-from qdlib.distill import DistillConfig, validate
+from qdlib.settings.distill import DistillConfig, validate
 from qdlib.fusion import RMSNorm
 from qdlib.metrics import compare_strategies, strategy_layers
-from qdlib.sampling import EARLY_EXIT, first_k_layers
+from qdlib.sampling import first_k_layers
+from qdlib.settings.names import EARLY_EXIT
 from qdlib.trainer import draft_layers
 from qdlib.train.optim import adamw, config_changes
 
@@ -49,13 +50,13 @@ def test_the_draft_uses_the_one_rmsnorm_and_keeps_the_teachers_weights():
 
 
 def test_config_changes_fills_new_keys_with_defaults_and_ignores_what_may_change():
-    defaults = {"training": {"lr": 1e-3, "epochs": 1, "new": 0}, "draft": {"k": 6}}
-    saved = {"training": {"lr": 1e-3, "epochs": 2}, "draft": {"k": 6}}  # written before "new" existed
-    same = {"training": {"lr": 1e-3, "epochs": 5, "new": 0}, "draft": {"k": 6}}
+    defaults = {"training": {"learning_rate": 1e-3, "epochs": 1, "new": 0}, "draft": {"k": 6}}
+    saved = {"training": {"lr": 1e-3, "epochs": 2}, "draft": {"k": 6}}  # written before "new" existed, and "lr" renamed
+    same = {"training": {"learning_rate": 1e-3, "epochs": 5, "new": 0}, "draft": {"k": 6}}
     assert config_changes(saved, same, defaults, may_change=["training.epochs"]) == {}
     assert config_changes(saved, same, defaults) == {"training.epochs": (2, 5)}
-    other = {"training": {"lr": 3e-3, "epochs": 2, "new": 1}, "draft": {"k": 4}}
-    assert config_changes(saved, other, defaults) == {"draft.k": (6, 4), "training.lr": (1e-3, 3e-3),
+    other = {"training": {"learning_rate": 3e-3, "epochs": 2, "new": 1}, "draft": {"k": 4}}
+    assert config_changes(saved, other, defaults) == {"draft.k": (6, 4), "training.learning_rate": (1e-3, 3e-3),
                                                        "training.new": (0, 1)}
     assert config_changes({**saved, "gone": 1}, same, defaults, ["training.epochs"]) == {"gone": (1, None)}
 

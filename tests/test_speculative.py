@@ -204,7 +204,7 @@ def test_hybrid_drafter_is_exact_and_uses_both_sources(tiny):
     """Greedy output equals the teacher's; the lookup drafts where the datastore matches, the draft model elsewhere."""
     from qdlib import load_draft
     from qdlib.corpus import heldout_prompts, heldout_texts
-    from qdlib.drafters import HybridDrafter
+    from qdlib.combined_drafters import HybridDrafter
     from qdlib.lookup import NgramDrafter
 
     teacher, tok = tiny
@@ -232,7 +232,7 @@ def test_sampling_end_to_end_matches_target_distribution(drafter):
     With a draft model (q a real distribution), a model-free n-gram drafter (q one-hot), and the hybrid of the two
     (lookup where it matches, the model elsewhere).
     """
-    from qdlib.drafters import HybridDrafter
+    from qdlib.combined_drafters import HybridDrafter
     from qdlib.lookup import NgramDrafter
 
     V = 12
@@ -357,7 +357,7 @@ def test_bad_inputs_batch_empty_vocab():
 
 def test_each_drafter_checks_what_it_needs_of_the_target_and_a_wrapper_checks_its_parts():
     """speculative_generate asks the drafter (Drafter.check), never its type: each kind names its own mismatch."""
-    from qdlib.drafters import HybridDrafter, Pausing
+    from qdlib.combined_drafters import HybridDrafter, Pausing
     from qdlib.feature_draft import build_feature_draft
     from qdlib.lookup import NgramDrafter
 
@@ -379,7 +379,8 @@ def test_each_drafter_checks_what_it_needs_of_the_target_and_a_wrapper_checks_it
 def test_each_drafter_times_its_own_drafting_path():
     """Drafter.step_cost: a model's step on the forward decoding uses, nothing for a lookup, a wrapper's dearest part."""
     from qdlib.decoding import Settings
-    from qdlib.drafters import Drafter, HybridDrafter, as_drafter
+    from qdlib.drafters import Drafter, as_drafter
+    from qdlib.combined_drafters import HybridDrafter
     from qdlib.lookup import NgramDrafter
 
     class Fixed(Drafter):  # a stand-in with a known cost

@@ -14,8 +14,8 @@ from qdlib.teacher import TeacherTrainConfig, train_teacher
 
 
 def tiny_cfg(**kw):
-    base = dict(steps=4, batch_size=2, seq_len=32, hidden=64, vocab_size=400, eval_every=2, ckpt_every=1,
-                sources=("stdlib",), max_files=12, compile=False, bf16=False, warmup_steps=1, ul_steps=0)
+    base = dict(steps=4, batch_size=2, max_seq_length=32, hidden=64, vocab_size=400, eval_every=2, checkpoint_every=1,
+                sources=("stdlib",), max_files=12, compile=False, mixed_precision="no", warmup_steps=1, ul_steps=0)
     base.update(kw)
     return TeacherTrainConfig(**base)
 
@@ -23,7 +23,7 @@ def tiny_cfg(**kw):
 def test_resume_with_other_settings_is_refused(tmp_path):
     train_teacher(tiny_cfg(steps=1), tmp_path, log=lambda *_: None)
     with pytest.raises(ConfigError, match="other settings"):  # a QdError: one line from `qd`
-        train_teacher(tiny_cfg(steps=2, lr=1e-4), tmp_path, log=lambda *_: None)
+        train_teacher(tiny_cfg(steps=2, learning_rate=1e-4), tmp_path, log=lambda *_: None)
 
 
 def test_tokenizer_round_trip_and_special_tokens(tmp_path):
@@ -55,7 +55,7 @@ def test_unlikelihood_polish_lowers_repeated_tokens_probability(tmp_path):
     train_teacher(cfg, tmp_path, log=lambda *_: None)
     log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert "ul_loss" not in log[1] and {"ul_loss", "greedy_rep"} <= set(log[2]) and log[3]["lr"] == cfg.ul_lr
+    assert "ul_loss" not in log[1] and {"ul_loss", "greedy_rep"} <= set(log[2]) and log[3]["lr"] == cfg.ul_learning_rate
     # the loss itself: a model that loops gets a positive penalty whose gradient lowers p(repeat)
     torch.manual_seed(0)
     m = Qwen3ForCausalLM(teacher_config(64, 32, layers=2)).train()
@@ -68,7 +68,7 @@ def test_unlikelihood_polish_lowers_repeated_tokens_probability(tmp_path):
     ({"steps": 0}, r"teacher.steps=0 is out of range; allowed: an integer >= 1"),
     ({"sources": ("torch", "stdlib")}, r"must start with 'stdlib'"),
     ({"sources": ("stdlib", "numpy")}, r"teacher.sources=.* names 'numpy', which are not allowed"),
-    ({"lr": 0, "bf16": "yes"}, r"2 problems: teacher.lr=0 .*; teacher.bf16='yes'"),
+    ({"learning_rate": 0, "mixed_precision": "yes"}, r"2 problems: teacher.learning_rate=0 .*; teacher.mixed_precision='yes'"),
 ])
 def test_a_bad_teacher_setting_is_named_with_what_is_allowed(kw, match):
     with pytest.raises(ConfigError, match=match):

@@ -21,10 +21,10 @@ from qdlib.train import FitConfig, Recipe, TrainingStopped, fit, group_lr, lr_fa
 class Toy(Recipe):
     """y = W x on fixed data, a dropout mask from the global torch generator and noise from Python's ``random``."""
 
-    def __init__(self, lr=0.05):
+    def __init__(self, learning_rate=0.05):
         torch.manual_seed(0)
         self.model = torch.nn.Linear(8, 1)
-        self.lr = lr
+        self.learning_rate = learning_rate
         g = torch.Generator().manual_seed(1)
         self.x, self.w = torch.randn(64, 8, generator=g), torch.randn(8, 1, generator=g)
 
@@ -55,14 +55,14 @@ class Toy(Recipe):
         self.model.load_state_dict(state["model"])
 
     def config(self):
-        return {"lr": self.lr}
+        return {"learning_rate": self.learning_rate}
 
 
 def toy_factory(tmp_path_factory):
     def make(run_dir, **change):
-        fc = FitConfig(**{"steps": 6, "lr": 0.05, "warmup_steps": 2, "min_lr_ratio": 0.1, "ckpt_every": 2,
-                          "eval_every": 3, "accumulation": 2, **change})
-        return Toy(fc.lr), fc
+        fc = FitConfig(**{"steps": 6, "learning_rate": 0.05, "warmup_steps": 2, "min_lr_ratio": 0.1,
+                          "checkpoint_every": 2, "eval_every": 3, "accumulation": 2, **change})
+        return Toy(fc.learning_rate), fc
     return make
 
 
@@ -99,7 +99,6 @@ def distill_factory(tmp_path_factory):
     distill_recipe(small_cfg(), prepared, teacher=teacher, tokenizer=tok, progress=False, log=lambda *_: None)
 
     def make(run_dir, **change):
-        change = {"learning_rate" if k == "lr" else k: v for k, v in change.items()}
         cfg = small_cfg(num_epochs=2, steps_per_epoch=3, checkpoint_every=2, **change)
         return distill_recipe(cfg, share_prepared(prepared, run_dir), teacher=teacher, tokenizer=tok, progress=False,
                               log=lambda *_: None)
@@ -121,7 +120,7 @@ def memory_factory(tmp_path_factory):
     data = retrieval_data(teacher, tok, RetrievalConfig(**base), tmp_path_factory.mktemp("memory_data"))
 
     def make(run_dir, **change):
-        cfg = RetrievalConfig(**{**base, **{"learning_rate" if k == "lr" else k: v for k, v in change.items()}})
+        cfg = RetrievalConfig(**{**base, **change})
         torch.manual_seed(0)
         draft = build_draft(teacher, [0, 3], knowledge_enhancement={"enabled": True, "cache_dim": 32, "num_heads": 1})
         return MemoryRecipe(teacher, draft, data, cfg), fit_config(cfg)
@@ -142,7 +141,7 @@ def teacher_factory(tmp_path_factory):
             if not (run_dir / src.name).exists():
                 (shutil.copytree if src.is_dir() else shutil.copy)(src, run_dir / src.name)
         return teacher_recipe(tiny_cfg(steps=4, ul_steps=2, ul_batch=2, ul_prompt_tokens=8, ul_new_tokens=8,
-                                       eval_every=3, ckpt_every=2, **change), run_dir, log=lambda *_: None)
+                                       eval_every=3, checkpoint_every=2, **change), run_dir, log=lambda *_: None)
     return make
 
 
@@ -224,10 +223,10 @@ def test_interrupted_and_resumed_equals_uninterrupted_bit_for_bit(name, factorie
     # the lr column is the schedule's rate after each step
     fc = make(tmp_path / "c")[1]
     rows = [r for r in log_rows(a) if "loss" in r]
-    assert [r["lr"] for r in rows] == pytest.approx([group_lr(fc, fc.lr, s) for s in range(1, 7)])
+    assert [r["lr"] for r in rows] == pytest.approx([group_lr(fc, fc.learning_rate, s) for s in range(1, 7)])
     # other settings, or a checkpoint of the old loops, are refused with a clear message
     with pytest.raises(ConfigError, match="was made with other settings"):
-        fit(*make(b, lr=0.5), b, log=lambda s: None)
+        fit(*make(b, learning_rate=0.5), b, log=lambda s: None)
     torch.save({"model": {}, "step": 2}, b / "last.pt")
     with pytest.raises(ConfigError, match=r"last.pt was written by an older qdlib training loop .* delete it"):
         fit(*make(b), b, log=lambda s: None)

@@ -262,7 +262,7 @@ def _broken_threshold_tree(tokens, parents, logits, s):
 
 def test_pausing_and_lookup_branches_stay_exact():
     """Wrappers that change when and what is drafted never change the output."""
-    from qdlib.drafters import LookupBranches, Pausing
+    from qdlib.combined_drafters import LookupBranches, Pausing
     from qdlib.lookup import NgramDrafter
 
     target = tiny_qwen3(layers=6, seed=5)

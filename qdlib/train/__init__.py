@@ -6,7 +6,7 @@ they share: the loop (:mod:`.loop`), the recipe protocol with the one schedule (
 
 A setting the loop cannot use is refused by name:
 
-    >>> FitConfig(steps=0, lr=1e-3)
+    >>> FitConfig(steps=0, learning_rate=1e-3)
     Traceback (most recent call last):
     ...
     qdlib.errors.ConfigError: steps=0 must be an integer >= 1

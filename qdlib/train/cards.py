@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..distill import DistillConfig
+from ..settings.distill import DistillConfig
 from ..draft import DraftForCausalLM
 from ..errors import MissingFileError
 from ..hardware import cpu_name

@@ -1,6 +1,6 @@
 """The one training loop of qdlib: :func:`fit` trains any :class:`~qdlib.train.recipe.Recipe`.
 
-    state = fit(recipe, FitConfig(steps=1000, lr=1e-3, warmup_steps=50), "outputs/runs/x")
+    state = fit(recipe, FitConfig(steps=1000, learning_rate=1e-3, warmup_steps=50), "outputs/runs/x")
 
 Per optimizer step: the learning rate of :func:`~qdlib.train.recipe.lr_factor`, ``accumulation`` micro-batches
 (``recipe.batch(step, micro)``, ``recipe.loss``, optional bf16 autocast), gradient clipping, and the NaN guard (a
@@ -226,7 +226,7 @@ def _train_step(run: _Run) -> tuple[bool, float, float, dict]:
         total += loss.item() / fc.accumulation
     gnorm = float("nan")
     if not skipped:
-        gnorm = procs.clip(run.params, fc.grad_clip)
+        gnorm = procs.clip(run.params, fc.max_grad_norm)
         skipped = not math.isfinite(gnorm)
     if not skipped:
         run.updating = True
@@ -262,7 +262,7 @@ def _after_step(run: _Run, skipped: bool, loss: float, gnorm: float, stats: dict
                               f"weights are in {run.ckpt}")
     if due_eval:
         _evaluate(run)
-    if due_eval or st.step % fc.ckpt_every == 0:
+    if due_eval or st.step % fc.checkpoint_every == 0:
         _save_last(run)
 
 

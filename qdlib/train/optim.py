@@ -3,9 +3,9 @@
 Every recipe trains with AdamW, weight decay on matrices only, and resumes from a
 checkpoint only when the settings that shape the weights are unchanged:
 
-    >>> config_changes({"lr": 1e-3, "steps": 10}, {"lr": 3e-3, "steps": 20}, {"lr": 1e-3, "steps": 10},
-    ...                may_change=("steps",))
-    {'lr': (0.001, 0.003)}
+    >>> config_changes({"learning_rate": 1e-3, "steps": 10}, {"learning_rate": 3e-3, "steps": 20},
+    ...                {"learning_rate": 1e-3, "steps": 10}, may_change=("steps",))
+    {'learning_rate': (0.001, 0.003)}
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+
+from ..schema import renamed
 
 BETAS = (0.9, 0.95)
 
@@ -60,15 +62,18 @@ def config_changes(saved: dict, wanted: dict, defaults: dict, may_change: Iterab
 
     Sections (nested dicts) are compared key by key, named ``"section.key"``. A key the
     checkpoint lacks (one added to the config after it was written) counts as its default,
-    so a run resumes when only such keys, left at their defaults, are new. Keys in
+    so a run resumes when only such keys, left at their defaults, are new; a key since renamed
+    (:data:`qdlib.schema.RENAMED`) is compared under its new name. Keys in
     ``may_change`` (epochs, evaluation, bookkeeping) are ignored. Empty: the run may resume.
 
-    >>> config_changes({"t": {"lr": 1.0}}, {"t": {"lr": 1.0, "new": 0}}, {"t": {"lr": 0.5, "new": 0}})
+    >>> config_changes({"t": {"rate": 1.0}}, {"t": {"rate": 1.0, "new": 0}}, {"t": {"rate": 0.5, "new": 0}})
     {}
-    >>> config_changes({"t": {"lr": 1.0}}, {"t": {"lr": 1.0, "new": 5}}, {"t": {"lr": 0.5, "new": 0}})
+    >>> config_changes({"t": {"rate": 1.0}}, {"t": {"rate": 1.0, "new": 5}}, {"t": {"rate": 0.5, "new": 0}})
     {'t.new': (0, 5)}
+    >>> config_changes({"lr": 1.0, "bf16": None}, {"learning_rate": 1.0, "mixed_precision": "auto"}, {})
+    {}
     """
     skip = set(may_change)
-    old = {k: v for k, v in {**_flat(defaults), **_flat(saved)}.items() if k not in skip}
+    old = {k: v for k, v in {**_flat(defaults), **_flat(renamed(saved))}.items() if k not in skip}
     new = {k: v for k, v in _flat(wanted).items() if k not in skip}
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}

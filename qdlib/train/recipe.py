@@ -57,22 +57,22 @@ class FitConfig:
     """
 
     steps: int
-    lr: float
+    learning_rate: float
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
+    max_grad_norm: float | None = 1.0
     accumulation: int = 1
     bf16: bool = False
     max_bad_steps: int = 10
-    ckpt_every: int = 50
+    checkpoint_every: int = 50
     eval_every: int = 0
     may_change: tuple = ()
     decay_steps: int | None = None
     tail_lr: float | None = None
 
     def __post_init__(self):
-        for k in ("steps", "accumulation", "ckpt_every"):
+        for k in ("steps", "accumulation", "checkpoint_every"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{k}={v!r} must be an integer >= 1")
@@ -80,14 +80,14 @@ class FitConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{k}={v!r} must be an integer >= 0")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr={self.lr!r} must be a positive number")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"learning_rate={self.learning_rate!r} must be a positive number")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         if self.decay_steps is not None and not (isinstance(self.decay_steps, int) and 1 <= self.decay_steps <= self.steps):
             raise ConfigError(f"decay_steps={self.decay_steps!r} must be an integer in 1..steps ({self.steps}), or None")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip={self.grad_clip!r} must be positive, or None for no clipping")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be positive, or None for no clipping")
 
 
 class Recipe:
@@ -127,7 +127,7 @@ class Recipe:
     # ---- defaults a recipe may override
     def optimizer(self, fc: FitConfig) -> torch.optim.Optimizer:
         """AdamW with weight decay on matrices only (:func:`qdlib.train.optim.adamw`)."""
-        return adamw(self.parameters(), fc.lr, fc.weight_decay)
+        return adamw(self.parameters(), fc.learning_rate, fc.weight_decay)
 
     def config_defaults(self) -> dict:
         """The value of each :meth:`config` key a checkpoint may lack (a setting added after it was written)."""
@@ -147,7 +147,7 @@ class Recipe:
 def group_lr(fc: FitConfig, base_lr: float, step: int) -> float:
     """The learning rate of optimizer step ``step`` for a parameter group whose peak rate is ``base_lr``.
 
-    >>> fc = FitConfig(steps=4, lr=1.0, warmup_steps=1, decay_steps=3, tail_lr=0.01)
+    >>> fc = FitConfig(steps=4, learning_rate=1.0, warmup_steps=1, decay_steps=3, tail_lr=0.01)
     >>> [round(group_lr(fc, 1.0, s), 3) for s in range(4)]
     [0.0, 1.0, 0.5, 0.01]
     """

@@ -114,8 +114,8 @@ trained by `qd train-teacher` for the qdlib speculative-drafting course. It is t
   `<|endoftext|>` (id 0) separates files, `<|pad|>` is id 1.
 
 ## Training
-AdamW (lr {cfg.lr}, betas 0.9/0.95, weight decay {cfg.weight_decay}), {cfg.warmup_steps} warm-up steps then cosine to
-{int(cfg.min_lr_ratio * 100)}%, batch {cfg.batch_size} x {cfg.seq_len} tokens, gradient clipping {cfg.grad_clip}, bf16 autocast.
+AdamW (learning rate {cfg.learning_rate}, betas 0.9/0.95, weight decay {cfg.weight_decay}), {cfg.warmup_steps} warm-up steps then cosine to
+{int(cfg.min_lr_ratio * 100)}%, batch {cfg.batch_size} x {cfg.max_seq_length} tokens, gradient clipping {cfg.max_grad_norm}, bf16 autocast.
 {_polish_text(cfg, m)}
 {m['steps']} steps, {m['tokens_seen']:,} tokens seen, {m['train_wall_time_s'] / 60:.0f} minutes of training (pauses and compilation excluded)
 on {cpu} ({os.cpu_count()} cores), torch.compile on the training forward.
@@ -145,4 +145,4 @@ def _polish_text(cfg, m) -> str:
     return (f"Then {polish} steps of sequence-level unlikelihood polish (Welleck et al. 2019): each step adds to the\n"
             f"ordinary standard-library loss a penalty -log(1 - p) on the tokens of the model's own greedy continuations\n"
             f"({cfg.ul_batch} prompts of {cfg.ul_prompt_tokens} training tokens, {cfg.ul_new_tokens} new tokens) that repeat "
-            f"a 4-gram, at a constant learning rate of {cfg.ul_lr}. It brings greedy looping down (see below).")
+            f"a 4-gram, at a constant learning rate of {cfg.ul_learning_rate}. It brings greedy looping down (see below).")
