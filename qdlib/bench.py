@@ -352,7 +352,7 @@ def run_bench(teacher, tokenizer, drafts: dict, cfg: BenchConfig | None = None, 
         "draft": {"layers": draft.config.kept_layers, "knowledge": draft.knowledge is not None,
                   "memory_items": [it["id"] for it in draft.knowledge.items] if draft.knowledge is not None else [],
                   "path": _display_path(getattr(draft.config, "_name_or_path", None)), "card": draft_card(draft)},
-        "fast_draft": None if "fast" not in methods else {k: getattr(drafts["fast"].config, k) for k in
+        "fast_draft": None if "fast" not in methods else {k: getattr(drafts["fast"].config, k, None) for k in
                                                           ("num_layers", "gamma", "draft_vocab", "init_layers")},
         "prompts": {k: len(v) for k, v in prompts.items()},
         "rows": rows,

@@ -227,10 +227,16 @@ def feature_recipe(cfg: FeatureTrainConfig, run_dir: Path, teacher=None, tokeniz
     write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
     data = prepare_data(teacher, tokenizer, cfg, run_dir, log)
     val = heldout_eval_set(teacher, tokenizer, heldout_texts(), n_prompts=cfg.eval_prompts, seed=EVAL_SEED_VALIDATION)
+    return FeatureRecipe(teacher, initial_draft(teacher, cfg), data, val, cfg, bf16), fit_config(cfg, bf16)
+
+
+def initial_draft(teacher, cfg: FeatureTrainConfig) -> FeatureDraft:
+    """The draft a run starts from: initialised from the teacher's last layers, or grown from ``cfg.init_from``
+    (whose full head is loaded even where its folder trims it on load: training scores every token)."""
     draft = build_feature_draft(teacher, cfg.num_layers).float().train()
     if cfg.init_from:
-        grow_from(draft, load_feature_draft(cfg.init_from, trim_head=False))  # a trimmed head grows on its full rows
-    return FeatureRecipe(teacher, draft, data, val, cfg, bf16), fit_config(cfg, bf16)
+        grow_from(draft, load_feature_draft(cfg.init_from, trim_head=False))
+    return draft
 
 
 def train_feature_draft(cfg: FeatureTrainConfig, run_dir: str | os.PathLike | None = None, teacher=None,

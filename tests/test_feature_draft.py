@@ -270,6 +270,26 @@ def test_grown_draft_computes_the_same_function_then_trains_its_new_layer():
         grow_from(build_feature_draft(target, 1), big)
 
 
+def test_a_run_grows_from_a_draft_whose_folder_trims_its_head(tmp_path):
+    """`qd train-fast --init-from outputs/fast_draft`: that folder trims the head on load (head_tokens.json); the run
+    starts from the full head it stores, so the grown draft computes the same full-vocabulary logits."""
+    import json
+
+    from qdlib.feature_draft import HEAD_TOKENS, save_feature_draft
+    from qdlib.feature_train import initial_draft
+
+    target = tiny_qwen3(layers=4, seed=5)
+    trained = build_feature_draft(target, 1)
+    torch.nn.init.normal_(trained.fc.weight, std=0.1)
+    save_feature_draft(trained, tmp_path / "d")
+    (tmp_path / "d" / HEAD_TOKENS).write_text(json.dumps({"ids": list(range(40))}))
+    assert load_feature_draft(tmp_path / "d").head.out_features == 40  # trimmed when loaded for decoding
+    grown = initial_draft(target, small_config(num_layers=2, init_from=str(tmp_path / "d")))
+    f, ids = torch.randn(2, 7, 64), torch.randint(0, 256, (2, 7))
+    full = load_feature_draft(tmp_path / "d", trim_head=False)
+    torch.testing.assert_close(grown(f, ids)[1], full(f, ids)[1], rtol=0, atol=0)
+
+
 def test_train_config_refuses_bad_values():
     with pytest.raises(ValueError, match=r"fast.source_weights=\{'numpy': 1.0\} names 'numpy', which are not allowed; "
                                          r"allowed: weights >= 0 of stdlib, torch, transformers"):

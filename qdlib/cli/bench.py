@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError, MissingFileError
-from .options import list_keys, settings_from
+from .options import listed, settings_from
 from .shared import check_device, load_teacher_for
 
 
@@ -33,8 +33,7 @@ def cmd_bench(args) -> int:
     from ..report import headline, report_markdown, write_report
 
     cfg = _bench_config(args)
-    if args.list_keys:
-        print(list_keys(cfg, "bench"))
+    if listed(args, cfg):
         return 0
     check_device(args.device)
     if args.cache is not None and not (Path(args.cache) / "cache.json").is_file():

@@ -140,13 +140,13 @@ def option_overrides(args, section: str) -> list[str]:
     return list(getattr(args, "set", None) or []) + [f"{section}.{k}={_as_yaml(v)}" for k, v in given]
 
 
-def settings_from(args, extra: dict | None = None):
-    """The command's config from its defaults, ``extra`` (what the command itself decides), ``--set`` and options.
+def settings_from(args):
+    """The command's config: its defaults, then ``--set``, then the options (which win).
 
     Every unknown key and bad value is named at once (one :class:`~qdlib.errors.ConfigError`).
     """
     cls, section = args.settings
-    values, problems = dict(extra or {}), []
+    values, problems = {}, []
     for text in option_overrides(args, section):
         where, key, value = parse_override(text)
         if where != section:
@@ -158,6 +158,9 @@ def settings_from(args, extra: dict | None = None):
     return cls(**values).validate()  # each config checks all its fields when made
 
 
-def list_keys(cfg, section: str) -> str:
-    """``--list-keys``: every key of ``cfg`` with its value, what is allowed and what it does."""
-    return "\n".join(describe(cfg, section))
+def listed(args, cfg) -> bool:
+    """With ``--list-keys``, print every key of ``cfg`` with its value, what is allowed and what it does (and the
+    command stops: True)."""
+    if args.list_keys:
+        print("\n".join(describe(cfg, args.settings[1])))
+    return args.list_keys

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, MissingFileError
-from .options import list_keys, option_overrides, settings_from
+from .options import listed, option_overrides, settings_from
 from .shared import check_device, load_teacher_for, quiet_hf, teacher_layers
 
 
@@ -17,8 +17,7 @@ def cmd_train_teacher(args) -> int:
     from ..teacher import export_teacher, train_teacher
 
     cfg = settings_from(args)
-    if args.list_keys:
-        print(list_keys(cfg, "teacher"))
+    if listed(args, cfg):
         return 0
     quiet_hf()
     if args.export:
@@ -36,8 +35,7 @@ def cmd_train_fast(args) -> int:
     from ..feature_train import export_fast_draft, train_feature_draft
 
     cfg = settings_from(args)
-    if args.list_keys:
-        print(list_keys(cfg, "fast"))
+    if listed(args, cfg):
         return 0
     quiet_hf()
     args.run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "fast_draft"
@@ -60,8 +58,7 @@ def cmd_train_memory(args) -> int:
     from ..memory_train import export_fusion, load_fusion, measure_trained, retrieval_data, train_retrieval
 
     cfg = settings_from(args)
-    if args.list_keys:
-        print(list_keys(cfg, "memory"))
+    if listed(args, cfg):
         return 0
     check_device(args.device)
     run_dir = Path(args.run_dir) if args.run_dir else paths.runs_dir() / "memory_retrieval"
