@@ -21,6 +21,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # without examples would pass the test below having checked nothing).
 NO_EXAMPLES = {
     "qdlib.cli": "the `qd` command line: tests/test_cli.py runs its commands",
+    "qdlib.cli.__main__": "`python -m qdlib.cli`: tests/test_handouts.py runs it",
     "qdlib.cli.bench": "`qd bench`: tests/test_cli.py and tests/test_bench.py run it",
     "qdlib.cli.commands": "the `qd` commands that load models: tests/test_cli.py runs each",
     "qdlib.cli.interrupt": "what Ctrl-C keeps: tests/test_cli.py interrupts commands",
@@ -45,7 +46,12 @@ def namespace(tiny):
     return {"teacher": teacher, "tok": tok, "draft": load_draft(), "input_ids": ids}
 
 
-@pytest.mark.parametrize("name", MODULES)
+# modules whose examples run for many seconds (a whole small bench; knowledge caches): the full tier runs them
+SLOW_EXAMPLES = {"qdlib.bench", "qdlib.knowledge"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_EXAMPLES else m
+                                  for m in MODULES])
 def test_docstring_examples(name, namespace, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     module = importlib.import_module(name)

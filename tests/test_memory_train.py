@@ -47,6 +47,7 @@ def test_each_step_holds_its_batch_in_memory_unless_the_memory_is_swapped():
     assert 0.2 < swaps / 300 < 0.4
 
 
+@pytest.mark.slow  # builds the items' data (14 s)
 def test_training_rows_are_about_training_items_and_never_the_held_out_ones(small_data):
     cfg, data, _, held_out = small_data
     cache = data["cache"]

@@ -112,6 +112,7 @@ def autograde(course, name, submissions):
         return {s: (gb.find_submission("ps1", s).score, gb.find_submission("ps1", s).max_score) for s in submissions}
 
 
+@pytest.mark.slow  # 15-25 s each: the full tier runs both autograde checks
 def test_autograde_scores_a_failing_check_zero(course):
     """The mechanism, on a two-exercise notebook: nbgrader gives points to a grade cell that does not raise."""
     import nbformat
@@ -133,6 +134,7 @@ def test_autograde_scores_a_failing_check_zero(course):
     assert scores == {"reference": (2.0, 2.0), "untouched": (0.0, 2.0)}
 
 
+@pytest.mark.slow
 def test_autograde_gives_the_reference_solutions_full_marks(course):
     name = "00_the_teacher.ipynb"
     (course / "source" / "ps1").mkdir(parents=True)

@@ -95,6 +95,7 @@ def test_the_early_exit_baseline_has_one_name_everywhere():
     assert [r["strategy"] for r in rows] == ["uniform", "geometric", "logarithmic", EARLY_EXIT]
 
 
+@pytest.mark.slow  # builds a draft per strategy (11 s)
 def test_the_distillation_config_gets_the_layers_of_every_strategy_name(tiny):
     teacher, tok = tiny
     cfg = DistillConfig()

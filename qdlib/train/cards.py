@@ -23,6 +23,7 @@ from ..knowledge import load_items, load_knowledge_cache
 from ..memories import is_live
 from ..metrics import running_mean
 from ..models import load_teacher, model_name
+from ..schema import renamed
 from .evaluate import EVAL_SEED_TEST, eval_sets, evaluate_draft
 
 def read_log(run_dir) -> tuple[list[dict], list[dict]]:
@@ -285,4 +286,60 @@ teacher's).{' "no cache": the same draft with its knowledge cache detached.' if 
 Course bar: held-out agreement >= 0.80 ({'met' if m['agreement'] >= 0.80 else 'NOT met'}): **{m['agreement']:.3f}**.{_unfamiliar_bar(m)}
 
 ![curves](curves.png)
+"""
+
+
+def fast_card(m: dict) -> str:
+    """The fast draft's card (README.md) from its measured figures ``m`` (``metrics.json``)."""
+    a, cfg, init = m["agreement"], renamed(m["config"]), m.get("init")
+    rows = "\n".join(f"| {k.replace('_', ' ')} | {v['depth1']:.3f} | {v['depth2']:.3f} | {v['positions']} |"
+                     for k, v in a.items())
+    speeds = ", ".join(f"{g}: {s:.1f}" for g, s in m["gamma_speeds_validation"].items())
+    n = m["num_layers"]
+    layers = f"{n} decoder layer" + ("s" if n > 1 else "")
+    positions = m["steps"] * cfg["batch_size"] * cfg["max_seq_length"]
+    planned = "" if m["steps"] == cfg["steps"] else f" (of {cfg['steps']} planned: the best checkpoint)"
+    start = "initialised from the teacher's last layers"
+    grown = ""
+    if init:
+        start = "grown from an earlier trained draft"
+        grown = (f"- Continued from an earlier {init['num_layers']}-layer fast draft ({init['steps']} steps, "
+                 f"{init['positions'] / 1e6:.1f}M token positions, {init['train_time_s'] / 60:.0f} min), grown to {n} "
+                 f"layers by layers whose output projections start at zero (`feature_train.grow_from`): the grown "
+                 f"draft starts as exactly the earlier one.\n")
+    return f"""# The fast draft (feature-fed, {layers})
+
+A draft that reads the teacher (EAGLE, Li et al. 2024): at each position it takes the teacher's last hidden
+state before the token and the token's embedding, runs them through {layers}
+({start}) and predicts the teacher's next hidden state, which the teacher's own
+head turns into a distribution. Load it with `qdlib.load_draft("fast")`; decode with
+`qdlib.speculative_generate(teacher, draft, input_ids)` (it carries its tuned gamma). It cannot serve as
+transformers' `assistant_model` (generate() does not pass the teacher's hidden states to an assistant).
+
+## Training
+{grown}- {m['steps']} steps{planned} of {cfg['batch_size']} x {cfg['max_seq_length']} tokens ({positions / 1e6:.1f}M
+  token positions), {m['train_time_s'] / 60:.0f} min of training on a 2-core CPU.
+- Data: windows of the teacher's own training mix (source weights {cfg['source_weights']}, at most
+  {cfg['max_tokens_per_source']} tokens per source) and, for {cfg['generated_share']:.0%} of rows, the teacher's
+  greedy continuations of {cfg['generated']} training prompts. No held-out standard-library file and no third-party
+  package of `qdlib.heldout_code` was used.
+- Loss: KL(teacher || draft) + {cfg['feature_weight']} x smooth-L1 on the predicted features, at depth 1 (teacher
+  features) and depth 2 (the draft's own predicted features, weight {cfg['unroll_weight']}). AdamW, learning rate {cfg['learning_rate']},
+  {cfg['warmup_steps']} warm-up steps then cosine to {cfg['min_lr_ratio']:.0%}.
+- Best checkpoint by validation agreement (mean of depths 1 and 2 on held-out standard-library prompts, seed 1):
+  {m['validation_agreement']:.3f}.
+
+## Measured (from the exported bf16 weights)
+
+Teacher-forced top-1 agreement with the teacher's greedy continuations. Depth 1: the draft reads the teacher's
+true feature (its first proposal of a round); depth 2: it reads its own predicted feature (its second proposal).
+
+| prompts | depth 1 | depth 2 | positions |
+|---|---:|---:|---:|
+{rows}
+
+- Step cost c (one draft step over one teacher step, micro-benchmark): {m['c']:.3f}.
+- Tuned gamma {m['gamma']} (fastest on 6 validation prompts; tokens/s by gamma: {speeds}).
+- Speed-ups over the teacher's `generate` and over `generate_plain` are measured by `qd bench`
+  (`outputs/bench_fast/report.md`: this draft beside the reference draft, on unfamiliar and standard-library code).
 """
