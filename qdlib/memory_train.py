@@ -229,8 +229,7 @@ def fit_config(cfg: RetrievalConfig) -> FitConfig:
     """The loop's settings of a retrieval run: evaluation and checkpoint every ``eval_every`` steps."""
     return FitConfig(steps=cfg.steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
                      min_lr_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, checkpoint_every=cfg.eval_every,
-                     eval_every=cfg.eval_every,
-                     may_change=("eval_every",))
+                     eval_every=cfg.eval_every, may_change=("eval_every",))
 
 
 def train_retrieval(teacher, draft, data: dict, cfg: RetrievalConfig, run_dir, *, log=print, on_step=None) -> dict:

@@ -29,32 +29,27 @@ from ..schema import (Boolean, Choices, IntList, OrNull, Weights, describe, pars
 # ----------------------------------------------------------------------------- option types (checked by argparse)
 
 
-def int_at_least(low: int):
-    def parse(text: str) -> int:
+def _at_least(low, cast, kind: str):
+    """An argparse type: text read by ``cast`` (int or float) and refused below ``low`` (or infinite)."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= {low}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is out of range; allowed: an integer >= {low}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}; allowed: {kind} >= {low}") from None
+        if not low <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{value:g} is out of range; allowed: {kind} >= {low}")
         return value
 
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"{kind.split()[-1]} >= {low}"
     return parse
+
+
+def int_at_least(low: int):
+    return _at_least(low, int, "an integer")
 
 
 def number_at_least(low: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: a number >= {low}") from None
-        if not low <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"{value:g} is out of range; allowed: a number >= {low}")
-        return value
-
-    parse.__name__ = f"number >= {low}"
-    return parse
+    return _at_least(low, float, "a number")
 
 
 DEVICES = "cpu, cuda, cuda:N, mps or auto"
@@ -155,7 +150,7 @@ def settings_from(args):
             values[key] = value
     problems += unknown_key_problems(cls, section, values)
     raise_problems(problems)
-    return cls(**values).validate()  # each config checks all its fields when made
+    return cls(**values)  # each config checks all its fields when made (its __post_init__)
 
 
 def listed(args, cfg) -> bool:
