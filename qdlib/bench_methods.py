@@ -229,3 +229,20 @@ def make_methods(teacher, tokenizer, drafts: dict, cfg: BenchConfig) -> dict[str
     methods = {n: table[n]() for n in names if ROLE_OF.get(n, "reference") in drafts}
     methods.update({n: runs.spec(d, gamma=None) for n, d in drafts.items() if n not in ROLES})
     return {n: m for n, m in methods.items() if m is not None}
+
+
+def loop_acceptance(target, draft, prompts, *, gamma: int = 1, max_new_tokens: int = 64) -> dict:
+    """The acceptance rate (accepted / proposed) of greedy ``speculative_generate`` at ``gamma`` over ``prompts``
+    (lists of token ids), measured in the loop: at ``gamma=1`` it is the depth-1 acceptance, each proposal made
+    with the draft's memory as it stands after the last verification. ``identical`` counts the prompts whose output
+    equals ``generate_plain``'s, token for token (every one, for a lossless loop).
+    """
+    accepted = proposed = identical = 0
+    for ids in prompts:
+        x = torch.tensor([list(ids)])
+        out, stats = speculative_generate(target, draft, x, gamma=gamma, max_new_tokens=max_new_tokens, tree=False)
+        plain, _ = generate_plain(target, x, max_new_tokens=max_new_tokens)
+        accepted, proposed = accepted + stats.accepted, proposed + stats.proposed
+        identical += int(torch.equal(out, plain))
+    return {"acceptance_rate": accepted / max(proposed, 1), "accepted": accepted, "proposed": proposed,
+            "prompts": len(prompts), "identical": identical, "gamma": gamma}

@@ -9,7 +9,7 @@ import torch
 from qdlib import build_draft, paths, sample_layers
 from qdlib.bench import (BUSY_MARGIN, METHODS, SAMPLING_METHODS, BenchConfig, code_prompts, run_bench, capstone_score,
                          teacher_forced_alpha)
-from qdlib.bench_methods import CallCounter, ablation_drafts
+from qdlib.bench_methods import CallCounter, ablation_drafts, loop_acceptance
 from qdlib.report import headline, load_report, report_markdown, write_report
 from qdlib.feature_draft import build_feature_draft
 from qdlib.errors import ConfigError
@@ -60,6 +60,16 @@ def test_call_counter_counts_forward_calls():
         m(torch.zeros(3, 2))
     m(torch.zeros(1, 2))  # after the block: not counted, hooks removed
     assert n == {"m": 2} and not m._forward_pre_hooks
+
+
+def test_loop_acceptance_counts_what_the_loop_accepted_and_checks_the_output():
+    target = tiny_qwen3(layers=4, seed=3)
+    prompts = [[5, 9, 11, 7], [3, 3, 8]]
+    same = loop_acceptance(target, target, prompts, gamma=1, max_new_tokens=10)  # the target as its own draft
+    assert same["acceptance_rate"] == 1.0 and same["proposed"] >= 10 and same["identical"] == 2
+    other = loop_acceptance(target, tiny_qwen3(layers=2, seed=4), prompts, gamma=3, max_new_tokens=10)
+    assert other["identical"] == 2 and other["gamma"] == 3 and other["prompts"] == 2
+    assert other["acceptance_rate"] == other["accepted"] / other["proposed"] < 1.0  # an unrelated draft misses
 
 
 def test_teacher_forced_alpha_of_an_exact_copy_is_one():

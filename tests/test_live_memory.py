@@ -387,3 +387,24 @@ def test_memory_rollback_keeps_the_projections_in_step(small):
         torch.testing.assert_close(draft(input_ids=x, memory=mem).logits,
                                    draft(input_ids=x, memory=LiveMemory(states=torch.cat([states[:4], states[4:5] + 1]))).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_the_committed_live_memory_record_is_consistent_and_its_readme_comes_from_it():
+    """outputs/live_memory: every arm's loop figures add up, every loop was lossless, and README.md is what
+    record.py renders from record.json (no figure typed by hand)."""
+    import importlib.util
+    import json
+
+    from qdlib import paths
+
+    folder = paths.OUTPUTS_DIR / "live_memory"
+    record = json.loads((folder / "record.json").read_text())
+    for arm, r in record["arms"].items():
+        for loop in filter(None, (r["loop"], r["loop_detached"])):
+            assert loop["acceptance_rate"] == loop["accepted"] / loop["proposed"], arm
+            assert loop["identical"] == loop["prompts"] > 0 and loop["gamma"] == 1, arm
+        assert (r["knowledge"]["memory"] == "live") == (r["loop_detached"] is not None), arm
+    spec = importlib.util.spec_from_file_location("live_record", folder / "record.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (folder / "README.md").read_text() == module.readme_text(record)

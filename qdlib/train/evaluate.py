@@ -31,17 +31,23 @@ def _pair_metrics(teacher, draft, ids: torch.Tensor, mask: torch.Tensor, chunk: 
     for i in range(0, len(ids), chunk):
         x = ids[i : i + chunk]
         m = mask[i : i + chunk, : x.shape[1] - 1]  # (b, T-1): predictions of tokens 1..T-1
+        scored = m.any(0).nonzero()
+        if not len(scored):
+            continue
+        s0 = int(scored[0])  # the head runs from the first scored prediction on (a prompt's positions are not scored)
+        keep, m = x.shape[1] - s0, m[:, s0:]  # logits of positions s0..T-1; m: (b, T-1-s0)
         memory = {}
         if layers:
-            logits, states = teacher_states(teacher, x.to(dev_t), layers)  # (b, T, V), (b, T, D)
+            logits, states = teacher_states(teacher, x.to(dev_t), layers, logits_to_keep=keep)  # (b, keep, V), (b, T, D)
             memory = {"memory": LiveMemory(layers, states.to(dev_d)), "memory_lags": 1}
         else:
-            logits = teacher(input_ids=x.to(dev_t), use_cache=False).logits
+            logits = teacher(input_ids=x.to(dev_t), use_cache=False, logits_to_keep=keep).logits  # (b, keep, V)
         lp = torch.log_softmax(logits[:, :-1].float().cpu(), -1)
-        lq = torch.log_softmax(draft(input_ids=x.to(dev_d), use_cache=False, **memory).logits[:, :-1].float().cpu(), -1)
+        lq = draft(input_ids=x.to(dev_d), use_cache=False, logits_to_keep=keep, **memory).logits
+        lq = torch.log_softmax(lq[:, :-1].float().cpu(), -1)
         for k, v in distribution_sums(lp, lq, m).items():
             tot[k] += v
-        tot["ce"] += (-lq.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1) * m).sum().item()
+        tot["ce"] += (-lq.gather(-1, x[:, s0 + 1:].unsqueeze(-1)).squeeze(-1) * m).sum().item()
     return tot
 
 
