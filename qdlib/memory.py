@@ -147,7 +147,7 @@ def arms_on(teacher, tokenizer, draft, es, own: KnowledgeCache, other: Knowledge
               "shuffled": shuffled_memory(teacher, tokenizer, own, derangement(own.num_items, seed))}
     out, kl = {}, {}
     for arm, cache in caches.items():
-        m = evaluate_draft(teacher, draft, {"p": es}, cache)["p"]
+        m = evaluate_draft(teacher, draft, {"p": es}, cache, detached=False)["p"]  # "detached" is an arm of its own
         out[arm], kl[arm] = m["agreement"], m["kl"]
     return {**out, "gain": {arm: out[arm] - out["detached"] for arm in ARMS if arm != "detached"}, "kl": kl,
             "items": own.num_items, "positions": int(es.mask.sum())}

@@ -192,6 +192,8 @@ def test_evaluate_reports_cache_attached_and_detached(small_teacher, prepared):
     again = evaluate_draft(model, draft, sets, cache)
     assert set(again) == {"heldout", "text", "heldout_no_cache", "text_no_cache"}
     assert draft.knowledge is cache  # evaluation restores the attached cache
+    attached = evaluate_draft(model, draft, sets, cache, detached=False)  # the memory protocol's arms: one pass each
+    assert attached == {k: v for k, v in again.items() if not k.endswith("_no_cache")}
 
 
 TWO_PROC = textwrap.dedent("""

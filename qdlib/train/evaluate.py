@@ -51,18 +51,18 @@ def _pair_metrics(teacher, draft, ids: torch.Tensor, mask: torch.Tensor, chunk: 
     return tot
 
 
-def evaluate_draft(teacher, draft, sets: dict[str, EvalSet], cache=None) -> dict:
+def evaluate_draft(teacher, draft, sets: dict[str, EvalSet], cache=None, *, detached: bool = True) -> dict:
     """Per set: KL(teacher || draft), top-1 agreement, alpha = E[sum min(p, q)] (the expected acceptance
     probability), and the draft's cross-entropy and perplexity, over the scored positions.
 
     With a knowledge ``cache`` (or ``"live"``, a live memory) and a draft that has fusion layers, every set is
-    scored twice: with the memory attached (``name``) and detached (``name + "_no_cache"``). The draft's own
-    attached memory is restored afterwards.
+    scored twice: with the memory attached (``name``) and detached (``name + "_no_cache"``; ``detached=False``
+    skips that second pass). The draft's own attached memory is restored afterwards.
     """
     was_training, before = draft.training, draft.knowledge
     draft.eval()
     modes = [("", cache)]
-    if cache is not None and len(getattr(draft, "fusion", [])):
+    if detached and cache is not None and len(getattr(draft, "fusion", [])):
         modes.append(("_no_cache", None))
     out = {}
     try:
