@@ -34,6 +34,7 @@ import torch
 from . import paths
 from .errors import ConfigError, MissingFileError, QdError
 from .io import atomic_dir, atomic_path, how_to_restore, load_safetensors, read_json, write_json_atomic
+from .corpus import pad_id
 from .models import is_bundled, model_name
 from .progress import progress_bar
 from .sampling import run_layers
@@ -237,12 +238,30 @@ def check_cache_matches(cache: KnowledgeCache, teacher) -> None:
 
 
 @torch.no_grad()
+def teacher_answers(teacher, tokenizer, questions: list[str], max_new_tokens: int = 48, *, batch_size: int = 16,
+                    progress: bool = False) -> list[str]:
+    """The teacher's own greedy continuation of each question (each stops at end-of-text), in left-padded batches:
+    a batch costs about what one question costs alone, and each answer is the one the question gets alone (the
+    padding is masked; tested against :func:`teacher_answer`)."""
+    pad = pad_id(tokenizer, default=tokenizer.eos_token_id)
+    batches = [questions[i : i + batch_size] for i in range(0, len(questions), batch_size)]
+    answers = []
+    for batch in progress_bar(batches, desc="teacher answers", enabled=progress):
+        rows = [tokenizer(q)["input_ids"] for q in batch]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (b, width), left-padded
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, width - len(r):], mask[j, width - len(r):] = torch.tensor(r), 1
+        out = teacher.generate(ids.to(teacher.device), attention_mask=mask.to(teacher.device),
+                               max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return answers
+
+
 def teacher_answer(teacher, tokenizer, question: str, max_new_tokens: int = 48) -> str:
     """The teacher's own greedy continuation of ``question`` (stops at end-of-text)."""
-    ids = tokenizer(question, return_tensors="pt").input_ids.to(teacher.device)
-    out = teacher.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return teacher_answers(teacher, tokenizer, [question], max_new_tokens)[0]
 
 
 def pad_states(states: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,9 +307,10 @@ def build_knowledge_cache(teacher, tokenizer, items: list[dict] | str | os.PathL
         raise ConfigError(f"layer={layer!r} is not a decoder layer of this teacher; allowed: 0..{L - 1}")
     if answers is not None and len(answers) != len(items):
         raise ConfigError(f"answers: {len(answers)} given for {len(items)} items; give one per item, or None")
+    if answers is None:
+        answers = teacher_answers(teacher, tokenizer, [it["question"] for it in items], answer_tokens, progress=progress)
     rows, qlens, out_items = [], [], []
-    for k, it in enumerate(progress_bar(items, desc="knowledge cache", enabled=progress)):
-        answer = teacher_answer(teacher, tokenizer, it["question"], answer_tokens) if answers is None else answers[k]
+    for it, answer in zip(progress_bar(items, desc="knowledge cache", enabled=progress), answers):
         q_ids = tokenizer(it["question"], add_special_tokens=False)["input_ids"]
         a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([q_ids + a_ids], device=teacher.device)

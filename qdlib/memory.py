@@ -37,7 +37,7 @@ from .errors import ConfigError
 from .io import write_json_atomic
 from .knowledge import KnowledgeCache, build_knowledge_cache
 from .models import load_teacher
-from .trainer import evaluate_draft
+from .train.evaluate import score_arms
 
 ARMS = ("own", "detached", "swapped", "shuffled")
 
@@ -137,20 +137,25 @@ def memory_arms(teacher, tokenizer, draft, items: list[dict], other_items: list[
     es = paraphrase_eval_set(teacher, tokenizer, items, new_tokens)
     own = build_knowledge_cache(teacher, tokenizer, items, answer_tokens=answer_tokens, progress=False)
     other = build_knowledge_cache(teacher, tokenizer, other_items, answer_tokens=answer_tokens, progress=False)
-    return arms_on(teacher, tokenizer, draft, es, own, other, seed=seed)
+    return arms_on(teacher, tokenizer, {"draft": draft}, es, own, other, seed=seed)["draft"]
 
 
-def arms_on(teacher, tokenizer, draft, es, own: KnowledgeCache, other: KnowledgeCache, *, seed: int = 0) -> dict:
-    """:func:`memory_arms` on rows ``es`` already continued by the teacher, with the memory under test ``own`` and
-    the swapped memory ``other`` already built (the shuffled one is made from ``own``)."""
+def arms_on(teacher, tokenizer, drafts: dict, es, own: KnowledgeCache, other: KnowledgeCache, *,
+            seed: int = 0) -> dict:
+    """:func:`memory_arms` for each of ``drafts`` (``name: draft``) on rows ``es`` already continued by the teacher,
+    with the memory under test ``own`` and the swapped memory ``other`` already built (the shuffled one is made
+    from ``own``, once): ``{name: result}``. One teacher pass serves every draft's arms."""
     caches = {"own": own, "detached": None, "swapped": other,
               "shuffled": shuffled_memory(teacher, tokenizer, own, derangement(own.num_items, seed))}
-    out, kl = {}, {}
-    for arm, cache in caches.items():
-        m = evaluate_draft(teacher, draft, {"p": es}, cache, detached=False)["p"]  # "detached" is an arm of its own
-        out[arm], kl[arm] = m["agreement"], m["kl"]
-    return {**out, "gain": {arm: out[arm] - out["detached"] for arm in ARMS if arm != "detached"}, "kl": kl,
-            "items": own.num_items, "positions": int(es.mask.sum())}
+    arms = {(name, arm): (d, cache) for name, d in drafts.items() for arm, cache in caches.items()}
+    scores = score_arms(teacher, arms, {"p": es})
+    out = {}
+    for name in drafts:
+        agree = {arm: scores[name, arm]["p"]["agreement"] for arm in caches}
+        out[name] = {**agree, "gain": {arm: agree[arm] - agree["detached"] for arm in ARMS if arm != "detached"},
+                     "kl": {arm: scores[name, arm]["p"]["kl"] for arm in caches}, "items": own.num_items,
+                     "positions": int(es.mask.sum())}
+    return out
 
 
 def measure_reference(out_path, draft=None, teacher=None, tokenizer=None, *, n_items: int = 24, new_tokens: int = 32,

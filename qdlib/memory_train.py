@@ -44,7 +44,7 @@ from .knowledge import KnowledgeCache, build_knowledge_cache, load_knowledge_cac
 from .memory import arms_on, code_items
 from .settings.training import RetrievalConfig
 from .train import FitConfig, Recipe, fit
-from .train.evaluate import evaluate_draft
+from .train.evaluate import score_arms
 
 # ----------------------------------------------------------------------------- data
 
@@ -158,13 +158,9 @@ def arm_agreements(teacher, draft, data: dict, items: list[int], other: list[int
     memory, none, and the ``other`` items' memory."""
     rows = torch.isin(data["row_item"], torch.tensor(items)) & (data["kind"] == kind)
     es = EvalSet(data["ids"][rows], data["mask"][rows])
-    before = draft.knowledge
-    out = {}
-    for arm, memory in (("own", items), ("detached", None), ("swapped", other)):
-        cache = None if memory is None else sub_cache(data["cache"], memory)
-        out[arm] = evaluate_draft(teacher, draft, {"r": es}, cache)["r"]["agreement"]
-    draft.set_knowledge(before)
-    return out
+    arms = {arm: (draft, None if memory is None else sub_cache(data["cache"], memory))
+            for arm, memory in (("own", items), ("detached", None), ("swapped", other))}
+    return {arm: s["r"]["agreement"] for arm, s in score_arms(teacher, arms, {"r": es}).items()}
 
 
 class MemoryRecipe(Recipe):
@@ -337,8 +333,8 @@ def measure_trained(out_path, trained, reference, teacher, tokenizer, *, n_items
                       ("question", [{**it, "eval_paraphrases": [it["question"]]} for it in items[:n_items]])):
         es = paraphrase_eval_set(teacher, tokenizer, its, new_tokens)
         per_item = len(es.ids) // n_items
-        record[kind] = {name: arms_on(teacher, tokenizer, d, es, own, other, seed=seed)
-                        for name, d in (("reference", reference), ("retrieval", trained))}
+        record[kind] = arms_on(teacher, tokenizer, {"reference": reference, "retrieval": trained}, es, own, other,
+                               seed=seed)
         record[kind]["copy_bound"] = lookup_ceiling(es, [r // per_item for r in range(len(es.ids))], own, other,
                                                     _top1_correct(reference, es))
     gates = {name: max(torch.tanh(b.gate).abs().max().item() for b in d.fusion.values())

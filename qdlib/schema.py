@@ -285,6 +285,44 @@ def raise_problems(problems: list[str], where: str = "") -> None:
     raise ConfigError(prefix + f"{len(problems)} problems: " + "; ".join(problems))
 
 
+class Checked:
+    """The base of a settings dataclass: when a config is made (and on :meth:`validate`) every declared field is
+    coerced and checked, then :meth:`related_problems` checks what relates two fields; one :class:`ConfigError`
+    names each bad value and what is allowed. A subclass names its ``section`` (the prefix of each key).
+
+        >>> @dataclasses.dataclass
+        ... class Window(Checked):
+        ...     section = "window"
+        ...     low: int = setting(0, Integer(0), "first index")
+        ...     high: int = setting(8, Integer(1), "one past the last")
+        ...     def related_problems(self):
+        ...         ok = field_ok(self, "low") and field_ok(self, "high")
+        ...         return [] if not ok or self.low < self.high else [f"window.low={self.low} must be below high"]
+        >>> Window(low="2").low
+        2
+        >>> Window(low=9)
+        Traceback (most recent call last):
+        ...
+        qdlib.errors.ConfigError: window.low=9 must be below high
+    """
+
+    section = ""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Coerce and check every field, then their relations; raise one ConfigError listing every problem."""
+        problems = field_problems(self, self.section)
+        raise_problems(problems + self.related_problems())
+        return self
+
+    def related_problems(self) -> list[str]:
+        """The problems of fields that are fine alone but not together (none here); a relation whose field is
+        already reported (:func:`field_ok`) is skipped."""
+        return []
+
+
 def describe(cls_or_obj, section: str) -> list[str]:
     """``section.key = value  # allowed; help`` for every field: the defaults of a class, the values of an instance."""
     lines = []

@@ -229,3 +229,16 @@ def test_a_slightly_open_gate_lets_the_cross_attention_learn_from_the_first_step
     assert attn_grads and all(g is not None and g.abs().sum() > 0 for g in attn_grads)
     with pytest.raises(ValueError, match="gate_init=1.0 is out of range"):
         knowledge_block({"enabled": True, "gate_init": 1.0}, 64, 6)
+
+
+def test_a_cache_built_now_is_the_committed_reference_drafts(tiny):
+    """The answers come in batches (left-padded): the bundled teacher's fifteen items give the very cache the
+    reference draft was trained with, one question at a time."""
+    from qdlib.knowledge import load_knowledge_cache
+
+    teacher, tok = tiny
+    committed = load_knowledge_cache(paths.DRAFT_DIR / "knowledge_cache", teacher)
+    built = build_knowledge_cache(teacher, tok, progress=False)
+    assert [it["answer"] for it in built.items] == [it["answer"] for it in committed.items]
+    assert torch.equal(built.input_ids, committed.input_ids) and torch.equal(built.mask, committed.mask)
+    assert torch.equal(built.states, committed.states)

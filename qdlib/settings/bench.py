@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..schema import Choices, Integer, IntList, Number, OrNull, Text, field_ok, field_problems, raise_problems, setting
+from ..schema import Checked, Choices, Integer, IntList, Number, OrNull, Text, field_ok, setting
 
 # name -> (label, group): what the report calls each method, and the group that orders its table
 METHODS: dict[str, tuple[str, str]] = {
@@ -36,9 +36,11 @@ KINDS = ("code", "unfamiliar", "paraphrase", "yours")
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Checked):
     """What ``run_bench`` measures: every field declared once with its check and help (:mod:`qdlib.schema`), so
     :meth:`validate` names a bad value and what is allowed, as every other config of qdlib does."""
+
+    section = "bench"
 
     n_prompts: int = setting(8, Integer(1), "prompts per kind")
     prompt_tokens: int = setting(64, Integer(1), "length of each held-out code prompt, in tokens")
@@ -59,19 +61,14 @@ class BenchConfig:
     code: str | None = setting(None, OrNull(Text()), "a file or folder of your own Python code: its prompts are the "
                                                    "kind 'yours'")
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> "BenchConfig":
-        """Coerce and check every field (:func:`qdlib.schema.field_problems`), then what relates two of them."""
-        problems = field_problems(self, "bench")
+    def related_problems(self) -> list[str]:
+        problems = []
         if field_ok(self, "kinds") and ("yours" in self.kinds) != (self.code is not None):
             problems.append("bench.kinds has 'yours' only together with bench.code=PATH (qd bench --code PATH), "
                             "and code=PATH adds it")
         if self.code is not None and field_ok(self, "code") and not Path(self.code).exists():
             problems.append(f"bench.code={self.code!r}: no such file or folder")
-        raise_problems(problems)
-        return self
+        return problems
 
     @property
     def method_names(self) -> list[str]:

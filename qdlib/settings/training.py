@@ -18,15 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..schema import (Boolean, Choice, Choices, Integer, Number, OrNull, Text, Weights, field_ok, field_problems,
-                      raise_problems, setting)
+from ..schema import Boolean, Checked, Choice, Choices, Integer, Number, OrNull, Text, Weights, field_ok, setting
 from .names import FUSION_INITS, MIXED_PRECISION, SOURCES
 
 
 @dataclass
-class FeatureTrainConfig:
+class FeatureTrainConfig(Checked):
     """``qd train-fast``'s settings, each declared once with its check and help (:mod:`qdlib.schema`); a bad value
     is refused when the config is made, naming it and what is allowed."""
+
+    section = "fast"
 
     num_layers: int = setting(1, Integer(1), "decoder layers of the feature-fed draft")
     steps: int = setting(3000, Integer(1), "optimizer steps")
@@ -56,18 +57,12 @@ class FeatureTrainConfig:
     max_files: int | None = setting(None, OrNull(Integer(1)), "only the first files of each source (tests)")
     init_from: str | None = setting(None, OrNull(Text()), "a feature-draft folder to continue from (grow_from)")
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> "FeatureTrainConfig":
-        """Coerce and check every field; a ConfigError names each bad value and what is allowed."""
-        raise_problems(field_problems(self, "fast"))
-        return self
-
 
 @dataclass
-class TeacherTrainConfig:
+class TeacherTrainConfig(Checked):
     """``qd train-teacher``'s settings, each declared once with its check and help (:mod:`qdlib.schema`)."""
+
+    section = "teacher"
 
     steps: int = setting(2400, Integer(1), "optimizer steps of the main phase")
     batch_size: int = setting(16, Integer(1), "sequences per step")
@@ -99,22 +94,18 @@ class TeacherTrainConfig:
     ul_prompt_tokens: int = setting(64, Integer(1), "... of prompts cut from the training stdlib stream ...")
     ul_new_tokens: int = setting(128, Integer(1), "... continued this far")
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> "TeacherTrainConfig":
-        """Coerce and check every field; a ConfigError names each bad value and what is allowed."""
-        problems = field_problems(self, "teacher")
+    def related_problems(self) -> list[str]:
         if field_ok(self, "sources") and self.sources[0] != "stdlib":
-            problems.append(f"teacher.sources={self.sources!r} must start with 'stdlib' (the held-out split is its)")
-        raise_problems(problems)
-        return self
+            return [f"teacher.sources={self.sources!r} must start with 'stdlib' (the held-out split is its)"]
+        return []
 
 
 @dataclass
-class RetrievalConfig:
+class RetrievalConfig(Checked):
     """The settings of one retrieval-training run (all of them shape the weights except ``eval_every``), each
     declared once with its check and help (:mod:`qdlib.schema`); a bad value is refused when the config is made."""
+
+    section = "memory"
 
     items: int = setting(400, Integer(2), "documented functions of the stdlib training files ...")
     val_items: int = setting(40, Integer(1), "... of which the last ones only select checkpoints")
@@ -138,16 +129,13 @@ class RetrievalConfig:
     seed: int = setting(0, Integer(0), "item choice and data order")
     eval_every: int = setting(100, Integer(1), "steps between evaluations")
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> "RetrievalConfig":
-        """Coerce and check every field and how the item counts relate; a ConfigError names each bad value."""
-        problems = field_problems(self, "memory")
-        if not problems and not 0 < self.val_items < self.items:
-            problems.append(f"memory.val_items={self.val_items} must be between 1 and items - 1 ({self.items - 1})")
-        if not problems and not self.batch_items < self.memory_items <= self.items - self.val_items - self.batch_items:
-            problems.append(f"memory.memory_items={self.memory_items} must exceed batch_items={self.batch_items} and "
-                            f"leave room for other items among the {self.items - self.val_items} training items")
-        raise_problems(problems)
-        return self
+    def related_problems(self) -> list[str]:
+        """How the item counts relate (checked once each count is fine alone)."""
+        if not all(field_ok(self, k) for k in ("items", "val_items", "memory_items", "batch_items")):
+            return []
+        if not 0 < self.val_items < self.items:
+            return [f"memory.val_items={self.val_items} must be between 1 and items - 1 ({self.items - 1})"]
+        if not self.batch_items < self.memory_items <= self.items - self.val_items - self.batch_items:
+            return [f"memory.memory_items={self.memory_items} must exceed batch_items={self.batch_items} and "
+                    f"leave room for other items among the {self.items - self.val_items} training items"]
+        return []
