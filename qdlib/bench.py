@@ -5,7 +5,7 @@
     >>> from qdlib.report import report_markdown
     >>> teacher, tok = load_teacher(); draft = load_draft()
     >>> cfg = BenchConfig(n_prompts=1, max_new_tokens=8, repeats=1, temperature=0, gammas=(4,), sweep_prompts=0,
-    ...                   methods=("teacher_generate", "spec"), kinds=("code",))   # BenchConfig(): the full bench
+    ...                   methods=("teacher_generate", "spec"), kinds=("code",), cost_repeats=3)  # BenchConfig(): all
     >>> report = run_bench(teacher, tok, {"reference": draft}, cfg)
     >>> print(report_markdown(report))
     # qd bench: tiny teacher, draft layers [0, 5, 11, 16, 22, 27] (... training steps, test agreement ...)
@@ -257,7 +257,8 @@ def measure_costs(teacher, drafts: dict, cfg: BenchConfig) -> dict:
     cache detached, when one is attached), every other entry of ``drafts`` its own name.
     """
     ctx = cfg.prompt_tokens + cfg.max_new_tokens // 2
-    t_step = step_time(teacher, ctx)
+    n = cfg.cost_repeats
+    t_step = step_time(teacher, ctx, n=n)
     costs = {"teacher_step_ms": 1e3 * t_step, "c": {}}
     draft = drafts["reference"]
     for name, d in drafts.items():  # each drafter times its own drafting path
@@ -268,9 +269,11 @@ def measure_costs(teacher, drafts: dict, cfg: BenchConfig) -> dict:
             costs["c"]["spec_no_cache"] = as_drafter(draft.set_knowledge(None), Settings()).step_cost(ctx) / t_step
         finally:
             draft.set_knowledge(attached)
-    costs["verify_cost"] = {str(g): step_time(teacher, ctx, tokens=g + 1) / t_step for g in sorted(set(cfg.gammas) | {cfg.gamma})}
+    costs["verify_cost"] = {str(g): step_time(teacher, ctx, tokens=g + 1, n=n) / t_step
+                            for g in sorted(set(cfg.gammas) | {cfg.gamma})}
     # where v(g) - 1 goes, with transformers' forward (before) and qdlib's engine (after, what the loops use)
-    costs["verify_split"] = {e: verify_split(teacher, (1, 2, 4, 6, 8), ctx, engine=e) for e in ("transformers", "qdlib")}
+    costs["verify_split"] = {e: verify_split(teacher, (1, 2, 4, 6, 8), ctx, n=n, engine=e)
+                             for e in ("transformers", "qdlib")}
     return costs
 
 

@@ -120,7 +120,7 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
     teacher, tok = tiny
     draft = build_draft(teacher, sample_layers(28, 6)).float()  # untrained, no knowledge: spec_no_cache drops out
     fast = build_feature_draft(teacher, 1).float()  # an untrained feature-fed draft for the "fast" rows
-    cfg = BenchConfig(n_prompts=2, max_new_tokens=12, repeats=1, gammas=(1, 4), sweep_prompts=1)
+    cfg = BenchConfig(n_prompts=2, max_new_tokens=8, repeats=1, gammas=(1, 4), sweep_prompts=1, cost_repeats=5)
     r = run_bench(teacher, tok, {"reference": draft, "fast": fast, **ablation_drafts(teacher, draft, METHODS)}, cfg,
                   progress=False)
     greedy = {(x["method"], x["kind"]) for x in r["rows"] if x["mode"] == "greedy"}
@@ -186,7 +186,7 @@ def test_bench_runs_any_drafts_it_is_given_each_under_its_name(tiny):
     mine = build_draft(teacher, sample_layers(28, 4)).float()
     lookup = NgramDrafter([], max_n=3, include_context=True)  # a model-free drafter is a draft too
     cfg = BenchConfig(n_prompts=1, max_new_tokens=6, repeats=1, temperature=0, sweep_prompts=0, kinds=("code",),
-                      methods=("teacher_plain", "spec", "fast"))  # no "fast" draft given: its row is left out
+                      methods=("teacher_plain", "spec", "fast"), cost_repeats=3)  # no "fast" draft: its row is left out
     r = run_bench(teacher, tok, {"reference": ref, "mine": mine, "lookup4": lookup}, cfg, progress=False)
     rows = {x["method"]: x for x in r["rows"]}
     assert set(rows) == {"teacher_generate", "teacher_plain", "spec", "mine", "lookup4"}
@@ -238,15 +238,18 @@ def test_cli_bench_offers_every_prompt_kind_by_default():
 
 @pytest.mark.slow
 def test_quick_bench_scores_a_candidate_against_the_reference(tmp_path, capsys):
-    """The capstone's scoring run, end to end, with the committed fast draft as the candidate."""
+    """The capstone's scoring run, end to end, with the committed fast draft as the candidate (shortened: two
+    prompts of 24 tokens instead of three of 48, fewer timed cost calls; the preset is quick_config's doctest)."""
     from qdlib.bench import capstone_score
     from qdlib.cli import main
 
-    assert main(["bench", "--quick", "--candidate", str(paths.FAST_DRAFT_DIR), "--quiet", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--quick", "--candidate", str(paths.FAST_DRAFT_DIR), "--quiet", "--out", str(tmp_path),
+                 "--prompts", "2", "--new-tokens", "24", "--cost-repeats", "3"]) == 0
     out = capsys.readouterr().out
     report = load_report(tmp_path)
+    assert report["config"]["n_prompts"] == 2 and report["config"]["gamma"] == 3  # the options change only the size
     assert {r["method"] for r in report["rows"]} == {"teacher_generate", "teacher_plain", "spec_no_cache", "fast"}
-    assert all(r["identical"] == r["prompts"] == 3 and r["mode"] == "greedy" for r in report["rows"])
+    assert all(r["identical"] == r["prompts"] == 2 and r["mode"] == "greedy" for r in report["rows"])
     s = capstone_score(report)
     assert s["exact"] and f"score {s['score']:.2f}" in out and "capstone: the candidate is" in out
 
@@ -277,7 +280,7 @@ def test_bench_uses_a_cache_of_the_users_own_items_without_retraining(tmp_path, 
                  "--out", str(tmp_path / "cache")]) == 0
     assert [it["id"] for it in load_knowledge_cache(tmp_path / "cache").items] == [it["id"] for it in items]
     argv = ["bench", "--cache", str(tmp_path / "cache"), "--kinds", "paraphrase", "--prompts", "4", "--new-tokens", "8",
-            "--repeats", "1", "--temperature", "0", "--sweep-prompts", "0", "--quiet",
+            "--repeats", "1", "--cost-repeats", "3", "--temperature", "0", "--sweep-prompts", "0", "--quiet",
             "--methods", "teacher_plain", "spec", "spec_no_cache", "--out", str(tmp_path / "bench")]
     fusion = paths.OUTPUTS_DIR / "memory_protocol" / "retrieval_keep_fusion.safetensors"
     assert main(argv + ["--fusion", str(fusion)]) == 0

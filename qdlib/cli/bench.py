@@ -97,11 +97,11 @@ def _named_drafts(specs) -> list[tuple[str, str]]:
 
 
 def _bench_config(args):
-    """``--quick``'s fixed settings, or the options and ``--set`` over the defaults; ``--code PATH`` adds its kind."""
-    from ..settings.bench import KINDS, quick_config
+    """The options and ``--set`` over the defaults, or over ``--quick``'s preset; ``--code PATH`` adds its kind."""
+    from ..settings.bench import KINDS, QUICK
 
-    if args.quick:
-        return quick_config()
+    preset = QUICK if args.quick else {}
     if args.setting__code is not None and "yours" not in (args.setting__kinds or ()):
-        args.setting__kinds = list(args.setting__kinds or [k for k in KINDS if k != "yours"]) + ["yours"]
-    return settings_from(args)
+        kinds = preset.get("kinds", [k for k in KINDS if k != "yours"])
+        args.setting__kinds = list(args.setting__kinds or kinds) + ["yours"]
+    return settings_from(args, preset)

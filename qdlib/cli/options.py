@@ -135,13 +135,14 @@ def option_overrides(args, section: str) -> list[str]:
     return list(getattr(args, "set", None) or []) + [f"{section}.{k}={_as_yaml(v)}" for k, v in given]
 
 
-def settings_from(args):
-    """The command's config: its defaults, then ``--set``, then the options (which win).
+def settings_from(args, preset: dict | None = None):
+    """The command's config: its defaults (with ``preset``'s values over them), then ``--set``, then the options
+    (which win).
 
     Every unknown key and bad value is named at once (one :class:`~qdlib.errors.ConfigError`).
     """
     cls, section = args.settings
-    values, problems = {}, []
+    values, problems = dict(preset or {}), []
     for text in option_overrides(args, section):
         where, key, value = parse_override(text)
         if where != section:

@@ -112,7 +112,8 @@ def _add_bench_command(sub) -> None:
     opt(be, "--draft", default=None, help="draft folder; default: the reference draft (outputs/reference_draft)")
     opt(be, "--quick", action="store_true",
         help="the capstone's scoring run (about a minute): 3 unfamiliar-code prompts, 48 tokens, greedy, 2 repeats; "
-             "generate, generate_plain, the reference draft and the fast draft or --candidate; other settings ignored")
+             "generate, generate_plain, the reference draft and the fast draft or --candidate; options and --set "
+             "change this preset")
     opt(be, "--candidate", default=None, metavar="DIR",
         help="a draft folder (the capstone's: `qd train-fast --export DIR`) measured in the fast rows instead of the "
              "committed fast draft; with --quick, prints its capstone score against the reference draft")

@@ -52,6 +52,8 @@ class BenchConfig(Checked):
                                                           "falls below this")
     repeats: int = setting(3, Integer(1), "timed repeats per method (the median is reported)")
     warmup: int = setting(1, Integer(0), "untimed calls per method first")
+    cost_repeats: int = setting(30, Integer(3), "timed calls of each step-cost measurement: c, v(g) and its split "
+                                                "(the median is reported)")
     temperature: float = setting(0.8, Number(0), "the sampling-mode rows (0: none)")
     gammas: list = setting([1, 2, 3, 4, 5, 6, 7, 8], IntList(1, "gammas", low=1), "the gamma sweep")
     sweep_prompts: int = setting(4, Integer(0), "code prompts of the sweep (0: no sweep)")
@@ -78,16 +80,19 @@ class BenchConfig(Checked):
         return names
 
 
+QUICK = dict(n_prompts=3, max_new_tokens=48, gamma=3, repeats=2, temperature=0.0, sweep_prompts=0,
+             kinds=["unfamiliar"], methods=["teacher_generate", "teacher_plain", "spec_no_cache", "fast"])
+"""``qd bench --quick``'s preset: what it changes from :class:`BenchConfig`'s defaults."""
+
+
 def quick_config(**changes) -> BenchConfig:
     """``qd bench --quick``: the capstone's scoring run, about a minute on 2 cores.
 
     Greedy decoding of 3 prompts of unfamiliar third-party code, 48 new tokens, 2 interleaved repeats: the teacher's
     ``generate``, ``generate_plain``, the reference draft (cache detached, gamma 3, its best there) and a feature-fed
-    draft (the ``"fast"`` rows: the committed one, or a candidate).
+    draft (the ``"fast"`` rows: the committed one, or a candidate). ``changes`` (the command's options) win.
 
     >>> quick_config().kinds, quick_config(n_prompts=5).n_prompts
     (['unfamiliar'], 5)
     """
-    base = dict(n_prompts=3, max_new_tokens=48, gamma=3, repeats=2, temperature=0.0, sweep_prompts=0,
-                kinds=("unfamiliar",), methods=("teacher_generate", "teacher_plain", "spec_no_cache", "fast"))
-    return BenchConfig(**{**base, **changes}).validate()
+    return BenchConfig(**{**QUICK, **changes}).validate()
