@@ -152,6 +152,7 @@ def _bench_step(teacher, tok, draft, fast, bundled: bool) -> None:
     _say("6. A short benchmark (3 prompts, 48 tokens, 2 interleaved repeats; `qd bench` does it properly)")
     drafts = {"reference": draft} | ({"fast": fast} if fast is not None else {})
     cfg = BenchConfig(n_prompts=3, max_new_tokens=48, repeats=2, temperature=0.0, sweep_prompts=0,
+                      cost_repeats=3,  # the step costs are not printed here: time them briefly
                       methods=("teacher_generate", "teacher_plain", "spec", "assisted_matched", "prompt_lookup", "fast"),
                       kinds=("unfamiliar",) if fast is not None else ("code",) if bundled else ("paraphrase",))
     report = run_bench(teacher, tok, drafts, cfg, progress=False)
