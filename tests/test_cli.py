@@ -190,6 +190,7 @@ def test_a_cached_hub_model_loads_without_network(capsys, hub_cache):
     assert "4 new tokens" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # 5 s: a fresh Python process loads the teacher twice
 def test_loading_is_quiet_unless_asked(tmp_path):
     # a plain Python session (no test environment) sees no "Loading weights" bar unless progress=True
     env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS",

@@ -84,6 +84,7 @@ def course(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow  # 7 s: nbgrader's generate_assignment over every notebook
 def test_released_copies_carry_no_solution(course):
     source = course / "source" / "ps1"
     source.mkdir(parents=True)
