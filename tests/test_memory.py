@@ -96,3 +96,39 @@ def test_measure_reference_writes_the_protocol_record(tiny, tmp_path):
     assert got["item_ids"] == [it["id"] for it in code_items(4)] and got["positions"] > 0
     assert got["largest_gate"] == pytest.approx(0.5, rel=1e-4)  # an opened gate, read back from the draft
     assert all(0 <= got[arm] <= 1 for arm in ("own", "detached", "swapped", "shuffled"))
+
+
+def test_arms_scored_together_equal_arms_scored_alone_from_one_teacher_pass(small):
+    """score_arms: arms that share a draft (each with its own memory) and arms of another draft give exactly what
+    each gives scored alone, the teacher runs once per chunk of rows for all of them, and every draft gets its own
+    memory and training mode back."""
+    from qdlib.distill_data import paraphrase_eval_set
+    from qdlib.train.evaluate import evaluate_draft, score_arms
+
+    teacher, tok = small
+    items = code_items(6)
+    own = build_knowledge_cache(teacher, tok, items[:3], answer_tokens=6, progress=False)
+    other = build_knowledge_cache(teacher, tok, items[3:], answer_tokens=6, progress=False)
+    es = paraphrase_eval_set(teacher, tok, items[:3], 8)
+    torch.manual_seed(0)
+    kb = {"enabled": True, "cache_dim": 32, "num_heads": 1, "gate_init": 0.9}
+    a = build_draft(teacher, [0, 3], knowledge_enhancement=kb)
+    b = build_draft(teacher, [0, 1, 3], knowledge_enhancement=kb)
+    a.set_knowledge(other).train()
+    arms = {"a_own": (a, own), "a_none": (a, None), "b_other": (b, other)}
+    alone = {name: evaluate_draft(teacher, d, {"p": es}, m, detached=False)["p"] for name, (d, m) in arms.items()}
+    calls, forward = [], type(teacher).forward
+
+    def counted(self, *args, **kw):
+        calls.append(1)
+        return forward(self, *args, **kw)
+
+    type(teacher).forward = counted
+    try:
+        together = score_arms(teacher, arms, {"p": es})
+    finally:
+        type(teacher).forward = forward
+    assert {name: s["p"] for name, s in together.items()} == alone
+    assert len({s["p"]["kl"] for s in together.values()}) == 3  # the memories do differ
+    assert len(calls) == -(-len(es.ids) // 8)  # one teacher pass per chunk of 8 rows, for the three arms
+    assert a.knowledge is other and a.training and b.knowledge is None and not b.training
