@@ -4,8 +4,9 @@
     >>> from qdlib.bench import BenchConfig, run_bench
     >>> from qdlib.report import report_markdown
     >>> teacher, tok = load_teacher(); draft = load_draft()
+    >>> # a small run (BenchConfig() is the full bench)
     >>> cfg = BenchConfig(n_prompts=1, max_new_tokens=8, repeats=1, temperature=0, gammas=(4,), sweep_prompts=0,
-    ...                   methods=("teacher_generate", "spec"), kinds=("code",), cost_repeats=3)  # BenchConfig(): all
+    ...                   methods=("teacher_generate", "spec"), kinds=("code",), cost_repeats=3)
     >>> report = run_bench(teacher, tok, {"reference": draft}, cfg)
     >>> print(report_markdown(report))
     # qd bench: tiny teacher, draft layers [0, 5, 11, 16, 22, 27] (... training steps, test agreement ...)

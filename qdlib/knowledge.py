@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from . import paths
+from .corpus import pad_id
 from .errors import ConfigError, MissingFileError, QdError
 from .io import atomic_dir, atomic_path, how_to_restore, load_safetensors, read_json, write_json_atomic
-from .corpus import pad_id
 from .models import is_bundled, model_name
 from .progress import progress_bar
 from .sampling import run_layers

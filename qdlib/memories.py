@@ -205,12 +205,10 @@ def layer_states(hidden_states: Sequence[torch.Tensor], layers: Sequence[int], e
 
 
 @torch.no_grad()
-def teacher_states(teacher, ids: torch.Tensor, layers: Sequence[int],
-                   logits_to_keep: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One teacher forward over ``ids`` ``(B, T)``: its logits ``(B, T, V)`` (the last ``logits_to_keep`` positions
-    only, when it is > 0) and the memory states ``(B, T, D)`` at ``layers``; the KL targets and the live memory of a
-    training batch come from the same pass."""
-    out = teacher(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=logits_to_keep)
+def teacher_states(teacher, ids: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One teacher forward over ``ids`` ``(B, T)``: its logits ``(B, T, V)`` and the memory states ``(B, T, D)``
+    at ``layers``; the KL targets and the live memory of a training batch come from the same pass."""
+    out = teacher(input_ids=ids, use_cache=False, output_hidden_states=True)
     return out.logits, layer_states(out.hidden_states, layers, teacher.config.rms_norm_eps)
 
 

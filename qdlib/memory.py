@@ -141,12 +141,13 @@ def memory_arms(teacher, tokenizer, draft, items: list[dict], other_items: list[
 
 
 def arms_on(teacher, tokenizer, drafts: dict, es, own: KnowledgeCache, other: KnowledgeCache, *,
-            seed: int = 0) -> dict:
+            seed: int = 0, shuffled: KnowledgeCache | None = None) -> dict:
     """:func:`memory_arms` for each of ``drafts`` (``name: draft``) on rows ``es`` already continued by the teacher,
     with the memory under test ``own`` and the swapped memory ``other`` already built (the shuffled one is made
-    from ``own``, once): ``{name: result}``. One teacher pass serves every draft's arms."""
-    caches = {"own": own, "detached": None, "swapped": other,
-              "shuffled": shuffled_memory(teacher, tokenizer, own, derangement(own.num_items, seed))}
+    from ``own`` unless given): ``{name: result}``. One teacher pass serves every draft's arms."""
+    if shuffled is None:
+        shuffled = shuffled_memory(teacher, tokenizer, own, derangement(own.num_items, seed))
+    caches = {"own": own, "detached": None, "swapped": other, "shuffled": shuffled}
     arms = {(name, arm): (d, cache) for name, d in drafts.items() for arm, cache in caches.items()}
     scores = score_arms(teacher, arms, {"p": es})
     out = {}

@@ -41,7 +41,7 @@ from .distill_data import EvalSet, paraphrase_eval_set
 from .errors import ConfigError
 from .io import atomic_path, torch_load_safe, torch_save_atomic, write_json_atomic
 from .knowledge import KnowledgeCache, build_knowledge_cache, load_knowledge_cache
-from .memory import arms_on, code_items
+from .memory import arms_on, code_items, derangement, shuffled_memory
 from .settings.training import RetrievalConfig
 from .train import FitConfig, Recipe, fit
 from .train.evaluate import score_arms
@@ -328,13 +328,14 @@ def measure_trained(out_path, trained, reference, teacher, tokenizer, *, n_items
     items = code_items(2 * n_items, seed=seed)
     own = build_knowledge_cache(teacher, tokenizer, items[:n_items], progress=False)
     other = build_knowledge_cache(teacher, tokenizer, items[n_items:], progress=False)
+    shuffled = shuffled_memory(teacher, tokenizer, own, derangement(n_items, seed))  # both kinds' shuffled arm
     record = {}
     for kind, its in (("paraphrase", items[:n_items]),
                       ("question", [{**it, "eval_paraphrases": [it["question"]]} for it in items[:n_items]])):
         es = paraphrase_eval_set(teacher, tokenizer, its, new_tokens)
         per_item = len(es.ids) // n_items
         record[kind] = arms_on(teacher, tokenizer, {"reference": reference, "retrieval": trained}, es, own, other,
-                               seed=seed)
+                               shuffled=shuffled)
         record[kind]["copy_bound"] = lookup_ceiling(es, [r // per_item for r in range(len(es.ids))], own, other,
                                                     _top1_correct(reference, es))
     gates = {name: max(torch.tanh(b.gate).abs().max().item() for b in d.fusion.values())

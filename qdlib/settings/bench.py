@@ -52,8 +52,8 @@ class BenchConfig(Checked):
                                                           "falls below this")
     repeats: int = setting(3, Integer(1), "timed repeats per method (the median is reported)")
     warmup: int = setting(1, Integer(0), "untimed calls per method first")
-    cost_repeats: int = setting(30, Integer(3), "timed calls of each step-cost measurement: c, v(g) and its split "
-                                                "(the median is reported)")
+    cost_repeats: int = setting(30, Integer(3), "timed calls of each teacher step-cost measurement: the step, v(g) "
+                                                "and its split (the median is reported)")
     temperature: float = setting(0.8, Number(0), "the sampling-mode rows (0: none)")
     gammas: list = setting([1, 2, 3, 4, 5, 6, 7, 8], IntList(1, "gammas", low=1), "the gamma sweep")
     sweep_prompts: int = setting(4, Integer(0), "code prompts of the sweep (0: no sweep)")
