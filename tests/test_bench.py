@@ -10,7 +10,7 @@ from qdlib import build_draft, paths, sample_layers
 from qdlib.bench import (BUSY_MARGIN, METHODS, SAMPLING_METHODS, BenchConfig, code_prompts, run_bench, capstone_score,
                          teacher_forced_alpha)
 from qdlib.bench_methods import CallCounter, ablation_drafts, loop_acceptance
-from qdlib.report import headline, load_report, report_markdown, write_report
+from qdlib.report import free_drafting_bound, headline, load_report, report_markdown, write_report
 from qdlib.feature_draft import build_feature_draft
 from qdlib.errors import ConfigError
 from qdlib.lookup import NgramDrafter
@@ -170,6 +170,13 @@ def test_small_bench_on_the_bundled_teacher(tiny, tmp_path):
         load_report(tmp_path / "nothing")
     assert report_markdown(r) == md
     assert "worst / median / best prompt" in md and "| qdlib | " in md and "The machine was busy" not in md
+    for x in r["rows"]:  # where the time goes: a draft that cost nothing could only be faster, and the plain loop has no draft
+        if x["mode"] == "greedy" and "time_split" in x:
+            bound = free_drafting_bound(x)
+            assert bound == pytest.approx(x["speedup_vs_plain"] / (1 - x["time_split"]["draft"]))
+            assert bound >= x["speedup_vs_plain"] and (x["method"] != "teacher_plain" or bound == 1.0)
+            if not x["method"].startswith("teacher_"):
+                assert f"| {x['label']} | {x['time_split']['draft']:.0%} |" in md, x["label"]
     busy = json.loads(json.dumps(r))
     row = next(x for x in busy["rows"] if x["method"] == "fast")
     row.update(unreliable=True, repeat_spread=0.4)
