@@ -117,7 +117,8 @@ def _table_lines(report: dict, kind: str, mode: str) -> list[str]:
         lines += ["", f"Teacher-forced agreement of the draft on these prompts: {a['agreement']:.3f} "
                       f"(sum-min alpha {a['alpha']:.3f}, {a['positions']} positions). \"acceptance rate\" in the table "
                       "is accepted over proposed draft tokens: a round stops at its first rejection, so it is "
-                      "lower than the per-token agreement."]
+                      "lower than the per-token agreement. A token tree proposes every node but keeps one path, so "
+                      "its rate is lower still; compare trees with chains by tokens per target call."]
     return lines + [""]
 
 
