@@ -156,7 +156,7 @@ def _time_lines(report: dict) -> list[str]:
     lines = []
     for kind in KINDS:
         rows = [r for r in report["rows"] if r["kind"] == kind and r["mode"] == "greedy" and "time_split" in r
-                and not r["method"].startswith("teacher_") and "speedup_vs_plain" in r]
+                and r["group"] != "baseline" and "speedup_vs_plain" in r]
         if not rows:
             continue
         what = _kind_name(kind)
